@@ -1,0 +1,5 @@
+"""``python -m pairtrace`` runs the command line."""
+
+from pairtrace.cli import run
+
+run()

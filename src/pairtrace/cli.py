@@ -1,0 +1,254 @@
+"""The ``pairtrace`` command line.
+
+Every command takes ``--config FILE.yaml``: its keys are the command's option names (``-`` or ``_``), values in
+the file fill the options not given on the command line, and flags always win. Heavy imports happen inside the
+commands, so ``pairtrace --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from click.core import ParameterSource
+from rich.console import Console
+
+from pairtrace.config import load_yaml, merge_options, section
+from pairtrace.errors import ConfigError, PairtraceError
+
+app = typer.Typer(
+    name="pairtrace",
+    help="Trace behaviours learned in preference training (DPO) back to the preference pairs that taught them.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file of option values; flags override it.")
+ModelOpts = dict(
+    revision=typer.Option(None, help="Hub revision (commit, tag or branch) when MODEL is a hub id."),
+    dtype=typer.Option("float32", help="float32 | bfloat16 | float16 (activations accumulate in float32)."),
+    device=typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    template=typer.Option("auto", help="auto (the tokenizer's chat template if any, else plain) | chat | plain."),
+)
+
+
+def friendly_errors(func):
+    """Print user errors as one clear line (exit code 2) instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PairtraceError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: finished shards and records are kept; rerun to resume[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def resolve_options(ctx: typer.Context, values: dict[str, Any], config_section: str | None = None) -> dict[str, Any]:
+    """Merge a command's ``--config`` file under the flags the user actually passed."""
+    config_path = values.pop("config", None)
+    if config_path is None:
+        return values
+    given = {
+        name
+        for name in values
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    config = section(load_yaml(config_path), config_section)
+    return merge_options(values, given, config, allowed=set(values))
+
+
+def command_values(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A command's option values (its ``locals()`` without the click context)."""
+    return {k: v for k, v in local_vars.items() if k != "ctx"}
+
+
+def require(options: dict[str, Any], *names: str) -> None:
+    """Fail clearly when required options were given neither as flags nor in the config."""
+    missing = [n for n in names if options.get(n) in (None, [], "")]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ConfigError(f"missing required option(s): {flags} (give them as flags or in --config)")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Route library logging through rich at INFO (or DEBUG with --verbose)."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    """pairtrace: activation-based attribution of preference pairs."""
+    setup_logging(verbose)
+
+
+def load_model_from_options(options: dict[str, Any], key: str = "model"):
+    """Load the model named by ``options[key]`` with the shared dtype/device/template options."""
+    from pairtrace.models import ModelSpec, load_model
+
+    spec = ModelSpec(
+        name_or_path=str(options[key]),
+        revision=options.get("revision"),
+        dtype=options.get("dtype", "float32"),
+        device=options.get("device", "auto"),
+        chat_template=options.get("template", "auto"),
+    )
+    return load_model(spec)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace vectors data/mix.jsonl --model runs/organism/m0 --out runs/vectors\n\n"
+        "  pairtrace vectors allenai/olmo-2-1124-7b-preference-mix --revision <sha> --split train "
+        "--model allenai/OLMo-2-1124-7B-SFT --layers 20 --dtype bfloat16 --out vec/\n\n"
+        "  pairtrace vectors --config vectors.yaml --layers 3"
+    )
+)
+@friendly_errors
+def vectors(
+    ctx: typer.Context,
+    pairs: str = typer.Argument(None, help="Pairs: JSONL(.gz), JSON, Parquet, saved dataset dir or hub id."),
+    model: str = typer.Option(None, "--model", "-m", help="M0: local directory or hub id."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (shards + manifest.json)."),
+    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s) k = hidden_states[k]; default 0.625 n."),
+    split: str = typer.Option(None, help="Split of a saved dataset / hub dataset."),
+    data_revision: str = typer.Option(None, help="Revision of a hub dataset (pin it for reproducibility)."),
+    limit: int = typer.Option(None, help="Only the first N records."),
+    strict: bool = typer.Option(False, help="Stop at the first bad record instead of skipping and counting."),
+    shard_size: int = typer.Option(1024, help="Pairs per shard (the unit of resumption)."),
+    batch_tokens: int = typer.Option(16384, help="Token budget per forward batch (padded length x rows)."),
+    max_length: int = typer.Option(2048, help="Maximum tokens per sequence; prompts are truncated from the left."),
+    revision: str = ModelOpts["revision"],
+    dtype: str = ModelOpts["dtype"],
+    device: str = ModelOpts["device"],
+    template: str = ModelOpts["template"],
+    config: Path = ConfigOpt,
+) -> None:
+    """Compute datapoint vectors v_d = mean(chosen) - mean(rejected) through M0 (resumable)."""
+    opts = resolve_options(ctx, command_values(locals()), "vectors")
+    require(opts, "pairs", "model", "out")
+    from pairtrace.data.pairs import load_pairs
+    from pairtrace.vectors import compute_datapoint_vectors
+
+    pair_set = load_pairs(opts["pairs"], split=opts["split"], revision=opts["data_revision"],
+                          strict=opts["strict"], limit=opts["limit"])
+    console.print(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
+                  f"skipped {len(pair_set.skipped)} bad record(s)")
+    loaded = load_model_from_options(opts)
+    store = compute_datapoint_vectors(
+        loaded, pair_set, opts["out"], layers=opts["layers"] or None, shard_size=opts["shard_size"],
+        batch_tokens=opts["batch_tokens"], max_length=opts["max_length"],
+    )
+    console.print(f"[green]wrote[/] {store.n} datapoint vectors at layers {list(store.layers)} to {opts['out']}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace behaviour triples.jsonl --model runs/organism/m0 --out runs/behaviour\n\n"
+        "  pairtrace behaviour triples.jsonl --model m0/ --r1-model m1/ --layers 2 --out beh/"
+    )
+)
+@friendly_errors
+def behaviour(
+    ctx: typer.Context,
+    triples: str = typer.Argument(None, help="JSONL of {prompt, r1, r0[, prompt_id]} triples."),
+    model: str = typer.Option(None, "--model", "-m", help="M0: local directory or hub id."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (behaviour.safetensors + JSON)."),
+    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s); default round(0.625 n)."),
+    r1_model: str = typer.Option(None, help="Teacher-force r1 through this model (default: M0, as the paper)."),
+    max_length: int = typer.Option(2048, help="Maximum tokens per sequence."),
+    revision: str = ModelOpts["revision"],
+    dtype: str = ModelOpts["dtype"],
+    device: str = ModelOpts["device"],
+    template: str = ModelOpts["template"],
+    config: Path = ConfigOpt,
+) -> None:
+    """Compute behaviour vectors (per triple), the pooled probe and the per-prompt bank."""
+    opts = resolve_options(ctx, command_values(locals()), "behaviour")
+    require(opts, "triples", "model", "out")
+    from pairtrace.vectors import compute_behaviour_vectors, load_triples, save_behaviour_vectors
+
+    triple_list = load_triples(opts["triples"])
+    loaded = load_model_from_options(opts)
+    r1_loaded = load_model_from_options(opts, "r1_model") if opts["r1_model"] else None
+    bv = compute_behaviour_vectors(loaded, triple_list, layers=opts["layers"] or None, r1_model=r1_loaded,
+                                   max_length=opts["max_length"])
+    save_behaviour_vectors(bv, opts["out"])
+    console.print(f"[green]wrote[/] probe + bank ({bv.bank.shape[0]} prompts, {len(triple_list)} triples) "
+                  f"at layers {list(bv.layers)} to {opts['out']}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace attribute --vectors runs/vectors --behaviour runs/behaviour --out runs/rank-probe\n\n"
+        "  pairtrace attribute --vectors runs/vectors --behaviour runs/behaviour --method bank --out runs/rank-bank"
+    )
+)
+@friendly_errors
+def attribute(
+    ctx: typer.Context,
+    vectors_dir: Path = typer.Option(None, "--vectors", help="Datapoint-vector directory from `pairtrace vectors`."),
+    behaviour_dir: Path = typer.Option(None, "--behaviour", help="Directory from `pairtrace behaviour`."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (ranking.parquet, ranking.jsonl)."),
+    method: str = typer.Option("probe", help="probe | bank | mean."),
+    layer: int = typer.Option(None, help="Layer to score at (default: the first stored layer)."),
+    chunk_rows: int = typer.Option(65536, help="Datapoint vectors per scoring chunk."),
+    top: int = typer.Option(10, help="Print the N best-ranked pairs."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Rank pairs by cosine between datapoint vectors and behaviour vectors (best first)."""
+    opts = resolve_options(ctx, command_values(locals()), "attribute")
+    require(opts, "vectors_dir", "behaviour_dir", "out")
+    from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
+    from pairtrace.store import VectorStore
+    from pairtrace.vectors import load_behaviour_vectors
+
+    store = VectorStore.open(opts["vectors_dir"])
+    bv = load_behaviour_vectors(opts["behaviour_dir"])
+    ranking = compute_attribution(
+        store, bv, AttributionConfig(method=opts["method"], layer=opts["layer"], chunk_rows=opts["chunk_rows"])
+    )
+    path = save_ranking(ranking, opts["out"])
+    print_ranking(ranking, opts["top"])
+    console.print(f"[green]wrote[/] {path} ({ranking.metadata['n_nan']} pair(s) without a score, ranked last)")
+
+
+def print_ranking(ranking, top: int) -> None:
+    """Show the best-ranked pairs as a table."""
+    from rich.table import Table
+
+    table = Table(title=f"top {top} by {ranking.metadata.get('method')} (layer {ranking.metadata.get('layer')})")
+    for col in ("rank", "id", "score", "source", "chosen_model"):
+        table.add_column(col)
+    for rec in ranking.table.head(top).to_dict(orient="records"):
+        table.add_row(str(rec["rank"]), str(rec["id"]), f"{rec['score']:.4f}", str(rec["source"]),
+                      str(rec["chosen_model"]))
+    Console().print(table)
+
+
+def run() -> None:
+    """Entry point used by ``python -m pairtrace``."""
+    sys.exit(app())
