@@ -1,0 +1,855 @@
+"""Read preference pairs from JSONL, JSON, Parquet, saved ``datasets`` folders or the hub, and write them back.
+
+Four record layouts are recognised per record (``format`` forces one):
+
+- ``standard`` (TRL): ``prompt``, ``chosen`` and ``rejected`` are strings.
+- ``conversational`` (TRL): ``chosen``/``rejected`` are message lists; ``prompt`` is an optional message list
+  (when absent, the prompt is every turn before the final assistant turn, shared by both conversations).
+  A message-list ``prompt`` with string responses is read the same way.
+- ``olmo`` (OLMo 2 preference mix): string ``prompt`` with full-conversation ``chosen``/``rejected`` lists whose
+  last turn is the assistant's.
+- ``hh`` (Anthropic HH-RLHF): ``chosen``/``rejected`` are ``"\\n\\nHuman: … \\n\\nAssistant: …"`` transcripts;
+  everything up to and including the last ``"\\n\\nAssistant:"`` is the (shared) prompt.
+
+Every record becomes either a :class:`~pairtrace.data.types.Pair` or a
+:class:`~pairtrace.data.types.BadRecord`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pairtrace.data.types import BadRecord, Message, Pair, PairSet
+from pairtrace.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("standard", "conversational", "olmo", "hh")
+"""Record layouts :func:`load_pairs` understands (``format`` may also be ``"auto"``)."""
+
+SOURCE_KINDS = ("jsonl", "json", "parquet", "disk", "hub")
+"""Kinds of input :func:`iter_records` reads (see :func:`detect_source_kind`)."""
+
+ID_KEYS = ("id", "prompt_id", "uid", "example_id")
+SOURCE_KEYS = ("source", "dataset", "origin")
+CHOSEN_MODEL_KEYS = ("chosen_model", "chosen-model", "chosenModel")
+REJECTED_MODEL_KEYS = ("rejected_model", "rejected-model", "rejectedModel")
+
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json.gz")
+_DATA_SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".parquet", ".pq", ".csv", ".arrow")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_BATCH_ROWS = 1024
+_SUMMARY_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as stored in the input, before it is interpreted as a pair.
+
+    Attributes:
+        row: Zero-based record index (blank JSONL lines are not records and are not counted).
+        line: One-based line number for JSON Lines inputs, else ``None``.
+        data: The decoded record, or ``None`` when it could not be decoded.
+        bad: Why the record could not be decoded (unparsable line, invalid UTF-8, not an object), else ``None``.
+    """
+
+    row: int = field(metadata={"help": "zero-based record index"})
+    line: int | None = field(metadata={"help": "one-based line number (JSON Lines only)"})
+    data: dict[str, Any] | None = field(default=None, metadata={"help": "decoded record"})
+    bad: BadRecord | None = field(default=None, metadata={"help": "decoding failure, if any"})
+
+
+class _Bad(Exception):
+    """Internal signal: the record being parsed is bad in ``field_name`` for ``reason``."""
+
+    def __init__(self, field_name: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field_name = field_name
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading raw records
+# --------------------------------------------------------------------------------------------------------------
+
+
+def detect_source_kind(source: str | os.PathLike) -> str:
+    """Tell what kind of input ``source`` is.
+
+    Args:
+        source: A file, a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id.
+
+    Returns:
+        One of ``"jsonl"`` (also ``.jsonl.gz``), ``"json"`` (a JSON array file), ``"parquet"``, ``"disk"``
+        (a saved ``datasets`` folder) or ``"hub"``.
+
+    Raises:
+        DataError: If the path does not exist and is not a hub id, or its type is not supported.
+    """
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return "disk"
+        raise DataError(f"{path}: folder is not a dataset saved with datasets' save_to_disk")
+    if path.is_file():
+        if name.endswith(_JSONL_SUFFIXES):
+            return "jsonl"
+        if name.endswith(".json"):
+            return "json" if _first_char(path) == "[" else "jsonl"
+        if name.endswith((".parquet", ".pq")):
+            return "parquet"
+        raise DataError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json or .parquet)")
+    text = str(source)
+    if not name.endswith(_DATA_SUFFIXES) and _HUB_ID.match(text):
+        return "hub"
+    raise DataError(f"{text}: no such file or folder")
+
+
+def _first_char(path: Path) -> str:
+    """First non-whitespace character of a text file (empty string for an empty file)."""
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
+    return head[:1].decode("ascii", errors="replace")
+
+
+def iter_records(
+    source: str | os.PathLike,
+    *,
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+) -> Iterator[RawRecord]:
+    """Stream the raw records of an input, one at a time, with their row and line.
+
+    Memory stays flat for JSON Lines, Parquet and saved ``datasets`` folders; a JSON array file is read whole.
+
+    Args:
+        source: JSONL (``.jsonl``, ``.jsonl.gz``), JSON array, Parquet, a ``save_to_disk`` folder, or a hub id.
+        split: Split to read from a dataset with several splits (default: the only split, else ``"train"``).
+        revision: Hub revision (commit, tag or branch); strongly recommended for hub ids.
+        limit: Stop after this many records.
+
+    Yields:
+        :class:`RawRecord` objects in input order. Records that cannot be decoded carry a ``bad`` record.
+
+    Raises:
+        DataError: If the input as a whole cannot be read.
+    """
+    kind = detect_source_kind(source)
+    if kind == "jsonl":
+        records = _iter_jsonl(Path(source))
+    elif kind == "json":
+        records = _iter_json_array(Path(source))
+    elif kind == "parquet":
+        records = _iter_parquet(Path(source))
+    elif kind == "disk":
+        records = _iter_dataset(_load_disk_dataset(Path(source), split))
+    else:
+        records = _iter_dataset(_load_hub_dataset(str(source), split, revision))
+    for count, record in enumerate(records):
+        if limit is not None and count >= limit:
+            break
+        yield record
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+    """Records of a JSON Lines file (gzip-compressed when the name ends with ``.gz``)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    row = 0
+    try:
+        with opener(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                if line_no == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if not raw.strip():
+                    continue  # blank lines separate nothing and are not records
+                yield _decode_jsonl_line(raw, row, line_no)
+                row += 1
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read file after {row} records: {exc}") from exc
+
+
+def _decode_jsonl_line(raw: bytes, row: int, line_no: int) -> RawRecord:
+    """Decode one JSON Lines line into a :class:`RawRecord`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRecord(row, line_no, bad=BadRecord(row, line_no, None, f"invalid UTF-8 at byte {exc.start}"))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        reason = f"not valid JSON: {exc.msg} (column {exc.colno})"
+        return RawRecord(row, line_no, bad=BadRecord(row, line_no, None, reason))
+    if not isinstance(data, dict):
+        reason = f"expected a JSON object, got {_type_name(data)}"
+        return RawRecord(row, line_no, bad=BadRecord(row, line_no, None, reason))
+    return RawRecord(row, line_no, data=data)
+
+
+def _iter_json_array(path: Path) -> Iterator[RawRecord]:
+    """Records of a file holding one JSON array of objects."""
+    try:
+        data = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from exc
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {_type_name(data)}")
+    for row, item in enumerate(data):
+        if isinstance(item, dict):
+            yield RawRecord(row, None, data=item)
+        else:
+            yield RawRecord(row, None, bad=BadRecord(row, None, None, f"expected an object, got {_type_name(item)}"))
+
+
+def _iter_parquet(path: Path) -> Iterator[RawRecord]:
+    """Records of a Parquet file, read in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
+            for item in batch.to_pylist():
+                yield RawRecord(row, None, data=item)
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read Parquet file: {exc}") from exc
+
+
+def _load_disk_dataset(path: Path, split: str | None) -> Any:
+    """Open a folder written by ``save_to_disk`` and pick the split."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot open saved dataset: {exc}") from exc
+    return _select_split(loaded, split, str(path))
+
+
+def _load_hub_dataset(dataset_id: str, split: str | None, revision: str | None) -> Any:
+    """Load a hub dataset (``datasets.load_dataset``) and pick the split."""
+    import datasets
+
+    if revision is None:
+        message = (
+            f"loading hub dataset '{dataset_id}' without a revision: results will not be reproducible "
+            "(pass revision= a commit hash or tag)"
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    try:
+        loaded = datasets.load_dataset(dataset_id, revision=revision, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise DataError(f"{dataset_id}: cannot load hub dataset (revision {revision}): {exc}") from exc
+    return _select_split(loaded, split, dataset_id)
+
+
+def _select_split(loaded: Any, split: str | None, origin: str) -> Any:
+    """Return one ``Dataset`` from a ``Dataset`` or ``DatasetDict``."""
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        names = sorted(loaded.keys())
+        if split is not None:
+            if split not in loaded:
+                raise DataError(f"{origin}: no split '{split}' (available: {', '.join(names)})")
+            return loaded[split]
+        if len(names) == 1:
+            return loaded[names[0]]
+        if "train" in loaded:
+            return loaded["train"]
+        raise DataError(f"{origin}: several splits ({', '.join(names)}): pass split=")
+    if split is not None and loaded.split is not None and str(loaded.split) != split:
+        raise DataError(f"{origin}: holds split '{loaded.split}', not '{split}'")
+    return loaded
+
+
+def _iter_dataset(dataset: Any) -> Iterator[RawRecord]:
+    """Records of a ``datasets.Dataset``, read as Arrow batches."""
+    row = 0
+    for table in dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS):
+        for item in table.to_pylist():
+            yield RawRecord(row, None, data=item)
+            row += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Interpreting one record
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    """JSON-ish name of a value's type, for messages."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _get(record: dict[str, Any], key: str) -> Any:
+    """Value of ``key``; a missing key and a null value both read as ``None`` (Parquet fills gaps with null)."""
+    return record.get(key)
+
+
+def detect_layout(record: dict[str, Any]) -> str | None:
+    """Guess the layout of one record from the types of its fields.
+
+    Args:
+        record: A decoded record.
+
+    Returns:
+        ``"standard"``, ``"conversational"``, ``"olmo"`` or ``"hh"``, or ``None`` if no layout fits.
+    """
+    try:
+        return _detect_layout(record)
+    except _Bad:
+        return None
+
+
+def _detect_layout(record: dict[str, Any]) -> str:
+    """Layout of a record, or :class:`_Bad` naming the field that rules every layout out."""
+    prompt, chosen, rejected = _get(record, "prompt"), _get(record, "chosen"), _get(record, "rejected")
+    if chosen is None:
+        raise _Bad("chosen", "missing field")
+    if rejected is None:
+        raise _Bad("rejected", "missing field")
+    if isinstance(prompt, str):
+        return "olmo" if isinstance(chosen, list) else "standard"
+    if isinstance(prompt, list):
+        return "conversational"
+    if prompt is None:
+        if isinstance(chosen, list):
+            return "conversational"
+        if isinstance(chosen, str):
+            if HH_ASSISTANT not in chosen:
+                raise _Bad("prompt", "missing field (and 'chosen' is not an HH-RLHF transcript)")
+            return "hh"
+        raise _Bad("chosen", f"expected a string or a list of messages, got {_type_name(chosen)}")
+    raise _Bad("prompt", f"expected a string or a list of messages, got {_type_name(prompt)}")
+
+
+def _require_str(record: dict[str, Any], key: str) -> str:
+    """A string field, or :class:`_Bad`."""
+    value = _get(record, key)
+    if value is None:
+        raise _Bad(key, "missing field")
+    if not isinstance(value, str):
+        raise _Bad(key, f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _require_list(record: dict[str, Any], key: str) -> list[Any]:
+    """A list field, or :class:`_Bad`."""
+    value = _get(record, key)
+    if value is None:
+        raise _Bad(key, "missing field")
+    if not isinstance(value, list):
+        raise _Bad(key, f"expected a list of messages, got {_type_name(value)}")
+    return value
+
+
+def _check_response(text: str, key: str) -> str:
+    """Refuse an empty or whitespace-only response."""
+    if not text.strip():
+        raise _Bad(key, "empty or whitespace-only response")
+    return text
+
+
+def _parse_messages(value: list[Any], key: str) -> list[Message]:
+    """Normalise a message list to ``{"role", "content"}`` dicts, or :class:`_Bad` naming the message."""
+    messages: list[Message] = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _Bad(where, f"expected a message object, got {_type_name(item)}")
+        role, content = item.get("role"), item.get("content")
+        if role is None:
+            raise _Bad(f"{where}.role", "message without a role")
+        if not isinstance(role, str) or not role.strip():
+            raise _Bad(f"{where}.role", f"expected a non-empty string role, got {_type_name(role)} {role!r}")
+        if content is None:
+            raise _Bad(f"{where}.content", "message without content")
+        if not isinstance(content, str):
+            raise _Bad(f"{where}.content", f"expected string content, got {_type_name(content)}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _split_final_assistant(messages: list[Message], key: str) -> tuple[list[Message], str]:
+    """Split a conversation into (turns before the final assistant turn, final assistant text)."""
+    if not messages:
+        raise _Bad(key, "empty conversation")
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise _Bad(key, f"no final assistant turn (the last turn has role '{last['role']}')")
+    return messages[:-1], _check_response(last["content"], key)
+
+
+def _check_same_prefix(chosen_prefix: list[Message], rejected_prefix: list[Message]) -> None:
+    """Chosen and rejected must answer the same conversation."""
+    if chosen_prefix == rejected_prefix:
+        return
+    n_common = min(len(chosen_prefix), len(rejected_prefix))
+    turn = next((i for i in range(n_common) if chosen_prefix[i] != rejected_prefix[i]), n_common)
+    raise _Bad(
+        "rejected",
+        f"conversation before the final assistant turn differs from 'chosen' (from turn {turn}: "
+        f"{len(chosen_prefix)} vs {len(rejected_prefix)} turns)",
+    )
+
+
+def _parse_standard(record: dict[str, Any]) -> tuple[list[Message], str, str, str]:
+    """Prompt, chosen, rejected of a TRL standard record (and the field that holds the prompt)."""
+    prompt = _require_str(record, "prompt")
+    chosen = _check_response(_require_str(record, "chosen"), "chosen")
+    rejected = _check_response(_require_str(record, "rejected"), "rejected")
+    return [{"role": "user", "content": prompt}], chosen, rejected, "prompt"
+
+
+def _parse_conversational(record: dict[str, Any]) -> tuple[list[Message], str, str, str]:
+    """Prompt, chosen, rejected of a TRL conversational record (explicit or implicit prompt)."""
+    raw_prompt = _get(record, "prompt")
+    if raw_prompt is not None and not isinstance(raw_prompt, list):
+        raise _Bad("prompt", f"expected a list of messages, got {_type_name(raw_prompt)}")
+    prompt = _parse_messages(raw_prompt, "prompt") if raw_prompt is not None else []
+    raw_chosen = _get(record, "chosen")
+    if raw_prompt is not None and isinstance(raw_chosen, str):
+        # message-list prompt with plain string responses
+        chosen = _check_response(raw_chosen, "chosen")
+        rejected = _check_response(_require_str(record, "rejected"), "rejected")
+        return prompt, chosen, rejected, "prompt"
+    chosen_prefix, chosen = _split_final_assistant(
+        prompt + _parse_messages(_require_list(record, "chosen"), "chosen"), "chosen"
+    )
+    rejected_prefix, rejected = _split_final_assistant(
+        prompt + _parse_messages(_require_list(record, "rejected"), "rejected"), "rejected"
+    )
+    _check_same_prefix(chosen_prefix, rejected_prefix)
+    return chosen_prefix, chosen, rejected, "prompt" if raw_prompt is not None else "chosen"
+
+
+def _parse_olmo(record: dict[str, Any]) -> tuple[list[Message], str, str, str]:
+    """Prompt, chosen, rejected of an OLMo 2 preference-mix record."""
+    prompt_text = _require_str(record, "prompt")
+    chosen_prefix, chosen = _split_final_assistant(_parse_messages(_require_list(record, "chosen"), "chosen"), "chosen")
+    rejected_prefix, rejected = _split_final_assistant(
+        _parse_messages(_require_list(record, "rejected"), "rejected"), "rejected"
+    )
+    _check_same_prefix(chosen_prefix, rejected_prefix)
+    if not chosen_prefix:
+        return [{"role": "user", "content": prompt_text}], chosen, rejected, "prompt"
+    user_turns = [m["content"] for m in chosen_prefix if m["role"] == "user"]
+    if not user_turns or user_turns[-1].strip() != prompt_text.strip():
+        raise _Bad("prompt", "does not match the last user turn of the 'chosen' conversation")
+    return chosen_prefix, chosen, rejected, "prompt"
+
+
+def _split_hh(text: str, key: str) -> tuple[str, str]:
+    """Split an HH-RLHF transcript into (prompt part before the last Assistant tag, response)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise _Bad(key, "no '\\n\\nAssistant:' turn (expected an HH-RLHF transcript, or give a 'prompt' field)")
+    response = text[cut + len(HH_ASSISTANT) :].removeprefix(" ")
+    if HH_HUMAN in response:
+        raise _Bad(key, "no final assistant turn (the transcript ends with a Human turn)")
+    return text[:cut], _check_response(response, key)
+
+
+def _parse_hh_turns(text: str, key: str) -> list[Message]:
+    """Messages of the prompt part of an HH-RLHF transcript."""
+    marks = list(_HH_TURN.finditer(text))
+    head = text[: marks[0].start()] if marks else text
+    if head:
+        raise _Bad(key, "text before the first 'Human:' turn of the transcript")
+    messages: list[Message] = []
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        content = text[mark.end() : end].removeprefix(" ")
+        messages.append({"role": _HH_ROLES[mark.group(1)], "content": content})
+    return messages
+
+
+def _parse_hh(record: dict[str, Any]) -> tuple[list[Message], str, str, str]:
+    """Prompt, chosen, rejected of an HH-RLHF record."""
+    chosen_head, chosen = _split_hh(_require_str(record, "chosen"), "chosen")
+    rejected_head, rejected = _split_hh(_require_str(record, "rejected"), "rejected")
+    if chosen_head != rejected_head:
+        raise _Bad("rejected", "transcript before the last Assistant turn differs from 'chosen'")
+    return _parse_hh_turns(chosen_head, "chosen"), chosen, rejected, "chosen"
+
+
+_PARSERS = {
+    "standard": _parse_standard,
+    "conversational": _parse_conversational,
+    "olmo": _parse_olmo,
+    "hh": _parse_hh,
+}
+
+
+def _first_value(record: dict[str, Any], keys: Sequence[str]) -> tuple[str | None, Any]:
+    """The first alias present with a non-null value, as (key, value)."""
+    for key in keys:
+        value = _get(record, key)
+        if value is not None:
+            return key, value
+    return None, None
+
+
+def _extract_id(record: dict[str, Any], row: int, id_column: str | None) -> str:
+    """The record's id as a string (the row index when no id column is present)."""
+    if id_column is not None:
+        key, value = id_column, _get(record, id_column)
+        if value is None:
+            raise _Bad(id_column, "missing id")
+    else:
+        key, value = _first_value(record, ID_KEYS)
+        if key is None:
+            return str(row)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad(key, f"expected a string or integer id, got {_type_name(value)}")
+    text = str(value)
+    if not text.strip():
+        raise _Bad(key, "empty id")
+    return text
+
+
+def _extract_meta(record: dict[str, Any], keys: Sequence[str]) -> str | None:
+    """An optional string metadata field under any of its aliases."""
+    key, value = _first_value(record, keys)
+    if key is None:
+        return None
+    if not isinstance(value, str):
+        raise _Bad(key, f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _check_unicode(text: str, key: str) -> None:
+    """Refuse strings that cannot be written as UTF-8 (unpaired surrogates from ``\\ud800`` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Bad(key, f"text is not valid Unicode (unpaired surrogate at position {exc.start})") from None
+
+
+def _check_pair_text(pair: Pair, prompt_key: str) -> None:
+    """Every string of a pair must be valid Unicode, and the prompt must hold some text."""
+    for i, message in enumerate(pair.prompt):
+        _check_unicode(message["role"], f"{prompt_key}[{i}].role")
+        _check_unicode(message["content"], f"{prompt_key}[{i}].content")
+    if not pair.prompt:
+        raise _Bad(prompt_key, "no prompt: nothing precedes the final assistant turn")
+    if not any(m["content"].strip() for m in pair.prompt):
+        raise _Bad(prompt_key, "empty or whitespace-only prompt")
+    named = (("chosen", pair.chosen), ("rejected", pair.rejected), ("id", pair.id))
+    meta = (("source", pair.source), ("chosen_model", pair.chosen_model), ("rejected_model", pair.rejected_model))
+    for key, text in (*named, *meta):
+        if text is not None:
+            _check_unicode(text, key)
+
+
+def _parse_record(
+    record: Any, row: int, line: int | None, layout: str, id_column: str | None
+) -> tuple[Pair | BadRecord, str | None]:
+    """Pair (or bad record) and the layout it was read with."""
+    if not isinstance(record, dict):
+        return BadRecord(row, line, None, f"expected an object, got {_type_name(record)}"), None
+    used: str | None = None
+    try:
+        used = _detect_layout(record) if layout == "auto" else layout
+        prompt, chosen, rejected, prompt_key = _PARSERS[used](record)
+        pair = Pair(
+            id=_extract_id(record, row, id_column),
+            row=row,
+            prompt=tuple(prompt),
+            chosen=chosen,
+            rejected=rejected,
+            source=_extract_meta(record, SOURCE_KEYS),
+            chosen_model=_extract_meta(record, CHOSEN_MODEL_KEYS),
+            rejected_model=_extract_meta(record, REJECTED_MODEL_KEYS),
+        )
+        _check_pair_text(pair, prompt_key)
+    except _Bad as bad:
+        reason = bad.reason if layout == "auto" else f"{bad.reason} (layout '{layout}')"
+        return BadRecord(row, line, bad.field_name, reason), used
+    return pair, used
+
+
+def _check_layout_name(layout: str) -> None:
+    """Refuse an unknown layout name."""
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ConfigError(f"unknown format '{layout}' (choose auto, {', '.join(LAYOUTS)})")
+
+
+def pair_from_record(
+    record: dict[str, Any],
+    row: int,
+    line: int | None = None,
+    *,
+    layout: str = "auto",
+    id_column: str | None = None,
+) -> Pair | BadRecord:
+    """Interpret one decoded record as a preference pair.
+
+    Args:
+        record: The decoded record (a dict; anything else is a bad record).
+        row: Zero-based index of the record in its input (the id when the record has none).
+        line: One-based line number in a JSON Lines file, if any.
+        layout: ``"auto"`` to detect per record, or one of :data:`LAYOUTS` to force it.
+        id_column: Column holding the id; by default the first of ``id``, ``prompt_id``, ``uid``, ``example_id``.
+
+    Returns:
+        The normalised :class:`Pair`, or a :class:`BadRecord` naming the field and the reason.
+
+    Raises:
+        ConfigError: If ``layout`` is not a known layout.
+    """
+    _check_layout_name(layout)
+    return _parse_record(record, row, line, layout, id_column)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading a pair set
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint_line(pair: Pair) -> bytes:
+    """Canonical bytes of the fingerprinted content of one pair."""
+    content = [pair.id, [[m["role"], m["content"]] for m in pair.prompt], pair.chosen, pair.rejected]
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def compute_fingerprint(pairs: Iterable[Pair]) -> str:
+    """SHA-256 over the ids, prompts and responses of pairs, in order.
+
+    The same content gives the same fingerprint whatever file format or layout it was read from;
+    rows and metadata (source, models) do not enter it.
+
+    Args:
+        pairs: The pairs, in dataset order.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(_fingerprint_line(pair))
+    return digest.hexdigest()
+
+
+def _summarise_layouts(layouts: Counter[str], forced: str) -> str:
+    """The ``PairSet.format`` value: the layout shared by all pairs, ``mixed``, or the forced one."""
+    if forced != "auto":
+        return forced
+    if len(layouts) == 1:
+        return next(iter(layouts))
+    return "mixed" if layouts else ""
+
+
+def _log_skipped(skipped: list[BadRecord], n_records: int, origin: str) -> None:
+    """One warning line with the number of skipped records and the first few."""
+    if not skipped:
+        return
+    first = "; ".join(str(bad) for bad in skipped[:_SUMMARY_EXAMPLES])
+    more = " …" if len(skipped) > _SUMMARY_EXAMPLES else ""
+    logger.warning("skipped %d of %d records in %s: %s%s", len(skipped), n_records, origin, first, more)
+
+
+def load_pairs(
+    source: str | os.PathLike,
+    *,
+    format: str = "auto",
+    split: str | None = None,
+    revision: str | None = None,
+    strict: bool = False,
+    id_column: str | None = None,
+    limit: int | None = None,
+) -> PairSet:
+    """Read preference pairs from a file, a saved ``datasets`` folder or a hub dataset.
+
+    Args:
+        source: ``.jsonl``/``.jsonl.gz``, a JSON array file, ``.parquet``, a ``save_to_disk`` folder,
+            or a hub dataset id.
+        format: Record layout: ``"auto"`` (detected per record), ``"standard"``, ``"conversational"``,
+            ``"olmo"`` or ``"hh"``.
+        split: Split to read when the dataset has several (default: the only one, else ``"train"``).
+        revision: Hub revision; without one a hub load warns that results will not be reproducible.
+        strict: Raise at the first bad record instead of skipping it.
+        id_column: Column holding the stable id (default: ``id``, ``prompt_id``, ``uid``, ``example_id``,
+            else the row index).
+        limit: Read at most this many records.
+
+    Returns:
+        A :class:`PairSet` where ``n_records == len(pairs) + len(skipped)``.
+
+    Raises:
+        DataError: If the input cannot be read, or (with ``strict``) at the first bad record; the message
+            names the line or row and the field.
+        ConfigError: If ``format`` is unknown.
+    """
+    _check_layout_name(format)
+    origin = str(source)
+    pairs: list[Pair] = []
+    skipped: list[BadRecord] = []
+    first_row: dict[str, int] = {}
+    layouts: Counter[str] = Counter()
+    digest = hashlib.sha256()
+    n_records = 0
+    progress = tqdm(
+        iter_records(source, split=split, revision=revision, limit=limit),
+        desc=f"reading {Path(origin).name or origin}",
+        unit=" records",
+        disable=None,
+    )
+    for raw in progress:
+        n_records += 1
+        if raw.bad is not None:
+            result: Pair | BadRecord = raw.bad
+            layout = None
+        else:
+            result, layout = _parse_record(raw.data, raw.row, raw.line, format, id_column)
+        if isinstance(result, Pair) and result.id in first_row:
+            reason = f"duplicate id '{result.id}' (first used by row {first_row[result.id]})"
+            result = BadRecord(raw.row, raw.line, id_column or "id", reason)
+        if isinstance(result, BadRecord):
+            if strict:
+                raise DataError(f"{result} (in {origin})")
+            skipped.append(result)
+            continue
+        first_row[result.id] = result.row
+        pairs.append(result)
+        digest.update(_fingerprint_line(result))
+        layouts[layout or format] += 1
+    _log_skipped(skipped, n_records, origin)
+    return PairSet(
+        pairs=pairs,
+        skipped=skipped,
+        origin=origin,
+        format=_summarise_layouts(layouts, format),
+        fingerprint=digest.hexdigest(),
+        n_records=n_records,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing pairs back
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _metadata(pair: Pair) -> dict[str, Any]:
+    """The metadata columns written with every layout."""
+    return {"source": pair.source, "chosen_model": pair.chosen_model, "rejected_model": pair.rejected_model}
+
+
+def _format_hh(pair: Pair) -> tuple[str, str]:
+    """HH-RLHF transcripts (chosen, rejected) for a pair, or :class:`DataError` if it cannot be one."""
+    tags = {"user": HH_HUMAN, "assistant": HH_ASSISTANT}
+    texts = [*(m["content"] for m in pair.prompt), pair.chosen, pair.rejected]
+    if any(HH_HUMAN in t or HH_ASSISTANT in t for t in texts):
+        raise DataError(f"pair '{pair.id}' field 'prompt': text contains an HH turn marker")
+    parts = []
+    for i, message in enumerate(pair.prompt):
+        if message["role"] not in tags:
+            raise DataError(f"pair '{pair.id}' field 'prompt[{i}].role': role '{message['role']}' has no HH-RLHF form")
+        parts.append(f"{tags[message['role']]} {message['content']}")
+    head = "".join(parts) + HH_ASSISTANT + " "
+    return head + pair.chosen, head + pair.rejected
+
+
+def pair_to_record(pair: Pair, layout: str = "standard") -> dict[str, Any]:
+    """Write one pair as a record of the given layout (the inverse of :func:`pair_from_record`).
+
+    Args:
+        pair: The pair.
+        layout: ``"standard"`` (string prompt; single-user-turn prompts only), ``"conversational"`` (TRL
+            explicit-prompt message lists), ``"olmo"`` (string prompt plus full conversations) or ``"hh"``.
+
+    Returns:
+        A JSON-serialisable dict with ``id``, the layout's fields, ``source``, ``chosen_model`` and
+        ``rejected_model``.
+
+    Raises:
+        DataError: If the pair cannot be expressed in that layout (the message names the pair and the field).
+        ConfigError: If ``layout`` is unknown.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout '{layout}' (choose {', '.join(LAYOUTS)})")
+    prompt = [dict(m) for m in pair.prompt]
+    if layout == "standard":
+        if len(prompt) != 1 or prompt[0]["role"] != "user":
+            raise DataError(
+                f"pair '{pair.id}' field 'prompt': a {len(prompt)}-turn prompt cannot be written as a string "
+                "(use the 'conversational' layout)"
+            )
+        fields: dict[str, Any] = {"prompt": prompt[0]["content"], "chosen": pair.chosen, "rejected": pair.rejected}
+    elif layout == "conversational":
+        fields = {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}],
+        }
+    elif layout == "olmo":
+        user_turns = [m["content"] for m in prompt if m["role"] == "user"]
+        if not user_turns:
+            raise DataError(f"pair '{pair.id}' field 'prompt': no user turn to use as the OLMo prompt string")
+        fields = {
+            "prompt": user_turns[-1],
+            "chosen": [*prompt, {"role": "assistant", "content": pair.chosen}],
+            "rejected": [*(dict(m) for m in prompt), {"role": "assistant", "content": pair.rejected}],
+        }
+    else:
+        chosen, rejected = _format_hh(pair)
+        fields = {"chosen": chosen, "rejected": rejected}
+    return {"id": pair.id, **fields, **_metadata(pair)}
+
+
+def save_pairs_jsonl(pairs: Iterable[Pair], path: str | os.PathLike, *, layout: str = "standard") -> int:
+    """Write pairs as JSON Lines (gzip-compressed when the name ends with ``.gz``), one record per pair.
+
+    The file is written next to its destination and renamed into place, so a failure leaves no partial file.
+
+    Args:
+        pairs: The pairs to write, in order.
+        path: Destination file.
+        layout: Record layout, see :func:`pair_to_record`; ``"standard"`` by default.
+
+    Returns:
+        The number of records written.
+
+    Raises:
+        DataError: If a pair cannot be expressed in ``layout``.
+    """
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    opener = gzip.open if target.name.lower().endswith(".gz") else open
+    count = 0
+    try:
+        with opener(tmp, "wt", encoding="utf-8", newline="\n") as fh:
+            for pair in pairs:
+                fh.write(json.dumps(pair_to_record(pair, layout), ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
