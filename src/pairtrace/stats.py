@@ -1,0 +1,125 @@
+"""Bootstrap confidence intervals for rates, and relative reductions.
+
+When every prompt is sampled many times, the samples of one prompt are not independent: the
+right resampling unit is the prompt (a cluster bootstrap). :func:`bootstrap_rate_ci` resamples
+clusters when ``clusters`` is given, single observations otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+_MAX_WEIGHTS = 2_000_000
+"""Upper bound on bootstrap weights held in memory at once (rows x clusters)."""
+
+
+@dataclass(frozen=True)
+class RateCI:
+    """A rate with its percentile-bootstrap interval.
+
+    Attributes:
+        rate: Observed fraction of true flags (NaN when there are no observations).
+        low: Lower end of the interval (NaN when there are no observations).
+        high: Upper end of the interval.
+        n: Number of observations.
+        n_clusters: Number of resampled units (``n`` without clusters).
+        confidence: Nominal coverage, ``1 - alpha``.
+    """
+
+    rate: float
+    low: float
+    high: float
+    n: int
+    n_clusters: int
+    confidence: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (NaN becomes ``None``)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+def bootstrap_rate_ci(
+    flags: Sequence[bool] | np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Sequence[Hashable] | None = None,
+) -> RateCI:
+    """Percentile-bootstrap interval for the fraction of true flags.
+
+    Args:
+        flags: One boolean per observation (e.g. "this sample was harmful").
+        n_boot: Number of bootstrap replicates.
+        seed: Seed of the random generator; equal seeds give equal intervals.
+        alpha: ``1 - alpha`` is the nominal coverage (0.05 gives a 95% interval).
+        clusters: Optional cluster label per observation (e.g. the prompt id). Whole clusters are
+            resampled with replacement, and each replicate's rate is pooled over its observations.
+
+    Returns:
+        The observed rate and the ``alpha/2`` and ``1 - alpha/2`` percentiles of the replicates.
+
+    Raises:
+        ValueError: ``clusters`` does not have one label per flag, or ``n_boot``/``alpha`` is invalid.
+    """
+    values = np.asarray(flags, dtype=bool).reshape(-1)  # [n]
+    n = int(values.size)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if clusters is not None and len(clusters) != n:
+        raise ValueError(f"clusters has {len(clusters)} labels for {n} flags")
+    confidence = 1.0 - alpha
+    if n == 0:
+        return RateCI(math.nan, math.nan, math.nan, 0, 0, confidence)
+
+    if clusters is None:
+        sums = values.astype(np.float64)  # [c]
+        sizes = np.ones(n, dtype=np.float64)  # [c]
+    else:
+        _, inverse = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+        sums = np.bincount(inverse, weights=values.astype(np.float64))  # [c]
+        sizes = np.bincount(inverse).astype(np.float64)  # [c]
+    n_clusters = int(sums.size)
+    rng = np.random.default_rng(seed)
+    replicates = _resample_rates(sums, sizes, n_boot, rng)  # [n_boot]
+    low, high = np.quantile(replicates, [alpha / 2.0, 1.0 - alpha / 2.0])
+    rate = float(values.mean())
+    return RateCI(rate, float(low), float(high), n, n_clusters, confidence)
+
+
+def _resample_rates(sums: np.ndarray, sizes: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Rates of ``n_boot`` replicates that draw ``len(sums)`` clusters with replacement."""
+    n_clusters = sums.size
+    if np.all(sizes == 1.0):
+        # Unclustered binary data: the number of true flags in a resample is Binomial(n, p).
+        return rng.binomial(n_clusters, sums.mean(), size=n_boot) / n_clusters
+    uniform = np.full(n_clusters, 1.0 / n_clusters)
+    rows = max(1, _MAX_WEIGHTS // n_clusters)
+    out = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        weights = rng.multinomial(n_clusters, uniform, size=stop - start).astype(np.float64)  # [rows, c]
+        out[start:stop] = (weights @ sums) / (weights @ sizes)
+    return out
+
+
+def relative_reduction(base: float, new: float) -> float:
+    """Fraction by which ``new`` is below ``base``: ``(base - new) / base``.
+
+    A rate going from 7.63% to 2.86% is a reduction of 0.625; a rise gives a negative value.
+
+    Args:
+        base: Reference rate (e.g. the retrained baseline's harmful rate).
+        new: Rate after the intervention.
+
+    Returns:
+        The relative reduction, NaN when ``base`` is 0 or either rate is NaN.
+    """
+    if base == 0 or math.isnan(base) or math.isnan(new):
+        return math.nan
+    return (base - new) / base

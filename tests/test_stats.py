@@ -1,0 +1,104 @@
+"""Tests for bootstrap rate intervals and relative reductions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pairtrace.stats import bootstrap_rate_ci, relative_reduction
+
+
+def test_rate_and_interval_bracket_the_observed_rate():
+    flags = [True] * 30 + [False] * 70
+    ci = bootstrap_rate_ci(flags, n_boot=2000, seed=0)
+    assert ci.rate == pytest.approx(0.30)
+    assert ci.n == 100 and ci.n_clusters == 100 and ci.confidence == pytest.approx(0.95)
+    # The normal approximation gives 0.30 +- 0.09; the percentile interval must be close to it.
+    assert 0.19 < ci.low < 0.23 and 0.37 < ci.high < 0.41
+
+
+def test_same_seed_same_interval_and_other_seed_differs():
+    rng = np.random.default_rng(1)
+    flags = rng.random(200) < 0.2
+    clusters = rng.integers(0, 37, size=200)  # unequal cluster sizes: replicate rates are not on a coarse grid
+    a = bootstrap_rate_ci(flags, seed=3, clusters=clusters)
+    b = bootstrap_rate_ci(flags, seed=3, clusters=clusters)
+    c = bootstrap_rate_ci(flags, seed=4, clusters=clusters)
+    assert a == b
+    assert (a.low, a.high) != (c.low, c.high)
+
+
+def test_cluster_bootstrap_is_wider_when_samples_of_a_prompt_agree():
+    # 20 prompts x 50 samples; every sample of a prompt has the same outcome (maximal within-prompt correlation).
+    per_prompt = [True] * 4 + [False] * 16
+    flags = [flag for flag in per_prompt for _ in range(50)]
+    clusters = [f"p{i}" for i in range(20) for _ in range(50)]
+    iid = bootstrap_rate_ci(flags, seed=0)
+    clustered = bootstrap_rate_ci(flags, seed=0, clusters=clusters)
+    assert iid.rate == clustered.rate == pytest.approx(0.2)
+    assert clustered.n_clusters == 20 and clustered.n == 1000
+    assert (clustered.high - clustered.low) > 3 * (iid.high - iid.low)
+    # With 20 independent prompts the interval is roughly 0.2 +- 0.18.
+    assert clustered.low <= 0.05 and clustered.high >= 0.35
+
+
+def test_cluster_bootstrap_weights_unequal_cluster_sizes():
+    # One big harmful cluster and many small safe ones: the pooled rate is per observation, not per cluster.
+    flags = [True] * 10 + [False] * 10
+    clusters = ["big"] * 10 + [f"s{i}" for i in range(10)]
+    ci = bootstrap_rate_ci(flags, clusters=clusters, n_boot=500, seed=0)
+    assert ci.rate == pytest.approx(0.5)
+    assert ci.n_clusters == 11
+    assert 0.0 <= ci.low < 0.5 < ci.high <= 1.0
+
+
+def test_degenerate_inputs():
+    empty = bootstrap_rate_ci([])
+    assert empty.n == 0 and math.isnan(empty.rate) and math.isnan(empty.low)
+    assert empty.to_dict()["rate"] is None
+    all_true = bootstrap_rate_ci([True] * 5, clusters=list("abcde"))
+    assert (all_true.rate, all_true.low, all_true.high) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="clusters"):
+        bootstrap_rate_ci([True, False], clusters=["a"])
+    with pytest.raises(ValueError, match="alpha"):
+        bootstrap_rate_ci([True], alpha=1.5)
+
+
+def test_alpha_controls_width():
+    flags = [True] * 20 + [False] * 80
+    wide = bootstrap_rate_ci(flags, alpha=0.01, seed=0)
+    narrow = bootstrap_rate_ci(flags, alpha=0.5, seed=0)
+    assert wide.low < narrow.low < narrow.high < wide.high
+
+
+def test_large_cluster_count_runs_in_chunks():
+    rng = np.random.default_rng(0)
+    flags = rng.random(30_000) < 0.1
+    clusters = np.repeat(np.arange(15_000), 2)
+    ci = bootstrap_rate_ci(flags, n_boot=300, seed=0, clusters=clusters)
+    assert ci.low < ci.rate < ci.high
+    assert ci.high - ci.low < 0.02
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flags=st.lists(st.booleans(), min_size=1, max_size=60),
+    n_clusters=st.integers(min_value=1, max_value=8),
+    seed=st.integers(min_value=0, max_value=10),
+)
+def test_interval_always_contains_a_valid_rate(flags, n_clusters, seed):
+    clusters = [i % n_clusters for i in range(len(flags))]
+    ci = bootstrap_rate_ci(flags, n_boot=200, seed=seed, clusters=clusters)
+    assert 0.0 <= ci.low <= ci.high <= 1.0
+    assert ci.rate == pytest.approx(sum(flags) / len(flags))
+
+
+def test_relative_reduction():
+    assert relative_reduction(0.0763, 0.0286) == pytest.approx(0.625, abs=1e-3)
+    assert relative_reduction(0.1, 0.2) == pytest.approx(-1.0)
+    assert math.isnan(relative_reduction(0.0, 0.1))
+    assert math.isnan(relative_reduction(float("nan"), 0.1))
