@@ -252,3 +252,134 @@ def print_ranking(ranking, top: int) -> None:
 def run() -> None:
     """Entry point used by ``python -m pairtrace``."""
     sys.exit(app())
+
+
+JudgeOpts = dict(
+    judge=typer.Option("rule", help="rule | openai (an OpenAI-compatible chat-completions endpoint)."),
+    judge_url=typer.Option(None, help="Base URL of the endpoint, e.g. http://localhost:8000/v1 (openai judge)."),
+    judge_model=typer.Option(None, help="Model name sent to the endpoint (openai judge)."),
+    judge_key_env=typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (openai judge)."),
+    judge_concurrency=typer.Option(8, help="Requests in flight at most (openai judge)."),
+    judge_retries=typer.Option(5, help="Retries with backoff before a verdict becomes unknown (openai judge)."),
+    judge_timeout=typer.Option(60.0, help="Seconds per request (openai judge)."),
+)
+
+
+def judge_from_options(options: dict[str, Any]):
+    """Build the judge named by the shared ``--judge*`` options."""
+    from pairtrace.judges.factory import build_judge
+
+    if options["judge"] == "rule":
+        return build_judge("rule")
+    return build_judge(
+        "openai", base_url=options["judge_url"], model=options["judge_model"], api_key_env=options["judge_key_env"],
+        max_concurrency=options["judge_concurrency"], max_retries=options["judge_retries"],
+        timeout_s=options["judge_timeout"],
+    )
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace judge gens.jsonl --out judgements.jsonl\n\n"
+        "  pairtrace judge gens.jsonl --judge openai --judge-url http://localhost:8000/v1 --judge-model gpt-x "
+        "--out judgements.jsonl"
+    )
+)
+@friendly_errors
+def judge(
+    ctx: typer.Context,
+    generations: Path = typer.Argument(None, help="Generation JSONL."),
+    out: Path = typer.Option(None, "--out", "-o", help="Judgement JSONL (appended; resumed when it exists)."),
+    retry_unknown: bool = typer.Option(False, help="Judge again the records that ended unknown last time."),
+    judge: str = JudgeOpts["judge"],
+    judge_url: str = JudgeOpts["judge_url"],
+    judge_model: str = JudgeOpts["judge_model"],
+    judge_key_env: str = JudgeOpts["judge_key_env"],
+    judge_concurrency: int = JudgeOpts["judge_concurrency"],
+    judge_retries: int = JudgeOpts["judge_retries"],
+    judge_timeout: float = JudgeOpts["judge_timeout"],
+    config: Path = ConfigOpt,
+) -> None:
+    """Judge generations (harmful / safe / unknown), resumably. A failure is never counted as safe."""
+    opts = resolve_options(ctx, command_values(locals()), "judge")
+    require(opts, "generations", "out")
+    from pairtrace.judges.openai import run_judge_generations
+
+    stats = run_judge_generations(opts["generations"], judge_from_options(opts), opts["out"],
+                                  retry_unknown=opts["retry_unknown"])
+    console.print(f"[green]judged[/] into {opts['out']}: {stats}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace evaluate gens.jsonl --out eval.json\n\n"
+        "  pairtrace evaluate gens.jsonl --judgements judgements.jsonl --out eval.json"
+    )
+)
+@friendly_errors
+def evaluate(
+    ctx: typer.Context,
+    generations: Path = typer.Argument(None, help="Generation JSONL (one or both models)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Evaluation JSON."),
+    judgements: Path = typer.Option(None, help="Judgement JSONL (default: <out>.judgements.jsonl, resumed)."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    judge: str = JudgeOpts["judge"],
+    judge_url: str = JudgeOpts["judge_url"],
+    judge_model: str = JudgeOpts["judge_model"],
+    judge_key_env: str = JudgeOpts["judge_key_env"],
+    judge_concurrency: int = JudgeOpts["judge_concurrency"],
+    judge_retries: int = JudgeOpts["judge_retries"],
+    judge_timeout: float = JudgeOpts["judge_timeout"],
+    config: Path = ConfigOpt,
+) -> None:
+    """Harmful rate per set and condition with 95% intervals, benign helpfulness and over-refusal."""
+    opts = resolve_options(ctx, command_values(locals()), "evaluate")
+    require(opts, "generations", "out")
+    from pairtrace.evaluate import print_evaluation, run_evaluate
+
+    result = run_evaluate(opts["generations"], judge_from_options(opts), opts["out"],
+                          judgements_path=opts["judgements"], n_boot=opts["n_boot"], seed=opts["seed"])
+    print_evaluation(result)
+    console.print(f"[green]wrote[/] {opts['out']}")
+
+
+@app.command(
+    epilog="Example:\n\n  pairtrace triples gens.jsonl judgements.jsonl --out triples.jsonl"
+)
+@friendly_errors
+def triples(
+    ctx: typer.Context,
+    generations: Path = typer.Argument(None, help="Generation JSONL with M1 and M0 records over linked prompts."),
+    judgements: Path = typer.Argument(None, help="Judgement JSONL for those generations."),
+    out: Path = typer.Option(None, "--out", "-o", help="Triple JSONL (stats beside it)."),
+    m1: str = typer.Option("m1", help="Model name of M1 in the generation records."),
+    m0: str = typer.Option("m0", help="Model name of M0 in the generation records."),
+    unknown: str = typer.Option("exclude", help="exclude (drop prompts with unknown verdicts) | ignore."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Build (prompt, r1, r0) triples with the paper's 4-condition filter."""
+    opts = resolve_options(ctx, command_values(locals()), "triples")
+    require(opts, "generations", "judgements", "out")
+    from pairtrace.triples import run_build_triples
+
+    stats = run_build_triples(opts["generations"], opts["judgements"], opts["out"], m1=opts["m1"], m0=opts["m0"],
+                              unknown=opts["unknown"])
+    console.print(f"[green]wrote[/] {opts['out']}: {stats.get('n_triples', stats)}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=(
+        "Examples (all flags of `python -m pairtrace.serve --help` pass through):\n\n"
+        "  pairtrace serve --backend rule --port 8000\n\n"
+        "  pairtrace serve --backend model --model_path runs/organism/organism/m1 --port 8001"
+    ),
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve a model or the rule judge through an OpenAI-compatible chat-completions API on localhost."""
+    from pairtrace.serve import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
