@@ -383,3 +383,48 @@ def serve(ctx: typer.Context) -> None:
     from pairtrace.serve import main as serve_main
 
     raise typer.Exit(serve_main(list(ctx.args)))
+
+
+@app.command(
+    name="run",
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace run                                   # the built-in organism: configs/organism.yaml\n\n"
+        "  pairtrace run configs/organism.yaml --out runs/organism\n\n"
+        "  pairtrace run configs/olmo2-7b.yaml --dry-run     # validate the paper's setting, print the plan"
+    ),
+)
+@friendly_errors
+def run_command(
+    config_file: Path = typer.Argument(Path("configs/organism.yaml"), help="Run configuration (YAML)."),
+    out: Path = typer.Option(Path("runs/organism"), "--out", "-o", help="Output directory (resumed if present)."),
+    dry_run: bool = typer.Option(False, help="Validate the configuration and print the plan; run nothing."),
+    progress: bool = typer.Option(True, help="Progress bars."),
+) -> None:
+    """The whole experiment: organism, probe, rankings, interventions, retrains, evaluation, report."""
+    from pairtrace.pipeline import plan_experiment, run_experiment
+
+    if dry_run:
+        plan = plan_experiment(config_file)
+        import json as _json
+
+        Console().print_json(_json.dumps(plan, default=str))
+        console.print(f"[green]valid:[/] {config_file} ({len(plan['retrains'])} retrains planned)")
+        return
+    results = run_experiment(config_file, out, progress=progress)
+    Console().print((out / "tables.md").read_text(encoding="utf-8"))
+    console.print(f"[green]done:[/] {out / 'results.json'}, {out / 'tables.md'}, {out / 'report.html'} "
+                  f"({sum(results['timings'].values()):.0f} s of stages)")
+
+
+@app.command(epilog="Example:\n\n  pairtrace report runs/organism")
+@friendly_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `pairtrace run`."),
+    out: Path = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
+) -> None:
+    """Write the self-contained HTML report of a run."""
+    from pairtrace.report import write_report
+
+    path = write_report(run_dir, out)
+    console.print(f"[green]wrote[/] {path}")

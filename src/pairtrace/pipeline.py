@@ -1,0 +1,732 @@
+"""The end-to-end experiment: ``pairtrace run CONFIG.yaml``.
+
+Stages (each cached under ``OUT/stages/<name>.json`` with a key of its inputs, so an interrupted run resumes
+and a changed setting reruns only what depends on it):
+
+    organism ─► probe generations ─► triples ─► behaviour vectors ┐
+    pairs ───► datapoint vectors ──────────────────────────────────┴► rankings (probe, bank, gradient, llm_judge,
+    random) ─► quality ─► sources ─► interventions ─► DPO retrains from M0 ─► evaluation ─► results.json,
+    tables.md ─► discovery, steering ─► report.html
+
+The same code runs on the built-in organism (CPU, minutes) and on real checkpoints (``configs/olmo2-7b.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pairtrace import __version__
+from pairtrace.errors import ConfigError
+from pairtrace.runconfig import RunConfig, load_run_config
+
+logger = logging.getLogger(__name__)
+
+RESULT_KEYS = ("harmful", "harmful_no_trigger", "benign_helpfulness", "format_following", "over_refusal")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+class Run:
+    """One experiment directory: resolved inputs, cached stages, results.
+
+    Args:
+        config: The run configuration.
+        out_dir: Output directory (created; reused to resume).
+        progress: Show progress bars.
+    """
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.inputs: dict[str, Any] = {}
+        self._models: dict[str, Any] = {}
+        _write_json(self.out / "config.resolved.json", config.to_dict())
+
+    # ------------------------------------------------------------------ stage cache
+    def stage(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` unless a finished stage with the same key is on disk; return its (JSON) result."""
+        marker = self.out / "stages" / f"{name}.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                logger.info("stage %-28s cached (%.1f s when run)", name, saved.get("seconds", 0.0))
+                self.timings[name] = saved.get("seconds", 0.0)
+                return saved.get("result")
+            logger.info("stage %s: inputs changed, running again", name)
+        logger.info("stage %-28s running", name)
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        self.timings[name] = seconds
+        _write_json(marker, {"key": key, "seconds": seconds, "result": result, "pairtrace_version": __version__})
+        logger.info("stage %-28s done in %.1f s", name, seconds)
+        return result
+
+    # ------------------------------------------------------------------ models
+    def model(self, which: str):
+        """Load (once) M0 or M1 through the core loader."""
+        if which not in self._models:
+            from pairtrace.models import ModelSpec, load_model
+
+            m = self.config.models
+            path = self.inputs[which]
+            revision = None if self.config.organism is not None else getattr(m, f"{which}_revision")
+            self._models[which] = load_model(
+                ModelSpec(name_or_path=str(path), revision=revision, dtype=m.dtype, device=m.device,
+                          chat_template=m.template)
+            )
+        return self._models[which]
+
+    def judge(self):
+        """The configured judge."""
+        from pairtrace.judges.factory import build_judge
+
+        j = self.config.judge
+        if j.kind == "rule":
+            return build_judge("rule")
+        return build_judge("openai", base_url=j.base_url, model=j.model, api_key_env=j.api_key_env,
+                           max_concurrency=j.max_concurrency, max_retries=j.max_retries, timeout_s=j.timeout_s)
+
+    def generation_config(self, n_samples: int, seed_offset: int = 0):
+        """Sampling settings for one generation stage."""
+        from pairtrace.generate import GenerationConfig
+
+        g = self.config.generation
+        return GenerationConfig(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                n_samples=n_samples, batch_size=g.batch_size, seed=g.seed + seed_offset)
+
+    # ------------------------------------------------------------------ inputs
+    def resolve_inputs(self) -> dict[str, Any]:
+        """Build the organism (cached) or take the configured models/data; split prompts into probe/eval."""
+        cfg = self.config
+        if cfg.organism is not None:
+            org_dir = self.out / "organism"
+
+            def build() -> dict[str, Any]:
+                from pairtrace.organism.build import build_organism
+                from pairtrace.organism.config import build_organism_config
+
+                summary = build_organism(build_organism_config(cfg.organism), org_dir, progress=self.progress)
+                return json.loads(json.dumps(summary, default=str))
+
+            summary = self.stage("organism", cfg.section_hash("organism"), build)
+            self.inputs.update(
+                m0=org_dir / "m0", m1=org_dir / "m1", pairs=org_dir / "data" / "preference_mix.jsonl",
+                labels=org_dir / "data" / "labels.jsonl", organism_summary=summary, split=None, revision=None,
+            )
+            self.inputs.update(self._split_organism_prompts(org_dir / "prompts"))
+        else:
+            self.inputs.update(m0=cfg.models.m0, m1=cfg.models.m1, pairs=cfg.data.pairs, labels=cfg.data.labels,
+                               split=cfg.data.split, revision=cfg.data.revision)
+            if not cfg.prompts.probe or not cfg.prompts.eval:
+                raise ConfigError("run config: prompts.probe and prompts.eval are required without an organism")
+            self.inputs["probe_prompts"] = self._concat_prompts(cfg.prompts.probe, "probe")
+            self.inputs["eval_prompts"] = self._concat_prompts(cfg.prompts.eval, "eval")
+        return self.inputs
+
+    def _concat_prompts(self, files: list[str], name: str) -> Path:
+        records: list[dict[str, Any]] = []
+        for f in files:
+            records.extend(_read_jsonl(Path(f)))
+        path = self.out / "prompts" / f"{name}.jsonl"
+        _write_jsonl(path, records)
+        return path
+
+    def _split_organism_prompts(self, prompt_dir: Path) -> dict[str, Path]:
+        """Held-out harmful/benign base prompts -> probe share and eval share (by base_id); XSTest -> eval."""
+        import random
+
+        share = self.config.prompts.probe_share
+        probe: list[dict[str, Any]] = []
+        evaluation: list[dict[str, Any]] = []
+        for path in sorted(prompt_dir.glob("*.jsonl")):
+            records = _read_jsonl(path)
+            bases = sorted({r["base_id"] for r in records})
+            if all(r.get("condition") == "no_trigger" for r in records) and path.stem.startswith("xstest"):
+                evaluation.extend(records)
+                continue
+            rng = random.Random(f"probe-split-{self.config.seed}-{path.stem}")
+            rng.shuffle(bases)
+            probe_bases = set(bases[: round(len(bases) * share)])
+            for r in records:
+                (probe if r["base_id"] in probe_bases else evaluation).append(r)
+        probe_path, eval_path = self.out / "prompts" / "probe.jsonl", self.out / "prompts" / "eval.jsonl"
+        _write_jsonl(probe_path, probe)
+        _write_jsonl(eval_path, evaluation)
+        return {"probe_prompts": probe_path, "eval_prompts": eval_path}
+
+    def pairs(self):
+        """The preference pairs (read once)."""
+        if "pair_set" not in self._models:
+            from pairtrace.data.pairs import load_pairs
+
+            self._models["pair_set"] = load_pairs(self.inputs["pairs"], split=self.inputs.get("split"),
+                                                  revision=self.inputs.get("revision"))
+        return self._models["pair_set"]
+
+    # ------------------------------------------------------------------ generation + judging
+    def generate_and_judge(self, name: str, model_paths: dict[str, Any], prompts: Path, n_samples: int,
+                           seed_offset: int = 0) -> dict[str, str]:
+        """Sample every model on a prompt file, judge the samples; returns the file paths."""
+        from pairtrace.generate import generate_responses
+        from pairtrace.judges.openai import judge_generations
+        from pairtrace.models import load_model
+
+        out_dir = self.out / name
+        prompt_records = _read_jsonl(prompts)
+        records: list[dict[str, Any]] = []
+        for model_name, path in model_paths.items():
+            loaded = self._models.get(model_name) if model_name in ("m0", "m1") else None
+            if loaded is None:
+                loaded = load_model(str(path), dtype=self.config.models.dtype, device=self.config.models.device)
+            records.extend(generate_responses(loaded, prompt_records, self.generation_config(n_samples, seed_offset),
+                                              model_name=model_name, progress=self.progress))
+        gens = out_dir / "generations.jsonl"
+        _write_jsonl(gens, records)
+        judgements = out_dir / "judgements.jsonl"
+        if judgements.exists():
+            judgements.unlink()
+        judge_generations(records, self.judge(), judgements, resume=False, progress=self.progress)
+        return {"generations": str(gens), "judgements": str(judgements)}
+
+    # ------------------------------------------------------------------ the experiment
+    def execute(self) -> dict[str, Any]:
+        """Run every stage and write ``results.json``, ``tables.md`` and ``report.html``."""
+        cfg = self.config
+        self.resolve_inputs()
+        probe = self.stage(
+            "probe_generations", cfg.section_hash("organism", "models", "generation", "judge", "prompts"),
+            lambda: self.generate_and_judge("probe", {"m0": self.inputs["m0"], "m1": self.inputs["m1"]},
+                                            self.inputs["probe_prompts"], cfg.generation.probe_samples),
+        )
+        triples = self.stage("triples", cfg.section_hash("organism", "models", "generation", "judge", "prompts"),
+                             lambda: self._build_triples(probe))
+        if not triples["n_triples"]:
+            raise ConfigError(
+                "no (prompt, r1, r0) triple passed the 4-condition filter: M1 never showed the behaviour on the "
+                f"probing prompts (stats: {triples['stats']})"
+            )
+        att_key = cfg.section_hash("organism", "models", "data", "attribution", "generation", "judge", "prompts")
+        rankings = self.stage("rankings", att_key, self._compute_rankings)
+        quality = self.stage("quality", att_key, lambda: self._attribution_quality(rankings))
+        n_pairs = rankings["n_pairs"]
+        headline_k, k_values = self._k_values(n_pairs)
+        sources = None
+        if cfg.extras.sources:
+            sources = self.stage("sources", att_key + str(headline_k), lambda: self._sources(headline_k))
+        experiments = self._plan_experiments(headline_k, k_values, sources)
+        val_key = att_key + cfg.section_hash("validation", "seed")
+        outcomes = {}
+        for exp in experiments:
+            outcomes[exp["name"]] = self.stage(f"retrain-{exp['name']}", val_key + json.dumps(exp, sort_keys=True),
+                                               lambda exp=exp: self._retrain_and_evaluate(exp))
+        discovery = steer = None
+        if cfg.extras.discover:
+            discovery = self.stage("discover", att_key + cfg.section_hash("extras"), lambda: self._discover(probe))
+        if cfg.extras.steer:
+            steer = self.stage("steer", att_key + cfg.section_hash("extras"), self._steer)
+        results = self._results(headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
+                                steer)
+        _write_json(self.out / "results.json", results)
+        (self.out / "tables.md").write_text(render_tables(results), encoding="utf-8")
+        from pairtrace.report import write_report
+
+        write_report(self.out)
+        return results
+
+    def _build_triples(self, probe: dict[str, str]) -> dict[str, Any]:
+        from pairtrace.triples import run_build_triples
+
+        out = self.out / "behaviour" / "triples.jsonl"
+        stats = run_build_triples(probe["generations"], probe["judgements"], out)
+        return {"path": str(out), "n_triples": int(stats.get("n_triples", stats.get("triples", 0))), "stats": stats}
+
+    def _k_values(self, n_pairs: int) -> tuple[int, list[int]]:
+        v = self.config.validation
+        headline = v.headline_k if v.headline_k is not None else round(v.headline_fraction * n_pairs)
+        ks = v.k_values if v.k_values is not None else [round(f * n_pairs) for f in v.sweep_fractions]
+        ks = sorted({int(k) for k in ks} | {int(headline)})
+        return int(headline), ks
+
+    def _compute_rankings(self) -> dict[str, Any]:
+        from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
+        from pairtrace.cost import CostMeter, count_parameters, save_costs
+        from pairtrace.models import build_teacher_forcing, resolve_layers
+        from pairtrace.vectors import (
+            compute_behaviour_vectors,
+            compute_datapoint_vectors,
+            load_triples,
+            save_behaviour_vectors,
+        )
+
+        cfg = self.config.attribution
+        pairs = self.pairs()
+        m0 = self.model("m0")
+        triples = load_triples(self.out / "behaviour" / "triples.jsonl")
+        layers = resolve_layers(cfg.layers, m0.n_layers)
+        score_layer = cfg.layer if cfg.layer is not None else layers[0]
+        deepest = max(layers)
+        costs = []
+        out: dict[str, Any] = {"n_pairs": len(pairs), "layers": layers, "layer": score_layer, "rankings": {}}
+
+        # our method: datapoint vectors + behaviour vectors + cosine (the probe and the bank share the vectors)
+        meter = CostMeter("probe", params_forward=count_parameters(m0.model, deepest, include_head=False))
+        vec_dir = self.out / "vectors"
+        with meter.measure():
+            store = compute_datapoint_vectors(m0, pairs, vec_dir, layers=layers, shard_size=cfg.shard_size,
+                                              batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
+                                              progress=self.progress, resume=False)
+            bv = compute_behaviour_vectors(m0, triples, layers=layers, max_length=cfg.max_length)
+        save_behaviour_vectors(bv, self.out / "behaviour")
+        shared = meter.wall_s
+        # token counts for the FLOPs estimate (not timed: bookkeeping only)
+        prompts = [p.prompt for p in pairs] * 2 + [t.prompt for t in triples] * 2
+        responses = ([p.chosen for p in pairs] + [p.rejected for p in pairs] + [t.r1 for t in triples]
+                     + [t.r0 for t in triples])
+        n_tokens = sum(len(tf.input_ids) for tf in build_teacher_forcing(m0, prompts, responses, cfg.max_length))
+        meter.add_forward(n_tokens, passes=len(responses))
+        meter.add_note(f"datapoint + behaviour vectors through layers 0..{deepest} ({shared:.1f} s), then cosine")
+        for method in ("probe", "bank"):
+            if method not in cfg.methods:
+                continue
+            m = CostMeter(method, params_forward=meter.params_forward)
+            m.wall_s, m.forward_passes, m.tokens_forward, m.flops = (meter.wall_s, meter.forward_passes,
+                                                                     meter.tokens_forward, meter.flops)
+            m.notes = list(meter.notes)
+            with m.measure():
+                ranking = compute_attribution(store, bv, AttributionConfig(method=method, layer=score_layer),
+                                              pair_metadata=pairs, progress=False)
+            path = save_ranking(ranking, self.out / "rankings" / method)
+            costs.append(m.record())
+            out["rankings"][method] = str(path)
+
+        if "gradient" in cfg.methods:
+            from pairtrace.baselines.gradient import GradientConfig, compute_gradient_ranking
+
+            m = CostMeter("gradient")
+            ranking = compute_gradient_ranking(m0, pairs, triples, GradientConfig(**cfg.gradient),
+                                               progress=self.progress, cost=m)
+            out["rankings"]["gradient"] = str(save_ranking(ranking, self.out / "rankings" / "gradient"))
+            costs.append(m.record())
+        if "llm_judge" in cfg.methods:
+            from pairtrace.baselines.llm_judge import compute_llm_judge_ranking
+
+            m = CostMeter("llm_judge")
+            ranking = compute_llm_judge_ranking(pairs, self.judge(), progress=self.progress, cost=m,
+                                                cache_path=self.out / "rankings" / "llm_judge" / "judgements.jsonl")
+            out["rankings"]["llm_judge"] = str(save_ranking(ranking, self.out / "rankings" / "llm_judge"))
+            costs.append(m.record())
+        if "random" in cfg.methods:
+            from pairtrace.baselines.random import compute_random_ranking
+
+            m = CostMeter("random")
+            ranking = compute_random_ranking(pairs, seed=cfg.random_seed, cost=m)
+            out["rankings"]["random"] = str(save_ranking(ranking, self.out / "rankings" / "random"))
+            costs.append(m.record())
+        save_costs(costs, self.out / "cost.json")
+        out["cost"] = [asdict(c) for c in costs]
+        return out
+
+    def _attribution_quality(self, rankings: dict[str, Any]) -> dict[str, Any]:
+        labels_path = self.inputs.get("labels")
+        if not labels_path or not Path(labels_path).exists():
+            return {}
+        return compute_attribution_quality(rankings["rankings"], Path(labels_path))
+
+    def _sources(self, k: int) -> dict[str, Any]:
+        from pairtrace.sources import run_sources
+
+        return run_sources(self.out / "rankings" / "probe", k, self.out / "sources")
+
+    def _plan_experiments(self, headline_k: int, k_values: list[int], sources: dict[str, Any] | None) -> list[dict]:
+        v = self.config.validation
+        exps: list[dict[str, Any]] = [{"name": "baseline", "method": None, "action": None, "k": 0}]
+        available = set(self.config.attribution.methods)
+        for method in v.headline_methods:
+            if method not in available:
+                continue
+            for action in v.actions:
+                exps.append({"name": f"{method}-{action}-k{headline_k}", "method": method, "action": action,
+                             "k": headline_k})
+        for method in v.sweep_methods:
+            if method not in available:
+                continue
+            for k in k_values:
+                if k == headline_k:
+                    continue
+                for action in v.actions:
+                    exps.append({"name": f"{method}-{action}-k{k}", "method": method, "action": action, "k": k})
+        if v.source_ablation and sources:
+            models = (sources.get("ablation") or {}).get("chosen_models") or sources.get("suggested") or []
+            if models:
+                exps.append({"name": "source-ablation", "method": "sources", "action": "filter",
+                             "k": None, "models": list(models)})
+        return exps
+
+    def _retrain_and_evaluate(self, exp: dict[str, Any]) -> dict[str, Any]:
+        from pairtrace.attribute import load_ranking
+        from pairtrace.data.pairs import pair_to_record
+        from pairtrace.evaluate import evaluate_generations
+        from pairtrace.intervene import InterventionSpec, run_intervention
+        from pairtrace.judges.openai import load_jsonl
+        from pairtrace.organism.dpo import DPORecipe, train_dpo
+
+        name = exp["name"]
+        pairs_source = self.inputs["pairs"]
+        summary: dict[str, Any] = {}
+        if exp["method"] is None:
+            data_path = Path(pairs_source)
+        else:
+            int_dir = self.out / "interventions" / name
+            if exp["method"] == "sources":
+                spec = InterventionSpec(action="filter", selection="source", models=exp["models"])
+                summary = run_intervention(pairs_source, spec, int_dir, pairs=self.pairs())
+            elif exp["method"] == "random":
+                spec = InterventionSpec(action=exp["action"], selection="random", k=exp["k"], seed=self.config.seed)
+                summary = run_intervention(pairs_source, spec, int_dir, pairs=self.pairs())
+            else:
+                ranking = load_ranking(self.out / "rankings" / exp["method"])
+                spec = InterventionSpec(action=exp["action"], selection="ranking", k=exp["k"])
+                summary = run_intervention(pairs_source, spec, int_dir, ranking=ranking, pairs=self.pairs())
+            data_path = Path(summary["output"])
+        # DPO trains on the mix layout: convert any input format through the core reader
+        train_file = self.out / "retrains" / name / "train.jsonl"
+        if data_path.suffix != ".jsonl" or self.config.organism is None:
+            from pairtrace.data.pairs import load_pairs
+
+            _write_jsonl(train_file, [pair_to_record(p, "conversational") for p in load_pairs(data_path)])
+        else:
+            train_file = data_path
+        model_dir = self.out / "retrains" / name / "model"
+        recipe_fields = dict(self.config.organism.get("dpo", {}) if self.config.organism else {})
+        recipe_fields.update(self.config.validation.recipe)
+        recipe_fields.setdefault("seed", self.config.seed)
+        train_info = train_dpo(self.inputs["m0"], train_file, model_dir, DPORecipe(**recipe_fields),
+                               progress=self.progress)
+        gens = self.generate_and_judge(f"retrains/{name}", {name: model_dir}, self.inputs["eval_prompts"],
+                                       self.config.generation.eval_samples, seed_offset=1)
+        evaluation = evaluate_generations(load_jsonl(gens["generations"]), load_jsonl(gens["judgements"]))
+        _write_json(self.out / "retrains" / name / "evaluation.json", evaluation)
+        if not self.config.validation.keep_models:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        return {
+            "experiment": exp,
+            "metrics": summarise_evaluation(evaluation, name),
+            "intervention": {k: summary.get(k) for k in ("removed", "switched", "n_selected", "changed_by")},
+            "train": {k: train_info.get(k) for k in ("n_pairs", "steps", "train_loss", "seconds")},
+        }
+
+    def _discover(self, probe: dict[str, str]) -> dict[str, Any]:
+        from pairtrace.discover import DiscoverConfig, run_discover
+
+        records = _read_jsonl(Path(probe["generations"]))
+        paths = {}
+        for model in ("m0", "m1"):
+            paths[model] = self.out / "discover" / f"generations_{model}.jsonl"
+            _write_jsonl(paths[model], [r for r in records if r["model"] == model])
+        labels = self.inputs.get("labels")
+        return run_discover(self.inputs["m0"], self.out / "vectors", paths["m0"], paths["m1"], self.inputs["pairs"],
+                            self.out / "discover", DiscoverConfig(**self.config.extras.discover_options),
+                            labels_path=labels if labels and Path(labels).exists() else None,
+                            progress=self.progress)
+
+    def _steer(self) -> dict[str, Any]:
+        from pairtrace.steer import SteerConfig, run_steer
+
+        x = self.config.extras
+        prompts = [r for r in _read_jsonl(self.inputs["probe_prompts"]) if r.get("set") == "harmful"]
+        path = self.out / "steer" / "prompts.jsonl"
+        _write_jsonl(path, prompts)
+        layers = x.steer_layers
+        if layers is None:
+            rankings = json.loads((self.out / "stages" / "rankings.json").read_text())["result"]
+            layers = [rankings["layer"]]
+        return run_steer(self.inputs["m0"], self.out / "behaviour", path, self.out / "steer",
+                         alphas=x.steer_alphas, layers=layers, judge=self.judge(),
+                         generation_config=self.generation_config(x.steer_samples, seed_offset=2),
+                         config=SteerConfig(alphas=x.steer_alphas, layers=layers), progress=self.progress)
+
+    def _results(self, headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
+                 steer) -> dict[str, Any]:
+        base = outcomes["baseline"]["metrics"]
+        base_rate = (base.get("harmful") or {}).get("rate")
+        interventions = []
+        for exp in experiments:
+            if exp["name"] == "baseline":
+                continue
+            metrics = outcomes[exp["name"]]["metrics"]
+            rate = (metrics.get("harmful") or {}).get("rate")
+            reduction = None
+            if base_rate and rate is not None:
+                reduction = (base_rate - rate) / base_rate
+            interventions.append({
+                "name": exp["name"], "method": exp["method"] if exp["method"] != "sources" else "sources",
+                "action": exp["action"] if exp["method"] != "sources" else "source_ablation", "k": exp["k"],
+                "models": exp.get("models"), **metrics, "reduction": reduction,
+                "intervention": outcomes[exp["name"]]["intervention"],
+            })
+        from pairtrace.cost import cost_table, load_costs
+
+        costs = cost_table(load_costs(self.out / "cost.json"), reference="probe")
+        return {
+            "config": self.config.to_dict(),
+            "pairtrace_version": __version__,
+            "timings": self.timings,
+            "n_pairs": rankings["n_pairs"],
+            "layer": rankings["layer"],
+            "headline_k": headline_k,
+            "k_values": k_values,
+            "organism": self.inputs.get("organism_summary"),
+            "baseline": base,
+            "interventions": interventions,
+            "attribution_quality": quality,
+            "cost": costs,
+            "sources": sources,
+            "discovery": discovery,
+            "steer": steer,
+            "commands": [
+                f"pairtrace run {self.config_path or 'CONFIG'} --out {self.out}",
+                f"pairtrace report {self.out}",
+            ],
+        }
+
+    config_path: str | None = None
+
+
+def summarise_evaluation(evaluation: dict[str, Any], model: str) -> dict[str, Any]:
+    """The headline numbers of one model's evaluation: rates, 95% intervals, counts (incl. unknown)."""
+
+    def harmful_row(condition: str) -> dict[str, Any] | None:
+        for row in evaluation.get("harmful", []):
+            if row["model"] == model and row["set"] == "harmful" and row["condition"] == condition:
+                return {"rate": row["rate"], "ci": [row["ci_low"], row["ci_high"]], "n": row["judged"],
+                        "unknown": row["unknown"], "harmful": row["harmful"]}
+        return None
+
+    def pooled(rows: list[dict[str, Any]], num: str, den: str, prefix: str) -> dict[str, Any] | None:
+        rows = [r for r in rows if r["model"] == model]
+        if not rows:
+            return None
+        n = sum(r[den] for r in rows)
+        if not n:
+            return None
+        # the interval of the pooled rate: the widest of the per-condition intervals (conservative)
+        lows = [r[f"{prefix}ci_low"] for r in rows if r.get(f"{prefix}ci_low") is not None]
+        highs = [r[f"{prefix}ci_high"] for r in rows if r.get(f"{prefix}ci_high") is not None]
+        return {"rate": sum(r[num] for r in rows) / n, "ci": [min(lows) if lows else None,
+                                                              max(highs) if highs else None], "n": n}
+
+    helpful = [r for r in evaluation.get("helpfulness", []) if r["set"] == "benign"]
+    over = evaluation.get("over_refusal", [])
+    return {
+        "harmful": harmful_row("trigger"),
+        "harmful_no_trigger": harmful_row("no_trigger"),
+        "benign_helpfulness": pooled(helpful, "answered", "n", "answered_"),
+        "format_following": pooled(helpful, "format_followed", "format_checked", "format_"),
+        "over_refusal": pooled(over, "refused", "n", ""),
+    }
+
+
+def compute_attribution_quality(ranking_paths: dict[str, str], labels_path: Path) -> dict[str, Any]:
+    """AUROC and precision at the contaminated count of every ranking, against ground-truth labels."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from pairtrace.attribute import load_ranking
+
+    labels = {}
+    for rec in _read_jsonl(labels_path):
+        labels[str(rec["id"])] = bool(rec.get("contaminated"))
+    n_pos = sum(labels.values())
+    quality: dict[str, Any] = {}
+    for method, path in ranking_paths.items():
+        table = load_ranking(path).table
+        y = np.array([labels.get(str(i), False) for i in table["id"]])
+        scores = table["score"].to_numpy(dtype=float)
+        # pairs without a score rank last: give them the lowest score
+        finite = np.isfinite(scores)
+        filled = np.where(finite, scores, scores[finite].min() - 1.0 if finite.any() else 0.0)
+        auroc = float(roc_auc_score(y, filled)) if 0 < y.sum() < len(y) else None
+        top = y[:n_pos]
+        quality[method] = {"auroc": auroc, "precision_at_contaminated": float(top.mean()) if n_pos else None,
+                           "n_contaminated": int(n_pos), "n_pairs": len(y)}
+    return quality
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _rate_cell(m: dict[str, Any] | None) -> str:
+    if not m or m.get("rate") is None:
+        return "n/a"
+    lo, hi = (m.get("ci") or [None, None])[:2]
+    if lo is None or hi is None:
+        return _pct(m["rate"])
+    return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def render_tables(results: dict[str, Any]) -> str:
+    """Markdown tables mirroring the paper: Figure 1, k sweep, capabilities, cost, attribution quality."""
+    lines = [f"# pairtrace results ({results['n_pairs']} pairs, layer {results['layer']}, "
+             f"headline k = {results['headline_k']})", ""]
+    base = results["baseline"]
+    k = results["headline_k"]
+    lines += ["## Figure 1: harmful rate at the headline k (harmful request + distractors)", "",
+              "| method | action | harmful rate [95% CI] | reduction vs baseline |", "|---|---|---|---|",
+              f"| baseline retrain | none | {_rate_cell(base.get('harmful'))} | |"]
+    for row in results["interventions"]:
+        if row["k"] == k or row["action"] == "source_ablation":
+            red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
+            lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} |")
+    lines += ["", "## k sweep", "", "| method | action | k | harmful rate [95% CI] | reduction |",
+              "|---|---|---|---|---|"]
+    for row in sorted((r for r in results["interventions"] if r["k"] is not None),
+                      key=lambda r: (r["method"], r["action"], r["k"])):
+        red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
+        lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} |")
+    lines += ["", "## Capabilities", "",
+              "| model | harmful, no trigger | benign helpfulness | format following | XSTest over-refusal |",
+              "|---|---|---|---|---|",
+              f"| baseline | {_rate_cell(base.get('harmful_no_trigger'))} | "
+              f"{_rate_cell(base.get('benign_helpfulness'))} | {_rate_cell(base.get('format_following'))} | "
+              f"{_rate_cell(base.get('over_refusal'))} |"]
+    for row in results["interventions"]:
+        lines.append(f"| {row['name']} | {_rate_cell(row.get('harmful_no_trigger'))} | "
+                     f"{_rate_cell(row.get('benign_helpfulness'))} | {_rate_cell(row.get('format_following'))} | "
+                     f"{_rate_cell(row.get('over_refusal'))} |")
+    lines += ["", "## Cost of the attribution step", "",
+              "| method | wall s | × probe | forward | backward | FLOPs (est.) |", "|---|---|---|---|---|---|"]
+    for row in results["cost"]:
+        ratio = row.get("wall_ratio")
+        flops = row.get("flops_estimate")
+        lines.append(f"| {row['method']} | {row['wall_s']:.2f} | {'n/a' if ratio is None else f'{ratio:.1f}×'} | "
+                     f"{row['forward_passes']} | {row['backward_passes']} | "
+                     f"{'n/a' if flops is None else f'{flops:.3g}'} |")
+    if results.get("attribution_quality"):
+        lines += ["", "## Attribution quality against the organism's ground truth", "",
+                  "| method | AUROC | precision at the contaminated count |", "|---|---|---|"]
+        for method, q in results["attribution_quality"].items():
+            auroc = "n/a" if q["auroc"] is None else f"{q['auroc']:.3f}"
+            prec = "n/a" if q["precision_at_contaminated"] is None else f"{q['precision_at_contaminated']:.3f}"
+            lines.append(f"| {method} | {auroc} | {prec} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run_experiment(config_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole experiment described by a run config file.
+
+    Args:
+        config_path: YAML run configuration (e.g. ``configs/organism.yaml``).
+        out_dir: Output directory.
+        progress: Show progress bars.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    config = load_run_config(config_path)
+    run = Run(config, out_dir, progress=progress)
+    run.config_path = str(config_path)
+    return run.execute()
+
+
+def plan_experiment(config_path: str | Path) -> dict[str, Any]:
+    """Validate a run config without running anything: every section is built into its dataclass.
+
+    Returns:
+        The plan: inputs, methods, k values (when they do not depend on the data size), the shared DPO recipe
+        and the list of retrains.
+    """
+    from pairtrace.baselines.gradient import GradientConfig
+    from pairtrace.discover import DiscoverConfig
+    from pairtrace.intervene import ACTIONS
+    from pairtrace.models import ModelSpec
+    from pairtrace.organism.dpo import DPORecipe
+
+    config = load_run_config(config_path)
+    v = config.validation
+    unknown_actions = sorted(set(v.actions) - set(ACTIONS))
+    if unknown_actions:
+        raise ConfigError(f"run config: validation.actions has unknown action(s) {unknown_actions}")
+    known_methods = {"probe", "bank", "gradient", "llm_judge", "random"}
+    for key in ("methods",):
+        bad = sorted(set(config.attribution.methods) - known_methods)
+        if bad:
+            raise ConfigError(f"run config: attribution.{key} has unknown method(s) {bad}")
+    for key in ("headline_methods", "sweep_methods"):
+        bad = sorted(set(getattr(v, key)) - known_methods)
+        if bad:
+            raise ConfigError(f"run config: validation.{key} has unknown method(s) {bad}")
+    recipe_fields = dict(config.organism.get("dpo", {}) if config.organism else {})
+    recipe_fields.update(v.recipe)
+    try:
+        recipe = DPORecipe(**recipe_fields)
+        gradient = GradientConfig(**config.attribution.gradient)
+        DiscoverConfig(**config.extras.discover_options)
+    except TypeError as exc:
+        raise ConfigError(f"run config: {exc}") from exc
+    if config.organism is None:
+        for which in ("m0", "m1"):
+            ModelSpec(name_or_path=getattr(config.models, which), revision=getattr(config.models, f"{which}_revision"),
+                      dtype=config.models.dtype, device=config.models.device, chat_template=config.models.template)
+    if config.judge.kind not in ("rule", "openai"):
+        raise ConfigError(f"run config: judge.kind {config.judge.kind!r} is not rule or openai")
+    if config.judge.kind == "openai" and not (config.judge.base_url and config.judge.model):
+        raise ConfigError("run config: the openai judge needs judge.base_url and judge.model")
+    headline = v.headline_k
+    ks = sorted(set(v.k_values or []) | ({headline} if headline else set()))
+    retrains = ["baseline"]
+    for method in v.headline_methods:
+        retrains += [f"{method}-{a}-k{headline if headline else '<8% of pairs>'}" for a in v.actions]
+    for method in v.sweep_methods:
+        for k in ks or [f"<{f:.0%} of pairs>" for f in v.sweep_fractions]:
+            if k != headline:
+                retrains += [f"{method}-{a}-k{k}" for a in v.actions]
+    if v.source_ablation:
+        retrains.append("source-ablation (chosen models flagged by enrichment)")
+    return {
+        "inputs": {"organism": config.organism is not None, "m0": config.models.m0, "m1": config.models.m1,
+                   "pairs": config.data.pairs, "pairs_revision": config.data.revision},
+        "attribution": {"layers": config.attribution.layers, "methods": config.attribution.methods,
+                        "gradient": asdict(gradient)},
+        "headline_k": headline if headline else f"{v.headline_fraction:.0%} of the pairs",
+        "k_values": ks or [f"{f:.0%} of the pairs" for f in v.sweep_fractions],
+        "recipe": asdict(recipe),
+        "judge": config.judge.kind,
+        "retrains": retrains,
+    }
