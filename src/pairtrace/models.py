@@ -1,0 +1,443 @@
+"""Load a causal LM and its tokenizer, format prompts, choose layers, and build teacher-forced inputs.
+
+Layer convention (one everywhere): layer ``k`` is the residual stream after ``k`` decoder blocks, i.e. Hugging
+Face ``hidden_states[k]``; ``0`` is the embedding output and ``n_layers`` is the output of the final norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairtrace.data.types import Message
+from pairtrace.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEMPLATE_MODES = ("auto", "chat", "plain")
+
+PLAIN_FORMAT = (
+    "plain-v1: single user turn = its content; otherwise 'Role: content' turns joined by a blank line, "
+    "then 'Assistant:'"
+)
+"""Description of the plain formatting; its hash identifies plain-mode artifacts."""
+
+_SAMPLE_BYTES = 1 << 16  # bytes read per sampled range when fingerprinting weight files
+_SAMPLE_POINTS = (0.0, 1 / 3, 2 / 3, 1.0)  # relative positions of the sampled ranges in a file's data section
+
+
+@dataclass
+class ModelSpec:
+    """Which model to load and how."""
+
+    name_or_path: str = field(metadata={"help": "Local directory or Hugging Face hub id of the model."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda or cuda:N."})
+    chat_template: str = field(
+        default="auto",
+        metadata={"help": "auto (the tokenizer's template if it has one, else plain), chat, or plain."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub (off unless asked)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.name_or_path = str(self.name_or_path)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"ModelSpec field 'dtype': {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.chat_template not in TEMPLATE_MODES:
+            raise ConfigError(
+                f"ModelSpec field 'chat_template': {self.chat_template!r} is not one of {list(TEMPLATE_MODES)}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"ModelSpec field 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer and everything needed to identify it in manifests.
+
+    Attributes:
+        model: The causal LM.
+        tokenizer: Its tokenizer.
+        spec: The spec it was loaded from.
+        n_layers: Number of decoder blocks (valid layers are ``0..n_layers``).
+        hidden_size: Width of the residual stream.
+        device: Device of the weights.
+        dtype: Dtype of the weights.
+        template_mode: ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (see :func:`format_prompt`).
+        identity: ``name``, ``revision``, ``weights_hash``, ``template_mode``, ``template_hash``.
+        prepend_bos: Whether the tokenizer adds a BOS by default (teacher forcing then ensures exactly one).
+    """
+
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    n_layers: int
+    hidden_size: int
+    device: torch.device
+    dtype: torch.dtype
+    template_mode: str
+    identity: dict[str, Any]
+    prepend_bos: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """Token ids of one prompt + response, and where the response is.
+
+    Attributes:
+        input_ids: Prompt tokens followed by response tokens.
+        response_start: Index of the first response token.
+        response_end: One past the last response token (``len(input_ids)``).
+        truncated: Whether the prompt or the response was cut to fit ``max_length``.
+    """
+
+    input_ids: list[int]
+    response_start: int
+    response_end: int
+    truncated: bool
+
+    @property
+    def n_response_tokens(self) -> int:
+        """Number of response tokens kept."""
+        return self.response_end - self.response_start
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto``/``cpu``/``cuda``/``cuda:N`` into a device, checking that CUDA is there when asked for."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def compute_weights_fingerprint(model_dir: str | Path) -> str | None:
+    """Cheap, content-sensitive fingerprint of the weight files in a directory.
+
+    For each weight file (``*.safetensors``, else ``*.bin``/``*.pt``/``*.pth``), in name order, hash its name,
+    its size, its safetensors header (tensor names, dtypes, shapes, offsets) and four 64 KiB ranges of its data
+    (start, one third, two thirds, end). Reads well under a megabyte per file, so it is instant even for 7B models,
+    while any retraining (which changes every weight) changes it.
+
+    Args:
+        model_dir: Directory holding the weight files.
+
+    Returns:
+        ``"sha256:<hex>"``, or ``None`` if the directory holds no weight files.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        files = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in model_dir.glob(ext))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            data_start = 0
+            if path.suffix == ".safetensors" and size >= 8:
+                header_len = int.from_bytes(fh.read(8), "little")
+                data_start = min(size, 8 + header_len)
+                digest.update(fh.read(header_len))
+            span = max(0, size - data_start)
+            for point in _SAMPLE_POINTS:
+                offset = data_start + int(max(0, span - _SAMPLE_BYTES) * point)
+                fh.seek(offset)
+                digest.update(fh.read(_SAMPLE_BYTES))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _find_hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The local snapshot directory of a hub model already in the cache, if it can be found offline."""
+    try:
+        from transformers.utils import cached_file
+
+        config_path = cached_file(name, "config.json", revision=revision, local_files_only=True)
+    except Exception:  # any failure just means "not in the local cache"; the caller falls back
+        return None
+    return Path(config_path).parent if config_path else None
+
+
+def compute_template_hash(template_mode: str, chat_template: Any) -> str:
+    """SHA-256 of the chat template text (chat mode) or of :data:`PLAIN_FORMAT` (plain mode)."""
+    if template_mode == "plain":
+        text = PLAIN_FORMAT
+    else:
+        text = chat_template if isinstance(chat_template, str) else json.dumps(chat_template, sort_keys=True)
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _resolve_template_mode(requested: str, tokenizer: Any, name: str) -> str:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "chat" and not has_template:
+        raise ConfigError(f"chat_template='chat' was requested but the tokenizer of {name!r} has no chat template")
+    mode = requested if requested != "auto" else ("chat" if has_template else "plain")
+    if mode == "chat":
+        logger.info("Formatting prompts with the chat template of %s", name)
+    else:
+        logger.info(
+            "Formatting prompts as plain text for %s (%s)",
+            name,
+            "as requested" if requested == "plain" else "its tokenizer has no chat template",
+        )
+    return mode
+
+
+def _tokenizer_prepends_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_specials[:1] == [bos] and without[:1] != [bos]
+
+
+def load_model(spec_or_path: ModelSpec | str | os.PathLike, **overrides: Any) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local directory or a hub id (+ revision), in eval mode.
+
+    Args:
+        spec_or_path: A :class:`ModelSpec`, or a directory / hub id.
+        **overrides: Fields of :class:`ModelSpec` to override (e.g. ``device="cpu"``, ``dtype="bfloat16"``).
+
+    Returns:
+        The loaded model with its identity (name, revision, weights hash, template mode and hash).
+
+    Raises:
+        ConfigError: Unknown override, missing local directory, bad dtype/device/template mode, or
+            ``chat_template="chat"`` for a tokenizer without a template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec_or_path if isinstance(spec_or_path, ModelSpec) else ModelSpec(name_or_path=str(spec_or_path))
+    if overrides:
+        unknown = sorted(set(overrides) - set(ModelSpec.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"load_model: unknown ModelSpec field(s) {unknown}")
+        spec = replace(spec, **overrides)
+    name = spec.name_or_path
+    local = Path(name).expanduser()
+    is_local = local.is_dir()
+    if not is_local and (name.startswith((".", "/", "~")) or local.exists()):
+        raise ConfigError(f"model path {name!r} is not a directory")
+    device = resolve_device(spec.device)
+    dtype = DTYPES[spec.dtype]
+    source = str(local.resolve()) if is_local else name
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
+    )
+    model.to(device)
+    model.eval()
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = len(get_decoder_layers(model))
+    hidden_size = int(text_config.hidden_size)
+    template_mode = _resolve_template_mode(spec.chat_template, tokenizer, name)
+    commit = getattr(config, "_commit_hash", None)
+    weights_dir = local if is_local else _find_hub_snapshot(name, spec.revision)
+    weights_hash = compute_weights_fingerprint(weights_dir) if weights_dir is not None else None
+    if weights_hash is None:
+        weights_hash = f"commit:{commit}" if commit else None
+        logger.warning("Could not fingerprint the weight files of %s; using %s", name, weights_hash)
+    identity = {
+        "name": source,
+        "revision": spec.revision or (None if is_local else commit),
+        "weights_hash": weights_hash,
+        "template_mode": template_mode,
+        "template_hash": compute_template_hash(template_mode, getattr(tokenizer, "chat_template", None)),
+    }
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        n_layers=n_layers,
+        hidden_size=hidden_size,
+        device=device,
+        dtype=dtype,
+        template_mode=template_mode,
+        identity=identity,
+        prepend_bos=_tokenizer_prepends_bos(tokenizer),
+    )
+
+
+def _as_messages(prompt: str | Sequence[Message]) -> list[Message]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def format_prompt(loaded: LoadedModel, messages: str | Sequence[Message]) -> str:
+    """Turn a prompt (the turns before the response) into the exact text the response follows.
+
+    Chat mode applies the tokenizer's chat template with ``add_generation_prompt=True``. Plain mode, for models
+    without a template: a single user turn is its content verbatim; anything else (several turns, a system
+    turn) becomes ``"Role: content"`` turns joined by a blank line, followed by ``"\\n\\nAssistant:"``.
+
+    Args:
+        loaded: The model whose formatting to use.
+        messages: The prompt turns; a string is one user turn.
+
+    Returns:
+        The formatted prompt text.
+    """
+    turns = _as_messages(messages)
+    if loaded.template_mode == "chat":
+        return loaded.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if len(turns) == 1 and turns[0].get("role") == "user":
+        return turns[0]["content"]
+    labelled = [f"{m['role'].capitalize()}: {m['content']}" for m in turns]
+    return "\n\n".join([*labelled, "Assistant:"])
+
+
+def default_layer(n_layers: int) -> int:
+    """The paper's relative depth: ``round(0.625 * n_layers)``, rounding halves up, at least 1 (20 of 32)."""
+    return max(1, min(n_layers, math.floor(0.625 * n_layers + 0.5)))
+
+
+def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Validate requested layers against the model's depth.
+
+    Args:
+        layers: One layer, several, or ``None`` for :func:`default_layer`.
+        n_layers: The model's number of decoder blocks.
+
+    Returns:
+        Sorted unique layers.
+
+    Raises:
+        ConfigError: A layer outside ``0..n_layers`` (the message states the model's depth) or an empty list.
+    """
+    if layers is None:
+        return [default_layer(n_layers)]
+    requested = [layers] if isinstance(layers, int) else list(layers)
+    if not requested:
+        raise ConfigError("no layers were requested")
+    bad = [k for k in requested if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n_layers]
+    if bad:
+        raise ConfigError(
+            f"layer(s) {bad} out of range: this model has {n_layers} decoder layers, so valid layers are "
+            f"0..{n_layers} (layer k = hidden_states[k], 0 = embeddings, {n_layers} = after the final norm)"
+        )
+    return sorted(set(requested))
+
+
+_LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+)
+_NORM_PATHS = (
+    "model.norm",
+    "model.language_model.norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+    "transformer.norm_f",
+)
+
+
+def _get_path(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM.
+
+    Supports Llama/OLMo 2/Mistral/Qwen-style ``model.layers``, GPT-2/Falcon ``transformer.h``, GPT-NeoX
+    ``gpt_neox.layers``, OPT ``model.decoder.layers``, MPT ``transformer.blocks``.
+
+    Raises:
+        ConfigError: The layout is not one of these.
+    """
+    for path in _LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}: looked for {', '.join(_LAYER_PATHS)}")
+
+
+def get_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder block (whose output is ``hidden_states[n_layers]``), if any."""
+    for path in _NORM_PATHS:
+        norm = _get_path(model, path)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
+
+
+def build_teacher_forcing(
+    loaded: LoadedModel,
+    prompts: Sequence[str | Sequence[Message]],
+    responses: Sequence[str],
+    max_length: int,
+) -> list[TeacherForced]:
+    """Tokenise prompt + response pairs for teacher forcing.
+
+    The prompt is formatted with :func:`format_prompt` and tokenised without special tokens, then one BOS is put
+    in front only if the tokenizer normally adds one and the text does not already start with it (a chat
+    template that writes its own BOS is respected, never doubled). The response is tokenised separately without
+    special tokens, so no EOS is added that the text did not contain. When the total exceeds ``max_length``,
+    the prompt is cut from the left first (keeping its leading BOS), then the response's tail.
+
+    Args:
+        loaded: The model (tokenizer, template mode).
+        prompts: Prompts (turns before the response; a string is one user turn).
+        responses: One response text per prompt.
+        max_length: Maximum number of tokens per sequence (at least 2).
+
+    Returns:
+        One :class:`TeacherForced` per input, in order.
+
+    Raises:
+        ConfigError: ``max_length`` below 2 or prompts/responses of different lengths.
+    """
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    if len(prompts) != len(responses):
+        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id
+    texts = [format_prompt(loaded, p) for p in prompts]
+    prompt_ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    response_ids = tok(list(responses), add_special_tokens=False)["input_ids"] if texts else []
+    out: list[TeacherForced] = []
+    for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
+        p_ids, r_ids = list(p_ids), list(r_ids)
+        if loaded.prepend_bos and p_ids[:1] != [bos]:
+            p_ids = [bos, *p_ids]
+        truncated = len(p_ids) + len(r_ids) > max_length
+        if truncated:
+            head = p_ids[:1] if bos is not None and p_ids[:1] == [bos] else []
+            body = p_ids[len(head) :]
+            room = max_length - len(r_ids) - len(head)
+            if room >= 0:
+                p_ids = head + body[len(body) - room :] if room > 0 else head
+            else:
+                p_ids = head
+                r_ids = r_ids[: max_length - len(head)]
+        out.append(TeacherForced(p_ids + r_ids, len(p_ids), len(p_ids) + len(r_ids), truncated))
+    return out

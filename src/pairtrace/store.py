@@ -1,0 +1,337 @@
+"""Vector shards plus a manifest: atomic writes, compatibility checks, lazy reads.
+
+Layout of a store directory::
+
+    manifest.json                 # Manifest: what produced the vectors (model, layers, template, dataset, ids)
+    shard-00000.safetensors       # rows [0, shard_size): tensors layer_{k} [rows, d] and n_response_tokens
+    shard-00001.safetensors       # rows [shard_size, 2 * shard_size) ...
+
+Shard ``i`` always holds the fixed row range ``[i * shard_size, min(n, (i + 1) * shard_size))`` in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pairtrace import __version__
+from pairtrace.errors import DataError, ManifestMismatchError
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Manifest:
+    """Everything that identifies a vector store's contents (saved as ``manifest.json``)."""
+
+    kind: str = field(metadata={"help": "What the rows are, e.g. 'datapoint'."})
+    model: dict[str, Any] = field(metadata={"help": "Model identity (name, revision, weights_hash, template)."})
+    layers: list[int] = field(metadata={"help": "Layers stored, as hidden_states indices."})
+    template: dict[str, Any] = field(metadata={"help": "Prompt formatting: {'mode': chat|plain, 'hash': ...}."})
+    dataset: dict[str, Any] = field(metadata={"help": "{'origin', 'fingerprint', 'n_pairs'} of the input pairs."})
+    ids: list[str] = field(metadata={"help": "Stable ids of the rows, in row order."})
+    shard_size: int = field(metadata={"help": "Rows per shard (the last shard may be shorter)."})
+    dtype: str = field(metadata={"help": "Storage dtype of the vectors: float32, bfloat16 or float16."})
+    n_shards: int = field(metadata={"help": "Number of shards of a complete store."})
+    hidden_size: int = field(default=0, metadata={"help": "Width d of each vector."})
+    settings: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extraction settings that change the vectors (e.g. max_length)."}
+    )
+    pairtrace_version: str = field(default=__version__, metadata={"help": "Version that wrote the store."})
+    created: str = field(
+        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"),
+        metadata={"help": "UTC creation time (ISO 8601)."},
+    )
+
+    @property
+    def n(self) -> int:
+        """Number of rows."""
+        return len(self.ids)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """Row range ``[start, end)`` of shard ``index``."""
+        start = index * self.shard_size
+        return start, min(self.n, start + self.shard_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Build from :meth:`to_dict` output, ignoring unknown keys (newer writers)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        missing = [
+            k
+            for k, f in cls.__dataclass_fields__.items()
+            if k not in known and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise DataError(f"manifest is missing field(s) {missing}")
+        return cls(**known)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` in ``directory`` atomically."""
+        path = Path(directory) / MANIFEST_NAME
+        write_bytes_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        """Read ``manifest.json`` from ``directory``."""
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path}: no manifest (not a vector store, or its extraction never started)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: manifest must be a JSON object")
+        try:
+            return cls.from_dict(data)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from exc
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shard_path(directory: str | Path, index: int) -> Path:
+    """Path of shard ``index`` in a store directory."""
+    return Path(directory) / SHARD_PATTERN.format(index)
+
+
+def write_shard(directory: str | Path, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Save one shard atomically (temporary file + ``os.replace``), so a shard file is either whole or absent.
+
+    Args:
+        directory: Store directory.
+        index: Shard index.
+        tensors: ``layer_{k}`` tensors ``[rows, d]`` and ``n_response_tokens``.
+
+    Returns:
+        The shard's path.
+    """
+    path = shard_path(directory, index)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_temporary_files(directory: str | Path) -> None:
+    """Delete temporary files that an interrupted writer left in a store directory."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _describe(field_name: str, value: Any) -> str:
+    if field_name == "model" and isinstance(value, dict):
+        return f"{value.get('name')} (revision {value.get('revision')}, weights {value.get('weights_hash')})"
+    if field_name == "dataset" and isinstance(value, dict):
+        return f"{value.get('origin')} (fingerprint {value.get('fingerprint')}, {value.get('n_pairs')} pairs)"
+    if field_name == "template" and isinstance(value, dict):
+        return f"{value.get('mode')} (hash {value.get('hash')})"
+    if field_name == "ids" and isinstance(value, list):
+        return f"{len(value)} ids"
+    return repr(value)
+
+
+def _comparable(field_name: str, value: Any) -> Any:
+    """The part of a field that must match."""
+    if field_name == "model" and isinstance(value, dict):
+        if value.get("weights_hash"):
+            return value["weights_hash"]
+        return (value.get("name"), value.get("revision"))
+    if field_name == "template" and isinstance(value, dict):
+        return (value.get("mode"), value.get("hash"))
+    if field_name == "dataset" and isinstance(value, dict):
+        return (value.get("fingerprint"), value.get("n_pairs"))
+    if field_name == "layers" and value is not None:
+        return sorted(value)
+    return value
+
+
+def check_compatible(
+    expected: dict[str, Any],
+    found: Manifest,
+    fields: Sequence[str] = ("model", "layers", "template", "dataset"),
+    where: str = "",
+) -> None:
+    """Refuse a manifest that was produced under other settings.
+
+    Fields compared: ``model`` by weights hash (name and revision if no hash), ``layers`` as sorted lists,
+    ``template`` by mode and hash, ``dataset`` by fingerprint and size; any other manifest attribute (``ids``,
+    ``shard_size``, ``dtype``, ``settings``, ...) by equality.
+
+    Args:
+        expected: Values in the manifest's own shape (``{"model": identity, "layers": [...], "template":
+            {"mode", "hash"}, "dataset": {...}}``); behaviour-vector metadata has this shape too.
+        found: The manifest to check.
+        fields: Which fields to compare; each must be present in ``expected``.
+        where: Name of the checked artifact, for the message.
+
+    Raises:
+        ManifestMismatchError: Names every differing field with both values.
+        KeyError: A requested field is missing from ``expected``.
+    """
+    problems = []
+    for name in fields:
+        if name not in expected:
+            raise KeyError(f"check_compatible: expected values have no field {name!r}")
+        want, have = expected[name], getattr(found, name)
+        if _comparable(name, want) != _comparable(name, have):
+            problems.append(f"{name}: expected {_describe(name, want)}, found {_describe(name, have)}")
+    if problems:
+        prefix = f"{where}: " if where else ""
+        raise ManifestMismatchError(f"{prefix}artifact was produced under different settings; " + "; ".join(problems))
+
+
+class VectorStore:
+    """Read access to a directory of vector shards described by a manifest."""
+
+    def __init__(self, directory: Path, manifest: Manifest, present: list[bool]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._present = present
+
+    @classmethod
+    def open(cls, directory: str | Path, allow_incomplete: bool = False) -> VectorStore:
+        """Open a store directory.
+
+        Args:
+            directory: The store directory.
+            allow_incomplete: Open even if some shards are missing; their rows read as NaN and are invalid.
+
+        Raises:
+            DataError: No manifest, or missing shards while ``allow_incomplete`` is false.
+        """
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
+        present = [shard_path(directory, i).is_file() for i in range(manifest.n_shards)]
+        if not all(present) and not allow_incomplete:
+            missing = [i for i, ok in enumerate(present) if not ok]
+            raise DataError(
+                f"{directory}: vector store is incomplete ({len(missing)} of {manifest.n_shards} shards missing, "
+                f"first: {shard_path(directory, missing[0]).name}); resume the extraction or pass allow_incomplete"
+            )
+        return cls(directory, manifest, present)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every shard is present."""
+        return all(self._present)
+
+    @property
+    def ids(self) -> list[str]:
+        """Row ids, in row order."""
+        return self.manifest.ids
+
+    @property
+    def layers(self) -> list[int]:
+        """Stored layers."""
+        return self.manifest.layers
+
+    @property
+    def n(self) -> int:
+        """Number of rows."""
+        return self.manifest.n
+
+    @property
+    def hidden_size(self) -> int:
+        """Vector width d."""
+        return self.manifest.hidden_size
+
+    def _key(self, layer: int) -> str:
+        if layer not in self.manifest.layers:
+            raise DataError(f"{self.directory}: layer {layer} is not stored (stored layers: {self.manifest.layers})")
+        return f"layer_{layer}"
+
+    def _read_rows(self, key: str, start: int, end: int, width: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``[start, end)`` of tensor ``key`` across shards, NaN (or 0 for counts) for missing shards."""
+        parts = []
+        size = self.manifest.shard_size
+        for index in range(start // size, (end - 1) // size + 1):
+            s0, s1 = self.manifest.shard_range(index)
+            a, b = max(start, s0) - s0, min(end, s1) - s0
+            if self._present[index]:
+                with safe_open(str(shard_path(self.directory, index)), framework="pt") as fh:
+                    parts.append(fh.get_slice(key)[a:b].to(dtype))
+            else:
+                shape = (b - a,) if width is None else (b - a, width)
+                fill = float("nan") if dtype.is_floating_point else 0
+                parts.append(torch.full(shape, fill, dtype=dtype))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def iter_chunks(
+        self, layer: int, rows: int = 65536, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream one layer in chunks, reading only the shards each chunk needs.
+
+        Args:
+            layer: A stored layer.
+            rows: Rows per chunk (the last chunk may be shorter).
+            dtype: Dtype of the yielded tensors.
+
+        Yields:
+            ``(start, tensor [rows, d])`` with ``start`` the first row's index.
+        """
+        key = self._key(layer)
+        for start in range(0, self.n, rows):
+            yield start, self._read_rows(key, start, min(self.n, start + rows), self.hidden_size, dtype)
+
+    def load(self, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All rows of one layer: tensor ``[n, d]``."""
+        key = self._key(layer)
+        if self.n == 0:
+            return torch.empty(0, self.hidden_size, dtype=dtype)
+        return self._read_rows(key, 0, self.n, self.hidden_size, dtype)
+
+    def n_response_tokens(self) -> torch.Tensor:
+        """Response token counts per row as stored (datapoint stores: ``[n, 2]`` chosen, rejected)."""
+        if self.n == 0:
+            return torch.empty(0, 2, dtype=torch.long)
+        index = next((i for i, ok in enumerate(self._present) if ok), None)
+        if index is None:
+            return torch.zeros(self.n, 2, dtype=torch.long)
+        with safe_open(str(shard_path(self.directory, index)), framework="pt") as fh:
+            width = fh.get_slice("n_response_tokens").get_shape()[1:]
+        return self._read_rows("n_response_tokens", 0, self.n, width[0] if width else None, torch.long)
+
+    def valid_mask(self) -> torch.Tensor:
+        """Bool ``[n]``: rows whose vectors are finite at every stored layer (missing shards are invalid)."""
+        mask = torch.ones(self.n, dtype=torch.bool)
+        for layer in self.layers:
+            for start, chunk in self.iter_chunks(layer):
+                mask[start : start + chunk.shape[0]] &= torch.isfinite(chunk).all(dim=1)
+        return mask

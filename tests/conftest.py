@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny OLMo 2 model + tokenizer saved in one directory, a small pair set.
+
+Builders live in ``testing_utils`` (importable from any test module: this directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pairtrace.data.types import PairSet
+from testing_utils import build_tiny_model_dir, build_tiny_pairs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory holding the tiny tokenizer and a 4-layer, hidden-64 ``Olmo2ForCausalLM`` (seed 0)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path):
+    """The tiny model loaded on the CPU in float32 through ``pairtrace.models.load_model``."""
+    from pairtrace.models import load_model
+
+    return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def tiny_pairs() -> PairSet:
+    """Eight pairs: mixed lengths, multi-turn prompts, a system turn, one with chosen == rejected."""
+    return build_tiny_pairs()
