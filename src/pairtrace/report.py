@@ -1,0 +1,549 @@
+"""One self-contained HTML report of a run directory.
+
+The report is rendered from whatever artifacts the run directory holds; each section appears only when its input
+exists (and a section whose input is malformed is skipped with a note, never the whole report):
+
+========================  =====================================================================================
+section                   input (relative to the run directory)
+========================  =====================================================================================
+what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``organism``, ``n_pairs``
+headline bars             ``results.json``: ``baseline.harmful``, ``interventions`` at ``headline_k``
+k sweep                   ``results.json``: ``interventions`` at two or more values of k
+capabilities              ``results.json``: ``harmful_no_trigger``, ``benign_helpfulness``, ``over_refusal``
+cost                      ``results.json``: ``cost``
+attribution quality       ``results.json``: ``attribution_quality``; ROC from rankings + labels (below)
+discovery                 ``discover/summary.json``, ``discover/heatmap.png``
+source enrichment         ``sources/sources.json`` (``sources/sources.png``, redrawn if missing)
+steering                  ``steer/steer.json`` (``steer/steer.png``, redrawn if missing)
+reproduce                 ``results.json``: ``commands``
+========================  =====================================================================================
+
+ROC curves need per-pair scores and labels: rankings are read from ``rankings/<method>.parquet``,
+``rankings/<method>/ranking.parquet`` or ``<method>/ranking.parquet`` (method from the ranking's metadata, else the
+file or folder name); labels from the path in ``results.json``'s ``labels``, ``organism.labels`` or
+``config.data.labels``, else ``labels.jsonl``, ``organism/labels.jsonl`` or ``organism/data/labels.jsonl``.
+
+Figures are embedded as base64 PNG, the CSS is inline, there is no script and no external URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pairtrace import __version__
+from pairtrace.errors import DataError, PairtraceError
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "report_template.html"
+CAPABILITY_COLUMNS = (
+    ("harmful", "harmful (trigger)"),
+    ("harmful_no_trigger", "harmful (no trigger)"),
+    ("benign_helpfulness", "benign helpfulness"),
+    ("format_following", "format following"),
+    ("over_refusal", "over-refusal (XSTest)"),
+)
+REPORTED_PACKAGES = ("torch", "transformers", "trl", "datasets", "numpy", "scipy", "scikit-learn")
+MAX_SOURCE_ROWS = 15
+
+
+# ------------------------------------------------------------------------------------------------- formatting
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def format_pct(value: Any, digits: int = 1) -> str:
+    """A fraction as a percentage, ``–`` when missing."""
+    x = _finite(value)
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def format_num(value: Any, digits: int = 2) -> str:
+    """A number with ``digits`` decimals (thousands separated), ``–`` when missing."""
+    x = _finite(value)
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def format_sci(value: Any) -> str:
+    """A number in scientific notation for small/large values, ``–`` when missing."""
+    x = _finite(value)
+    if x is None:
+        return "–"
+    return f"{x:.2e}" if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e6) else f"{x:.3g}"
+
+
+def format_ci(rate: Any) -> str:
+    """``[lo, hi]`` as percentages from a normalised rate dict, ``–`` when missing."""
+    if not isinstance(rate, dict):
+        return "–"
+    low, high = _finite(rate.get("low")), _finite(rate.get("high"))
+    if low is None or high is None:
+        return "–"
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def normalise_rate(value: Any) -> dict[str, Any] | None:
+    """A rate entry as ``{"rate", "low", "high", "n", "unknown"}``.
+
+    Accepts ``{"rate", "ci": [lo, hi], "n", "unknown"}`` (results.json) and ``{"rate", "low", "high", ...}``;
+    missing parts are ``None``; anything without a rate gives ``None``.
+    """
+    if not isinstance(value, dict) or _finite(value.get("rate")) is None:
+        return None
+    ci = value.get("ci")
+    low, high = (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (value.get("low"),
+                                                                                      value.get("high"))
+    return {"rate": _finite(value["rate"]), "low": _finite(low), "high": _finite(high),
+            "n": value.get("n"), "unknown": value.get("unknown")}
+
+
+def _png_uri(png: bytes) -> str:
+    from pairtrace.plots import png_data_uri
+
+    return png_data_uri(png)
+
+
+def _file_uri(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG"):
+        logger.warning("%s is not a PNG image; not embedded", path)
+        return None
+    return _png_uri(data)
+
+
+def _figure_uri(fig) -> str:
+    from pairtrace.plots import figure_to_png
+
+    return _png_uri(figure_to_png(fig))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+def _flatten(value: Any, prefix: str = "", limit: int = 40) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            rows.extend(_flatten(sub, f"{prefix}{key}.", limit))
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        rows.append((prefix.rstrip("."), text if len(text) <= 200 else text[:199] + "…"))
+    return rows[:limit]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def build_run_section(results: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """Configuration, timings, versions and organism summary."""
+    if not results:
+        return None
+    summary = [(k, format_num(results[k], 0) if isinstance(results.get(k), int | float) else str(results[k]))
+               for k in ("n_pairs", "headline_k") if results.get(k) is not None]
+    if results.get("k_values"):
+        summary.append(("k_values", ", ".join(str(k) for k in results["k_values"])))
+    summary.append(("run directory", str(run_dir)))
+    timings = []
+    raw_timings = results.get("timings") or {}
+    if isinstance(raw_timings, dict):
+        total = sum(v for v in (_finite(x) for x in raw_timings.values()) if v is not None)
+        for stage, seconds in raw_timings.items():
+            s = _finite(seconds)
+            timings.append({"stage": stage, "seconds": s, "share": s / total if s is not None and total else None})
+        if timings:
+            timings.append({"stage": "total", "seconds": total, "share": 1.0 if total else None})
+    recorded = dict(results.get("versions")) if isinstance(results.get("versions"), dict) else {}
+    if results.get("pairtrace_version") and "pairtrace" not in recorded:
+        recorded["pairtrace"] = results["pairtrace_version"]
+    report_env = {"pairtrace": __version__, "python": platform.python_version(),
+                  **{p: _package_version(p) for p in REPORTED_PACKAGES}}
+    versions = [{"name": name, "run": str(recorded.get(name, "–")), "report": report_env.get(name, "–")}
+                for name in dict.fromkeys([*recorded, *report_env])]
+    config = results.get("config")
+    return {
+        "summary": summary,
+        "timings": timings,
+        "versions": versions,
+        "organism": _flatten(results["organism"]) if isinstance(results.get("organism"), dict) else [],
+        "config": yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=110) if config else "",
+    }
+
+
+def _interventions(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for item in results.get("interventions") or []:
+        if not isinstance(item, dict):
+            continue
+        rows.append({
+            "method": str(item.get("method", "?")),
+            "action": str(item.get("action", "?")),
+            "k": item.get("k"),
+            "reduction": _finite(item.get("reduction")),
+            **{key: normalise_rate(item.get(key)) for key, _ in CAPABILITY_COLUMNS},
+        })
+    return rows
+
+
+def _headline_k(results: dict[str, Any], rows: list[dict[str, Any]]) -> int | None:
+    if results.get("headline_k") is not None:
+        return int(results["headline_k"])
+    ks = [r["k"] for r in rows if r["k"] is not None and r["action"] != "source_ablation"]
+    return max(ks) if ks else None
+
+
+def _at_headline(rows: list[dict[str, Any]], k: int | None) -> list[dict[str, Any]]:
+    return [r for r in rows if r["action"] == "source_ablation" or (k is not None and r["k"] == k)]
+
+
+def _baseline(results: dict[str, Any]) -> dict[str, Any]:
+    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+    return {key: normalise_rate(base.get(key)) for key, _ in CAPABILITY_COLUMNS}
+
+
+def build_headline_section(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Figure-1-style bars and table of harmful rates at the headline k."""
+    from pairtrace.plots import plot_rate_bars
+
+    rows = _interventions(results)
+    k = _headline_k(results, rows)
+    chosen = [r for r in _at_headline(rows, k) if r["harmful"] is not None]
+    baseline = _baseline(results)["harmful"]
+    if not chosen and baseline is None:
+        return None
+    figure = None
+    if chosen:
+        frame = pd.DataFrame([{"method": r["method"], "action": r["action"], **r["harmful"]} for r in chosen])
+        figure = _figure_uri(plot_rate_bars(frame, baseline=baseline, title=f"Harmful rate at k = {k}"))
+    return {"k": k, "rows": chosen, "baseline": baseline, "figure": figure}
+
+
+def build_sweep_section(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Harmful rate against k, when interventions were run at two or more k."""
+    from pairtrace.plots import plot_rate_lines
+
+    rows = [r for r in _interventions(results)
+            if r["harmful"] is not None and r["k"] is not None and r["action"] != "source_ablation"]
+    if len({r["k"] for r in rows}) < 2:
+        return None
+    frame = pd.DataFrame([{"method": r["method"], "action": r["action"], "k": float(r["k"]), **r["harmful"]}
+                          for r in rows])
+    fig = plot_rate_lines(frame, x="k", series=("method", "action"), ylabel="harmful rate",
+                          xlabel="k (pairs filtered or switched)", baseline=_baseline(results)["harmful"],
+                          title="Harmful rate against k")
+    return {"figure": _figure_uri(fig)}
+
+
+def build_capabilities_section(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Baseline and headline-k interventions on every reported rate."""
+    rows = _interventions(results)
+    k = _headline_k(results, rows)
+    table = [{"label": "baseline", "k": 0, "cells": _baseline(results)}]
+    table += [{"label": f"{r['method']} {r['action']}", "k": r["k"], "cells": {key: r[key] for key, _ in
+                                                                              CAPABILITY_COLUMNS}}
+              for r in _at_headline(rows, k)]
+    keys = [key for key, _ in CAPABILITY_COLUMNS if key != "harmful"]
+    if not any(row["cells"].get(key) for row in table for key in keys):
+        return None
+    columns = [{"key": key, "title": title} for key, title in CAPABILITY_COLUMNS]
+    return {"columns": columns, "rows": [r for r in table if any(r["cells"].values())]}
+
+
+def build_cost_section(results: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Cost rows (method, wall time, passes, FLOPs, ratio to the probe)."""
+    rows = [r for r in results.get("cost") or [] if isinstance(r, dict)]
+    return [{k: r.get(k) for k in ("method", "wall_s", "forward_passes", "backward_passes", "flops_estimate",
+                                    "ratio_to_probe")} for r in rows] or None
+
+
+def find_labels(run_dir: Path, results: dict[str, Any]) -> Path | None:
+    """The ground-truth labels file of a run, if any (see the module docstring for where it is looked for)."""
+    organism = results.get("organism") if isinstance(results.get("organism"), dict) else {}
+    config = results.get("config") if isinstance(results.get("config"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    candidates = [results.get("labels"), organism.get("labels"), data.get("labels"), "labels.jsonl",
+                  "organism/labels.jsonl", "organism/data/labels.jsonl"]
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate:
+            path = Path(candidate)
+            path = path if path.is_absolute() else run_dir / path
+            if path.is_file():
+                return path
+    return None
+
+
+def find_rankings(run_dir: Path) -> dict[str, Path]:
+    """Ranking Parquet files of a run by method name (``rankings/*.parquet``, ``*/ranking.parquet``)."""
+    from pairtrace.attribute import load_ranking
+
+    found: dict[str, Path] = {}
+    paths = sorted((run_dir / "rankings").glob("*.parquet")) + sorted(run_dir.glob("*/ranking.parquet"))
+    paths += sorted(run_dir.glob("rankings/*/ranking.parquet"))
+    for path in paths:
+        default = path.parent.name if path.stem == "ranking" else path.stem
+        try:
+            method = str(load_ranking(path).metadata.get("method") or default)
+        except (PairtraceError, OSError, ValueError) as exc:  # not a ranking: skipped, not fatal
+            logger.warning("skipping %s: %s", path, exc)
+            continue
+        if method in found and path.stem == "ranking":
+            method = default
+        found.setdefault(method, path)
+    return found
+
+
+def compute_roc_curves(rankings: dict[str, Path], labels_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray,
+                                                                                          float]]:
+    """ROC of each ranking's scores against the ``contaminated`` labels (unscored pairs rank lowest)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from pairtrace.attribute import load_ranking
+    from pairtrace.discover import load_labels
+
+    labels = load_labels(labels_path)
+    if "contaminated" not in labels.columns:
+        return {}
+    truth = labels.set_index("id")["contaminated"]
+    curves = {}
+    for method, path in rankings.items():
+        table = load_ranking(path).table
+        table = table[table["id"].astype(str).isin(truth.index)]
+        y = truth.reindex(table["id"].astype(str)).to_numpy(dtype=bool)
+        if y.all() or not y.any():
+            continue
+        scores = table["score"].to_numpy(dtype=float)
+        floor = np.nanmin(scores) - 1.0 if np.isfinite(scores).any() else 0.0
+        scores = np.where(np.isfinite(scores), scores, floor)
+        fpr, tpr, _ = roc_curve(y, scores)
+        curves[method] = (fpr, tpr, float(roc_auc_score(y, scores)))
+    return curves
+
+
+def build_quality_section(results: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """AUROC / precision table and, where scores and labels exist, ROC curves."""
+    from pairtrace.plots import plot_roc
+
+    quality = results.get("attribution_quality") if isinstance(results.get("attribution_quality"), dict) else {}
+    rows = [{"method": m, **{k: v.get(k) for k in ("auroc", "precision_at_contaminated", "n_contaminated")}}
+            for m, v in quality.items() if isinstance(v, dict)]
+    figure, labels_name = None, None
+    labels = find_labels(run_dir, results)
+    if labels is not None:
+        rankings = find_rankings(run_dir)
+        curves = compute_roc_curves(rankings, labels) if rankings else {}
+        if curves:
+            figure = _figure_uri(plot_roc(curves))
+            labels_name = str(labels.relative_to(run_dir)) if labels.is_relative_to(run_dir) else str(labels)
+    if not rows and figure is None:
+        return None
+    return {"rows": rows, "figure": figure, "labels": labels_name}
+
+
+def _counts_text(counts: Any, limit: int = 3) -> str:
+    if not isinstance(counts, dict) or not counts:
+        return "–"
+    return ", ".join(f"{k} ({v})" for k, v in list(counts.items())[:limit])
+
+
+def build_discovery_section(run_dir: Path) -> dict[str, Any] | None:
+    """Heatmap and per-cluster table from ``discover/``."""
+    directory = run_dir / "discover"
+    summary = _read_json(directory / "summary.json")
+    figure = _file_uri(directory / "heatmap.png")
+    if summary is None and figure is None:
+        return None
+    summary = summary or {}
+    labels = summary.get("labels") if isinstance(summary.get("labels"), dict) else {}
+    by_cluster = {c.get("cluster"): c for c in labels.get("clusters", []) if isinstance(c, dict)}
+    clusters = []
+    for c in summary.get("pair_clusters") or []:
+        if not isinstance(c, dict):
+            continue
+        prompts = c.get("top_prompts") or []
+        label = by_cluster.get(c.get("cluster"), {})
+        clusters.append({
+            **c,
+            "chosen_models_text": _counts_text(c.get("chosen_models")),
+            "sources_text": _counts_text(c.get("sources")),
+            "words_text": ", ".join(w.get("word", "") for w in (c.get("distinctive_words") or [])[:8]) or "–",
+            "example": prompts[0] if prompts else None,
+            "label_text": (f"{label.get('dominant')} (purity {format_num(label.get('purity'))})"
+                           if label.get("dominant") is not None else "–"),
+        })
+    prompts = summary.get("prompts") if isinstance(summary.get("prompts"), dict) else {}
+    pair_info = summary.get("pair_clustering") if isinstance(summary.get("pair_clustering"), dict) else {}
+    lead = (f"{prompts.get('n_kept', '?')} of {prompts.get('n_prompts', '?')} prompts were answered differently by "
+            f"M0 and M1 and give one behaviour vector each; {summary.get('n_columns', '?')} of "
+            f"{summary.get('n_pairs_total', '?')} pairs are columns; pairs were clustered on their "
+            f"{pair_info.get('features', '?')} into {pair_info.get('n_clusters', '?')} clusters "
+            f"({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}).")
+    return {"lead": lead, "figure": figure, "clusters": clusters, "has_labels": bool(by_cluster),
+            "behaviours": [b for b in labels.get("behaviours", []) if isinstance(b, dict)]}
+
+
+def build_sources_section(run_dir: Path) -> dict[str, Any] | None:
+    """Enrichment chart and table from ``sources/``."""
+    from pairtrace.plots import plot_enrichment
+
+    directory = run_dir / "sources"
+    summary = _read_json(directory / "sources.json")
+    if summary is None:
+        return None
+    rows = [r for r in summary.get("rows") or [] if isinstance(r, dict)]
+    figure = _file_uri(directory / "sources.png")
+    if figure is None and rows:
+        figure = _figure_uri(plot_enrichment(pd.DataFrame(rows)))
+    suggested = summary.get("suggested_ablation") or []
+    lead = (f"Top-{summary.get('k', '?')} of {summary.get('n_scored', '?')} scored pairs "
+            f"({summary.get('ranking_method') or 'ranking'}). Suggested for source ablation: "
+            f"{', '.join(suggested) if suggested else 'none'}.")
+    return {"lead": lead, "k": summary.get("k"), "figure": figure, "rows": rows[:MAX_SOURCE_ROWS]}
+
+
+def build_steer_section(run_dir: Path) -> dict[str, Any] | None:
+    """Steering curve and table from ``steer/``."""
+    from pairtrace.plots import plot_rate_lines
+    from pairtrace.steer import steer_frame
+
+    directory = run_dir / "steer"
+    summary = _read_json(directory / "steer.json")
+    if summary is None:
+        return None
+    rows = []
+    for r in summary.get("results") or []:
+        if isinstance(r, dict):
+            rate = normalise_rate(r) or {"rate": None, "low": None, "high": None}
+            rows.append({**r, **rate})
+    figure = _file_uri(directory / "steer.png")
+    frame = steer_frame(summary)
+    if figure is None and not frame.empty:
+        figure = _figure_uri(plot_rate_lines(frame, x="alpha", series=("condition", "layer"), ylabel="behaviour rate"))
+    norms = summary.get("norms") or {}
+    lead = (f"Layers {', '.join(str(k) for k in summary.get('layers') or []) or '?'}; α in units of the mean "
+            f"residual norm ({', '.join(f'layer {k}: {format_num(v)}' for k, v in norms.items()) or 'not recorded'})"
+            f"; judge: {summary.get('judge', '?')}.")
+    return {"lead": lead, "figure": figure, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------- assembly
+
+
+SECTION_TITLES = (
+    ("run", "run", "What was run"),
+    ("headline", "headline", "Headline"),
+    ("sweep", "sweep", "k sweep"),
+    ("capabilities", "capabilities", "Capabilities"),
+    ("cost", "cost", "Cost"),
+    ("quality", "quality", "Attribution quality"),
+    ("discovery", "discovery", "Discovery"),
+    ("sources", "sources", "Sources"),
+    ("steer", "steering", "Steering"),
+    ("commands", "reproduce", "Reproduce"),
+)
+"""(context key, HTML id, navigation title) of every section, in page order."""
+
+
+def build_report_context(run_dir: str | Path) -> dict[str, Any]:
+    """Everything the template renders, from the artifacts present in ``run_dir``.
+
+    A section whose builder fails on malformed input is left out and the failure is logged and listed under
+    ``problems``; only an unreadable ``results.json`` is fatal.
+
+    Raises:
+        DataError: ``run_dir`` is not a directory, or ``results.json`` is not a JSON object.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory not found: {run_dir}")
+    results = _read_json(run_dir / "results.json") or {}
+    builders: dict[str, Callable[[], Any]] = {
+        "run": lambda: build_run_section(results, run_dir),
+        "headline": lambda: build_headline_section(results),
+        "sweep": lambda: build_sweep_section(results),
+        "capabilities": lambda: build_capabilities_section(results),
+        "cost": lambda: build_cost_section(results),
+        "quality": lambda: build_quality_section(results, run_dir),
+        "discovery": lambda: build_discovery_section(run_dir),
+        "sources": lambda: build_sources_section(run_dir),
+        "steer": lambda: build_steer_section(run_dir),
+        "commands": lambda: [str(c) for c in results.get("commands") or []] or None,
+    }
+    context: dict[str, Any] = {"problems": []}
+    for key, build in builders.items():
+        try:
+            context[key] = build()
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, DataError) as exc:
+            logger.warning("report section '%s' skipped: %s", key, exc)
+            context["problems"].append(f"{key}: {exc}")
+            context[key] = None
+    context["sections"] = [{"id": html_id, "title": title} for key, html_id, title in SECTION_TITLES
+                           if context.get(key)]
+    context.update({"title": run_dir.resolve().name, "run_dir": str(run_dir), "version": __version__,
+                    "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "n_pairs": results.get("n_pairs")})
+    return context
+
+
+def render_report(context: dict[str, Any]) -> str:
+    """Render the HTML of a context from :func:`build_report_context` with the packaged Jinja template."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters.update({"pct": format_pct, "num": format_num, "sci": format_sci, "ci": format_ci})
+    source = resources.files("pairtrace").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    return env.from_string(source).render(**context)
+
+
+def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write one self-contained HTML report of a run directory.
+
+    Args:
+        run_dir: The run directory (``results.json`` and the optional ``discover/``, ``sources/``, ``steer/``).
+        out_path: Output file; default ``run_dir/report.html``.
+
+    Returns:
+        The path written.
+    """
+    run_dir = Path(run_dir)
+    html = render_report(build_report_context(run_dir))
+    out = Path(out_path) if out_path is not None else run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    return out
