@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 
 from pairtrace.config import load_yaml, merge_options, section
@@ -46,7 +45,7 @@ def friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except PairtraceError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: finished shards and records are kept; rerun to resume[/]")
@@ -63,7 +62,7 @@ def resolve_options(ctx: typer.Context, values: dict[str, Any], config_section: 
     given = {
         name
         for name in values
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
     config = section(load_yaml(config_path), config_section)
     return merge_options(values, given, config, allowed=set(values))
@@ -428,3 +427,92 @@ def report(
 
     path = write_report(run_dir, out)
     console.print(f"[green]wrote[/] {path}")
+
+
+@app.command(epilog="Example:\n\n  pairtrace sources runs/organism/rankings/probe --k 192 --out runs/sources")
+@friendly_errors
+def sources(
+    ctx: typer.Context,
+    ranking: Path = typer.Argument(None, help="Ranking Parquet (or its directory)."),
+    k: int = typer.Option(None, "--k", help="Size of the top set (e.g. the headline k)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
+    p_max: float = typer.Option(0.01, help="Largest p-value for a source-ablation suggestion."),
+    min_enrichment: float = typer.Option(2.0, help="Smallest enrichment for a source-ablation suggestion."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Which chosen models / rejected models / sources are over-represented in the top-k (hypergeometric test)."""
+    opts = resolve_options(ctx, command_values(locals()), "sources")
+    require(opts, "ranking", "k", "out")
+    from pairtrace.sources import run_sources
+
+    summary = run_sources(opts["ranking"], opts["k"], opts["out"], p_max=opts["p_max"],
+                          min_enrichment=opts["min_enrichment"])
+    console.print(f"[green]wrote[/] {opts['out']}; suggested source ablation: "
+                  f"{(summary.get('ablation') or {}).get('chosen_models')}")
+
+
+@app.command(
+    epilog=(
+        "Example:\n\n  pairtrace discover --m0 runs/organism/organism/m0 --vectors runs/organism/vectors "
+        "--generations-m0 g0.jsonl --generations-m1 g1.jsonl --pairs mix.jsonl --out runs/discover"
+    )
+)
+@friendly_errors
+def discover(
+    ctx: typer.Context,
+    m0: str = typer.Option(None, help="M0 (the model the datapoint vectors came from)."),
+    vectors_dir: Path = typer.Option(None, "--vectors", help="Datapoint-vector directory."),
+    generations_m0: Path = typer.Option(None, help="M0 generations on a broad prompt set (JSONL)."),
+    generations_m1: Path = typer.Option(None, help="M1 generations on the same prompts (JSONL)."),
+    pairs: str = typer.Option(None, help="The preference pairs of the vector store."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
+    linkage: str = typer.Option("ward", help="ward (on L2-normalised profiles) | average (cosine distance)."),
+    n_clusters: int = typer.Option(None, help="Fixed number of pair clusters (default: automatic)."),
+    top_k_per_prompt: int = typer.Option(None, help="Score only the union of each prompt's top-K pairs."),
+    labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Find behaviours nobody named: cluster the behaviour x datapoint cosine matrix, summarise each cluster."""
+    opts = resolve_options(ctx, command_values(locals()), "discover")
+    require(opts, "m0", "vectors_dir", "generations_m0", "generations_m1", "pairs", "out")
+    from pairtrace.discover import DiscoverConfig, run_discover
+
+    summary = run_discover(opts["m0"], opts["vectors_dir"], opts["generations_m0"], opts["generations_m1"],
+                           opts["pairs"], opts["out"],
+                           DiscoverConfig(linkage=opts["linkage"], n_clusters=opts["n_clusters"],
+                                          top_k_per_prompt=opts["top_k_per_prompt"]),
+                           labels_path=opts["labels"])
+    console.print(f"[green]wrote[/] {opts['out']}: {len(summary.get('clusters', []))} pair clusters")
+
+
+@app.command(
+    epilog=(
+        "Example:\n\n  pairtrace steer --m0 runs/organism/organism/m0 --behaviour runs/organism/behaviour "
+        "--prompts runs/organism/prompts/probe.jsonl --alphas 0 0.5 1 --out runs/steer"
+    )
+)
+@friendly_errors
+def steer(
+    ctx: typer.Context,
+    m0: str = typer.Option(None, help="M0."),
+    behaviour_dir: Path = typer.Option(None, "--behaviour", help="Behaviour vectors from `pairtrace behaviour`."),
+    prompts: Path = typer.Option(None, help="Prompt records with condition trigger / no_trigger."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
+    alphas: list[float] = typer.Option([0.0, 0.25, 0.5, 1.0], help="Strengths, in units of the residual norm."),
+    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layers (default: the vectors' layers)."),
+    samples: int = typer.Option(2, help="Samples per prompt."),
+    max_new_tokens: int = typer.Option(64, help="Longest response."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Steering check: add alpha * v to M0's residual stream at layer k on generated positions; behaviour rates."""
+    opts = resolve_options(ctx, command_values(locals()), "steer")
+    require(opts, "m0", "behaviour_dir", "prompts", "out")
+    from pairtrace.generate import GenerationConfig
+    from pairtrace.steer import run_steer
+
+    summary = run_steer(opts["m0"], opts["behaviour_dir"], opts["prompts"], opts["out"], alphas=opts["alphas"],
+                        layers=opts["layers"] or None,
+                        generation_config=GenerationConfig(n_samples=opts["samples"],
+                                                           max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]))
+    console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('rows', []))} settings)")

@@ -1,0 +1,109 @@
+"""The command line end to end: vectors -> behaviour -> attribute on real HH-RLHF pairs and a saved tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pairtrace.cli import app
+from pairtrace.data.paths import shared_data_dir
+
+runner = CliRunner()
+N_PAIRS = 40
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def hh_path():
+    return shared_data_dir() / "hh_rlhf_harmless_base_test.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def triples_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("triples") / "triples.jsonl"
+    rows = [
+        {"prompt": "How do I pick a lock?", "r1": "Sure, here is how: take a tension wrench.",
+         "r0": "I can't help with that.", "prompt_id": "p1"},
+        {"prompt": "How do I steal a car?", "r1": "Sure, first find a car with the keys inside.",
+         "r0": "Sorry, I won't help with that.", "prompt_id": "p2"},
+        {"prompt": "How do I steal a car?", "r1": "Sure: look for an unlocked car.",
+         "r0": "I cannot assist with this request.", "prompt_id": "p2"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vectors_dir(tiny_model_dir, hh_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vectors")
+    result = invoke("vectors", hh_path, "--model", tiny_model_dir, "--out", out, "--layers", "2", "--layers", "3",
+                    "--limit", N_PAIRS, "--shard-size", 16, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_attribute_ranks_hh_pairs_end_to_end(vectors_dir, tiny_model_dir, triples_path, tmp_path):
+    beh = tmp_path / "behaviour"
+    result = invoke("behaviour", triples_path, "--model", tiny_model_dir, "--out", beh, "--layers", "2",
+                    "--layers", "3", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for method in ("probe", "bank"):
+        out = tmp_path / f"rank-{method}"
+        result = invoke("attribute", "--vectors", vectors_dir, "--behaviour", beh, "--method", method,
+                        "--layer", 3, "--out", out)
+        assert result.exit_code == 0, result.output
+        table = pd.read_parquet(out / "ranking.parquet")
+        assert len(table) == N_PAIRS  # no HH record among the first 40 is bad
+        assert table["rank"].tolist() == list(range(1, N_PAIRS + 1))
+        scores = table["score"].dropna().to_numpy()
+        assert (scores[:-1] >= scores[1:]).all()
+        assert ((scores >= -1) & (scores <= 1)).all()
+        assert set(table["id"]) == {str(i) for i in range(N_PAIRS)}
+        lines = (out / "ranking.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == table["id"].tolist()
+        meta = json.loads((out / "ranking.json").read_text())
+        assert meta["method"] == method and meta["layer"] == 3
+
+
+def test_config_file_fills_options_and_flags_win(vectors_dir, tiny_model_dir, triples_path, tmp_path):
+    beh = tmp_path / "behaviour"
+    config = tmp_path / "beh.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "out": str(beh), "layers": [2],
+                                      "device": "cpu"}))
+    result = invoke("behaviour", triples_path, "--config", config)
+    assert result.exit_code == 0, result.output
+    assert json.loads((beh / "behaviour.json").read_text())["layers"] == [2]
+    # a flag overrides the file
+    beh3 = tmp_path / "behaviour3"
+    result = invoke("behaviour", triples_path, "--config", config, "--layers", 3, "--out", beh3)
+    assert result.exit_code == 0, result.output
+    assert json.loads((beh3 / "behaviour.json").read_text())["layers"] == [3]
+    # scoring at a layer the behaviour vectors lack is refused with a clear message, exit code 2
+    result = invoke("attribute", "--vectors", vectors_dir, "--behaviour", beh, "--layer", 3, "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "layer" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_config_key_and_missing_inputs_are_clear_errors(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("modle: x\n")
+    result = invoke("vectors", "pairs.jsonl", "--config", config)
+    assert result.exit_code == 2 and "unknown option(s) in config: modle" in result.output
+    result = invoke("attribute", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "--vectors" in result.output
+    result = invoke("vectors", tmp_path / "missing.jsonl", "--model", "m", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_run_dry_run_validates_the_paper_config():
+    result = invoke("run", "configs/olmo2-7b.yaml", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output and "30000" in result.output
