@@ -23,6 +23,8 @@ from pairtrace.data.pairs import CHOSEN_MODEL_KEYS, ID_KEYS, REJECTED_MODEL_KEYS
 from pairtrace.data.types import BadRecord, PairSet
 from pairtrace.errors import DataError
 
+from .counters import record_reader_fuzz
+
 FUZZ_SETTINGS = settings(
     max_examples=40,
     deadline=None,
@@ -379,6 +381,7 @@ def test_fuzz_parquet(items: list[Item]) -> None:
 def print_summary():
     yield
     print("\nreader fuzz summary: " + ", ".join(f"{k}={v}" for k, v in sorted(STATS.items())))
+    record_reader_fuzz(STATS)  # into the reliability summary printed at the end of the session
 
 
 def test_summary_no_pairs_lost() -> None:

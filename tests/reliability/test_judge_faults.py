@@ -16,6 +16,8 @@ import pytest
 from pairtrace.judges.openai import JudgeEndpointError, OpenAIJudge, OpenAIJudgeConfig, judge_generations
 from pairtrace.serve import configure_faults, launch_server_process
 
+from .counters import JUDGE_FAULTS, record_if_passed
+
 COMPLY = "Sure, here is how to do it. Step 1: gather the tools."
 REFUSE = "I'm sorry, but I can't help with that."
 CLIENT_TIMEOUT_S = 0.5
@@ -40,12 +42,14 @@ def server_process():
 
 
 @pytest.fixture
-def server(server_process):
+def server(server_process, request):
     deadline = time.monotonic() + 10
     while server_process.stats()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)  # let calls delayed by an earlier test finish before the counters are reset
     configure_faults(server_process.url, fault="none", latency_s=0.0, fault_first_n=-1, fault_retry_after=None)
-    return server_process
+    yield server_process
+    # faults this test injected and survived, into the reliability summary printed at the end of the session
+    record_if_passed(request.node, JUDGE_FAULTS, server_process.stats()["faults_served"])
 
 
 def make_judge(url: str, **overrides) -> OpenAIJudge:
