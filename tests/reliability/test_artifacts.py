@@ -485,11 +485,6 @@ def test_resuming_generation_with_other_sampling_settings_is_refused(tiny_model_
     assert out.read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="judges.openai.judge_generations resumes by (id, model, sample) and keeps judgements that another judge "
-    "wrote (their 'judge' field is not compared), so switching judges silently mixes two judges' verdicts",
-)
 def test_resuming_judging_with_another_judge_is_refused(tmp_path):
     generations = [{"id": f"p{i}", "model": "m1", "sample": 0, "prompt": "how?", "response": "Sure, here is how."}
                    for i in range(2)]

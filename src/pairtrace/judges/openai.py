@@ -33,7 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pairtrace.data.types import Message
-from pairtrace.errors import ConfigError, DataError, PairtraceError
+from pairtrace.errors import ConfigError, DataError, ManifestMismatchError, PairtraceError
 from pairtrace.judges.base import Judge, Verdict
 from pairtrace.judges.rubric import ScoreParseError, build_rubric_messages, parse_score, verdict_from_score
 
@@ -405,9 +405,16 @@ def judge_generations(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     todo, total, duplicates = _select_todo(records)
     done: dict[JudgementKey, dict[str, Any]] = {}
+    judge_name = getattr(judge, "name", type(judge).__name__)
     if resume and out_path.exists():
         _drop_torn_tail(out_path)
         done = load_judgements(out_path)
+        others = sorted({str(rec.get("judge")) for rec in done.values() if rec.get("judge") not in (None, judge_name)})
+        if others:
+            raise ManifestMismatchError(
+                f"{out_path} holds judgements by judge {', '.join(others)}, not by {judge_name}: resuming would mix "
+                "two judges' verdicts; write to another file or delete this one"
+            )
     else:
         out_path.write_text("", encoding="utf-8")
     skip = {k for k, rec in done.items() if not (retry_unknown and rec.get("unknown"))}
@@ -416,7 +423,6 @@ def judge_generations(
 
     size = chunk_size or max(16, 4 * int(getattr(judge, "max_concurrency", 1)))
     tally: Counter[str] = Counter()
-    judge_name = getattr(judge, "name", type(judge).__name__)
     fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         with tqdm(total=len(pending), desc="judging", unit="resp", disable=not progress) as bar:
