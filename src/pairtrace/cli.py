@@ -516,3 +516,72 @@ def steer(
                         generation_config=GenerationConfig(n_samples=opts["samples"],
                                                            max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]))
     console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('rows', []))} settings)")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace generate --model runs/organism/organism/m1 --prompts prompts.jsonl --out gens.jsonl\n\n"
+        "  pairtrace generate --model m0/ --prompts prompts.jsonl --samples 4 --temperature 0.7 --seed 1 --out g.jsonl"
+    )
+)
+@friendly_errors
+def generate(
+    ctx: typer.Context,
+    model: str = typer.Option(None, "--model", "-m", help="Model directory or hub id."),
+    prompts: Path = typer.Option(None, help="Prompt records (JSONL: id, base_id, set, condition, prompt, ...)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Generation JSONL (resumed when it exists)."),
+    model_name: str = typer.Option(None, help="Value of the records' `model` field (default: the directory name)."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus threshold."),
+    max_new_tokens: int = typer.Option(128, help="Longest response in tokens."),
+    samples: int = typer.Option(1, help="Samples per prompt."),
+    batch_size: int = typer.Option(32, help="Sequences per batch."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Sample responses with the chat template applied (batched, seeded, resumable)."""
+    opts = resolve_options(ctx, command_values(locals()), "generate")
+    require(opts, "model", "prompts", "out")
+    from pairtrace.generate import GenerationConfig, run_generate
+
+    stats = run_generate(
+        opts["model"], opts["prompts"], opts["out"],
+        GenerationConfig(temperature=opts["temperature"], top_p=opts["top_p"], max_new_tokens=opts["max_new_tokens"],
+                         n_samples=opts["samples"], batch_size=opts["batch_size"], seed=opts["seed"]),
+        model_name=opts["model_name"],
+    )
+    console.print(f"[green]wrote[/] {opts['out']}: {stats.get('n_new')} new, {stats.get('n_existing')} kept")
+
+
+organism_app = typer.Typer(help="The built-in model organism (M0 -> DPO on a contaminated mix -> M1).",
+                           no_args_is_help=True)
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command(
+    "build",
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace organism build --out runs/org\n\n"
+        "  pairtrace organism build --out runs/org-small --config configs/organism-small.yaml"
+    ),
+)
+@friendly_errors
+def organism_build(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (finished steps are reused)."),
+    config: Path = typer.Option(Path("configs/organism.yaml"), "--config", "-c",
+                                help="Organism config, or a run config with an `organism:` section."),
+    progress: bool = typer.Option(True, help="Progress bars."),
+) -> None:
+    """Build tokenizer, M0 (SFT), the preference mix with its planted behaviours, and M1 (DPO); print the checks."""
+    from pairtrace.organism.build import run_build
+
+    raw = load_yaml(config)
+    if isinstance(raw.get("organism"), dict):  # a run config: build its organism section
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        config = out / "organism-config.yaml"
+        config.write_text(yaml.safe_dump(raw["organism"], sort_keys=False), encoding="utf-8")
+    run_build(config, out, progress=progress)
