@@ -57,6 +57,20 @@ def _finite(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def quiet_libraries() -> None:
+    """Silence third-party progress bars and deprecation chatter (pairtrace's own logging stays)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
 class Run:
     """One experiment directory: resolved inputs, cached stages, results.
 
@@ -71,6 +85,8 @@ class Run:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
+        if not progress:
+            quiet_libraries()
         self.timings: dict[str, float] = {}
         self.inputs: dict[str, Any] = {}
         self._models: dict[str, Any] = {}
@@ -272,7 +288,8 @@ class Run:
         from pairtrace.triples import run_build_triples
 
         out = self.out / "behaviour" / "triples.jsonl"
-        stats = run_build_triples(probe["generations"], probe["judgements"], out)
+        stats = run_build_triples(probe["generations"], probe["judgements"], out,
+                                  unknown=self.config.prompts.unknown_policy)
         return {"path": str(out), "n_triples": int(stats.get("n_triples", stats.get("triples", 0))), "stats": stats}
 
     def _k_values(self, n_pairs: int) -> tuple[int, list[int]]:
@@ -310,7 +327,8 @@ class Run:
             store = compute_datapoint_vectors(m0, pairs, vec_dir, layers=layers, shard_size=cfg.shard_size,
                                               batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
                                               progress=self.progress, resume=False)
-            bv = compute_behaviour_vectors(m0, triples, layers=layers, max_length=cfg.max_length)
+            bv = compute_behaviour_vectors(m0, triples, layers=layers, max_length=cfg.max_length,
+                                           progress=self.progress)
         save_behaviour_vectors(bv, self.out / "behaviour")
         shared = meter.wall_s
         # token counts for the FLOPs estimate (not timed: bookkeeping only)

@@ -55,6 +55,10 @@ class PromptsSection:
     eval: list[str] = field(
         default_factory=list, metadata={"help": "Prompt files for evaluating retrained models (organism: derived)."}
     )
+    unknown_policy: str = field(
+        default="exclude",
+        metadata={"help": "Triples: exclude probing prompts with unknown verdicts (default), or ignore unknowns."},
+    )
     probe_share: float = field(
         default=0.5,
         metadata={"help": "Organism: share of held-out harmful/benign base prompts used for probing (rest: eval)."},
