@@ -80,7 +80,8 @@ class Run:
         progress: Show progress bars.
     """
 
-    def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True,
+                 write_config: bool = True) -> None:
         self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,8 @@ class Run:
         self.timings: dict[str, float] = {}
         self.inputs: dict[str, Any] = {}
         self._models: dict[str, Any] = {}
-        _write_json(self.out / "config.resolved.json", config.to_dict())
+        if write_config:
+            _write_json(self.out / "config.resolved.json", config.to_dict())
 
     # ------------------------------------------------------------------ stage cache
     def stage(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
@@ -266,10 +268,7 @@ class Run:
             sources = self.stage("sources", att_key + str(headline_k), lambda: self._sources(headline_k))
         experiments = self._plan_experiments(headline_k, k_values, sources)
         val_key = att_key + cfg.section_hash("validation", "seed")
-        outcomes = {}
-        for exp in experiments:
-            outcomes[exp["name"]] = self.stage(f"retrain-{exp['name']}", val_key + json.dumps(exp, sort_keys=True),
-                                               lambda exp=exp: self._retrain_and_evaluate(exp))
+        outcomes = self._run_retrains(experiments, val_key)
         discovery = steer = None
         if cfg.extras.discover:
             discovery = self.stage("discover", att_key + cfg.section_hash("extras"), lambda: self._discover(probe))
@@ -415,6 +414,54 @@ class Run:
                              "k": None, "models": list(models)})
         return exps
 
+    def cached(self, name: str, key: str) -> Any | None:
+        """The result of a finished stage with this key, or None."""
+        marker = self.out / "stages" / f"{name}.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                self.timings[name] = saved.get("seconds", 0.0)
+                return saved.get("result")
+        return None
+
+    def _run_retrains(self, experiments: list[dict[str, Any]], val_key: str) -> dict[str, Any]:
+        """Retrain and evaluate every experiment; independent retrains run in parallel worker processes."""
+        keys = {exp["name"]: val_key + json.dumps(exp, sort_keys=True) for exp in experiments}
+        outcomes: dict[str, Any] = {}
+        todo = []
+        for exp in experiments:
+            result = self.cached(f"retrain-{exp['name']}", keys[exp["name"]])
+            if result is not None:
+                logger.info("stage %-28s cached", f"retrain-{exp['name']}")
+                outcomes[exp["name"]] = result
+            else:
+                todo.append(exp)
+        workers = resolve_workers(self.config.validation.parallel_retrains, len(todo))
+        if workers <= 1:
+            for exp in todo:
+                outcomes[exp["name"]] = self.stage(f"retrain-{exp['name']}", keys[exp["name"]],
+                                                   lambda exp=exp: self._retrain_and_evaluate(exp))
+            return outcomes
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        logger.info("retraining %d models in %d worker processes (1 thread each)", len(todo), workers)
+        state = {"config": self.config.to_dict(), "out": str(self.out),
+                 "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in self.inputs.items()}}
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_retrain_worker, state, exp): exp for exp in todo}
+            for future in cf.as_completed(futures):
+                exp = futures[future]
+                result, seconds = future.result()
+                name = f"retrain-{exp['name']}"
+                self.timings[name] = seconds
+                _write_json(self.out / "stages" / f"{name}.json",
+                            {"key": keys[exp["name"]], "seconds": seconds, "result": result,
+                             "pairtrace_version": __version__})
+                logger.info("stage %-28s done in %.1f s", name, seconds)
+                outcomes[exp["name"]] = result
+        return outcomes
+
     def _retrain_and_evaluate(self, exp: dict[str, Any]) -> dict[str, Any]:
         from pairtrace.attribute import load_ranking
         from pairtrace.data.pairs import pair_to_record
@@ -543,6 +590,35 @@ class Run:
         }
 
     config_path: str | None = None
+
+
+def resolve_workers(requested: int | None, n_jobs: int) -> int:
+    """How many retrains run at once: the configured number, or (None) one per CPU core on a CPU-only
+    machine and one when a GPU is present."""
+    if n_jobs <= 1:
+        return 1
+    if requested is None:
+        import os
+
+        import torch
+
+        requested = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1))
+    return max(1, min(int(requested), n_jobs))
+
+
+def _retrain_worker(state: dict[str, Any], exp: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Worker-process entry: rebuild the run from plain data and retrain + evaluate one experiment."""
+    import torch
+
+    from pairtrace.runconfig import build_run_config
+
+    torch.set_num_threads(1)
+    config = build_run_config(state["config"])
+    run = Run(config, state["out"], progress=False, write_config=False)
+    run.inputs.update(state["inputs"])
+    start = time.perf_counter()
+    result = run._retrain_and_evaluate(exp)
+    return json.loads(json.dumps(result, default=str)), time.perf_counter() - start
 
 
 def summarise_evaluation(evaluation: dict[str, Any], model: str) -> dict[str, Any]:

@@ -138,6 +138,11 @@ class ValidationSection:
     recipe: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "DPO recipe fields shared by the baseline and every intervention."}
     )
+    parallel_retrains: int | None = field(
+        default=None,
+        metadata={"help": "Retrains run at once in worker processes (default: one per CPU core without a GPU, "
+                  "one with a GPU)."},
+    )
     keep_models: bool = field(default=True, metadata={"help": "Keep retrained checkpoints on disk."})
     dry_run: bool = field(
         default=False, metadata={"help": "Validate the configuration and print the plan without running anything."}
