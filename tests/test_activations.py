@@ -142,3 +142,51 @@ def test_plan_batches_respects_budget():
         assert width * len(b) <= 60 or len(b) == 1  # an over-long sequence runs alone
         assert lengths[b[0]] == width  # longest first
     assert batches[0] == [5]
+
+
+def test_compiled_blocks_give_the_same_means_and_are_restored(tiny_loaded, tiny_pairs):
+    prompts, responses = _inputs(tiny_pairs)
+    items = build_teacher_forcing(tiny_loaded, prompts[:4], responses[:4], 2048)
+    plain = compute_means_from_teacher_forced(tiny_loaded, items, [0, 1], batch_tokens=4096, progress=False)
+    compiled = compute_means_from_teacher_forced(
+        tiny_loaded, items, [0, 1], batch_tokens=4096, progress=False, compile="eager"  # dynamo graph capture only
+    )
+    assert _max_relative_error(compiled, plain) < 1e-5
+    blocks = get_decoder_layers(tiny_loaded.model)
+    assert all("forward" not in vars(block) for block in blocks)  # the blocks' own forward is back
+
+
+def test_results_are_independent_of_batch_composition(tiny_loaded, tiny_pairs):
+    """Packed pairs, plain rows and batch budgets only change the grouping, never a mean."""
+    from pairtrace.activations import compute_pair_means
+
+    prompts = [p.prompt for p in tiny_pairs]
+    chosen = build_teacher_forcing(tiny_loaded, prompts, [p.chosen for p in tiny_pairs], 2048)
+    rejected = build_teacher_forcing(tiny_loaded, prompts, [p.rejected for p in tiny_pairs], 2048)
+    base = compute_pair_means(tiny_loaded, chosen, rejected, [2], batch_tokens=1, progress=False)  # one row each
+    for budget in (64, 100_000):
+        for sharing in ("never", "always"):
+            c, r = compute_pair_means(
+                tiny_loaded, chosen, rejected, [2], batch_tokens=budget, prompt_sharing=sharing, progress=False
+            )
+            assert _max_relative_error(c, base[0]) < 1e-5
+            finite = torch.isfinite(base[1]).all(dim=-1).squeeze(-1)
+            assert _max_relative_error(r[finite], base[1][finite]) < 1e-5
+
+
+def test_gpu_throughput_benchmark_dry_run(tmp_path, monkeypatch):
+    """The GPU benchmark's CPU path: a tiny random OLMo 2, a one-second budget, JSON written to $OUT."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
+    spec = importlib.util.spec_from_file_location("gpu_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert module.main(["--dry-run", "--seconds", "0.2"]) == 0
+    result = json.loads((tmp_path / "gpu_throughput.json").read_text())["results"][0]
+    assert result["shape"] == "tiny" and result["device"] == "cpu" and result["layer"] == 3
+    assert result["tokens_run"] < result["plain_tokens"]  # prompts were shared
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1 and result["efficiency_vs_floor"] > 0

@@ -312,3 +312,132 @@ def test_load_triples(tmp_path):
         path.write_text(json.dumps(records[0]) + "\n" + line + "\n")
         with pytest.raises(DataError, match=message):
             load_triples(path)
+
+
+def _pairs_with_metadata():
+    return build_pair_set(
+        [
+            replace(p, source=f"source-{i % 3}", chosen_model=f"writer-{i}", rejected_model="refuser")
+            for i, p in enumerate(build_tiny_pairs())
+        ]
+    )
+
+
+def test_store_keeps_pair_metadata_and_ranking_carries_it(tiny_loaded, tmp_path):
+    from pairtrace.attribute import compute_attribution
+
+    pairs = _pairs_with_metadata()
+    store = compute_datapoint_vectors(tiny_loaded, pairs, tmp_path / "vec", layers=2, shard_size=3, progress=False)
+    frame = store.pair_metadata()
+    assert frame.columns.tolist() == ["id", "row", "source", "chosen_model", "rejected_model"]
+    assert frame["id"].tolist() == store.ids and frame["row"].tolist() == list(range(8))
+    assert frame["chosen_model"].tolist() == [f"writer-{i}" for i in range(8)]
+    bv = compute_behaviour_vectors(tiny_loaded, _triples(), layers=2, progress=False)
+    ranking = compute_attribution(store, bv, progress=False)  # metadata from the store's pairs.parquet
+    by_id = ranking.table.set_index("id")
+    for i, p in enumerate(pairs):
+        assert by_id.loc[p.id, "source"] == f"source-{i % 3}"
+        assert by_id.loc[p.id, "chosen_model"] == f"writer-{i}"
+        assert by_id.loc[p.id, "rejected_model"] == "refuser"
+        assert by_id.loc[p.id, "row"] == p.row
+    from_pairs = compute_attribution(store, bv, pair_metadata=pairs, progress=False)  # a PairSet is accepted too
+    assert from_pairs.table.equals(ranking.table)
+    (tmp_path / "vec" / "pairs.parquet").unlink()  # a store written before pairs.parquet existed
+    old = VectorStore.open(tmp_path / "vec")
+    assert old.pair_metadata() is None
+    assert compute_attribution(old, bv, progress=False).table["source"].isna().all()
+
+
+def _streamable(tmp_path):
+    from pairtrace.data.pairs import save_pairs_jsonl
+
+    pairs = _pairs_with_metadata()
+    path = tmp_path / "pairs.jsonl"
+    save_pairs_jsonl(pairs, path, layout="conversational")
+    lines = path.read_text().splitlines()
+    bad = '{"id": "bad", "chosen": [{"role": "user", "content": "x"}], "rejected": []}'  # skipped by both readers
+    duplicate = lines[2]  # a repeated id: skipped as well
+    path.write_text("\n".join([*lines[:4], bad, *lines[4:], duplicate]) + "\n")
+    return path
+
+
+def test_streamed_source_gives_the_same_store(tiny_loaded, tmp_path):
+    from pairtrace.data.pairs import load_pairs
+    from pairtrace.vectors import compute_datapoint_vectors_from_source
+
+    path = _streamable(tmp_path)
+    loaded_set = load_pairs(path)
+    assert len(loaded_set) == 8 and len(loaded_set.skipped) == 2
+    kwargs = {"layers": [1, 3], "shard_size": 3, "progress": False}
+    memory = compute_datapoint_vectors(tiny_loaded, loaded_set, tmp_path / "memory", **kwargs)
+    streamed = compute_datapoint_vectors_from_source(tiny_loaded, path, tmp_path / "stream", **kwargs)
+    assert streamed.manifest.dataset == memory.manifest.dataset  # same origin, fingerprint and count
+    assert streamed.ids == memory.ids
+    for k in (1, 3):
+        assert torch.equal(streamed.load(k), memory.load(k))
+    assert streamed.pair_metadata().equals(memory.pair_metadata())
+
+
+def test_large_store_keeps_ids_in_pairs_parquet(tiny_loaded, tiny_pairs, tmp_path):
+    kwargs = {"layers": 2, "shard_size": 3, "progress": False, "inline_ids_max": 4}
+    store = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path, **kwargs)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["ids"] == [] and raw["ids_file"] == "pairs.parquet" and raw["n_rows"] == 8
+    assert store.n == 8 and store.manifest.n_shards == 3
+    assert store.ids == [p.id for p in tiny_pairs]
+    shard_path(tmp_path, 1).unlink()
+    again = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path, **kwargs)  # resumes
+    assert again.complete and torch.equal(again.load(2), store.load(2))
+    (tmp_path / "pairs.parquet").unlink()
+    with pytest.raises(DataError, match="ids_file"):
+        VectorStore.open(tmp_path)
+
+
+def test_sharded_parts_in_one_directory_equal_a_whole_run(tiny_loaded, tiny_pairs, tmp_path):
+    kwargs = {"layers": [2], "shard_size": 2, "progress": False}
+    compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "whole", **kwargs)
+    part = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "parts", shard="1/3", **kwargs)
+    assert not part.complete
+    assert [part.is_present(i) for i in range(4)] == [False, True, False, False]
+    for spec in ("0/3", "2/3"):
+        part = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "parts", shard=spec, **kwargs)
+    assert part.complete
+    for index in range(4):
+        assert shard_path(tmp_path / "parts", index).read_bytes() == shard_path(tmp_path / "whole", index).read_bytes()
+    with pytest.raises(ManifestMismatchError, match="same settings"):
+        compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "parts", shard="0/3", resume=False,
+                                  **{**kwargs, "layers": [3]})
+
+
+def test_prompt_sharing_modes_give_the_same_store(tiny_loaded, tiny_pairs, tmp_path):
+    kwargs = {"layers": [0, 4], "shard_size": 5, "batch_tokens": 96, "progress": False}
+    never = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "never", prompt_sharing="never", **kwargs)
+    always = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "always", prompt_sharing="always", **kwargs)
+    assert always.manifest.extraction["prompt_sharing"] == "always"
+    for k in (0, 4):
+        a, b = always.load(k), never.load(k)
+        nonzero = b.norm(dim=1) > 0
+        assert torch.equal(a[~nonzero], b[~nonzero])  # chosen == rejected stays exactly zero
+        assert float(((a - b)[nonzero].norm(dim=1) / b[nonzero].norm(dim=1)).max()) < 1e-5
+
+
+class _ChangingSource:
+    """A source whose second read differs from the first (an input file edited during extraction)."""
+
+    origin = "changing.jsonl"
+
+    def __init__(self, pairs):
+        self.pairs, self.reads = pairs, 0
+
+    def fingerprint_hint(self):
+        return None
+
+    def iter_pairs(self):
+        self.reads += 1
+        pairs = self.pairs if self.reads == 1 else [replace(p, chosen=p.chosen + "!") for p in self.pairs]
+        return iter(pairs)
+
+
+def test_input_changed_between_reads_is_refused(tiny_loaded, tiny_pairs, tmp_path):
+    with pytest.raises(DataError, match="changed since"):
+        compute_datapoint_vectors(tiny_loaded, _ChangingSource(list(tiny_pairs)), tmp_path, layers=1, progress=False)

@@ -241,14 +241,15 @@ def check_behaviour_matches_store(store, behaviour) -> None:
 
 
 def compute_attribution(store, behaviour, config: AttributionConfig | None = None, *,
-                        pair_metadata: pd.DataFrame | None = None, progress: bool = True) -> Ranking:
+                        pair_metadata: pd.DataFrame | Sequence | None = None, progress: bool = True) -> Ranking:
     """Rank every pair of a vector store by cosine with behaviour vectors.
 
     Args:
         store: An open ``VectorStore`` of datapoint vectors.
         behaviour: ``BehaviourVectors`` from the same model and template.
         config: Method, layer and chunk size.
-        pair_metadata: Optional (id, row, source, chosen_model, rejected_model) frame for the ranking columns.
+        pair_metadata: Optional (id, row, source, chosen_model, rejected_model) for the ranking columns: a frame,
+            or a ``PairSet`` / list of pairs. By default, the store's own ``pairs.parquet`` when it has one.
         progress: Show a progress bar over chunks.
 
     Returns:
@@ -256,6 +257,11 @@ def compute_attribution(store, behaviour, config: AttributionConfig | None = Non
     """
     from tqdm.auto import tqdm
 
+    if pair_metadata is None:
+        reader = getattr(store, "pair_metadata", None)
+        pair_metadata = reader() if callable(reader) else None
+    elif not isinstance(pair_metadata, pd.DataFrame):
+        pair_metadata = pair_metadata_frame(pair_metadata)
     config = config or AttributionConfig()
     check_behaviour_matches_store(store, behaviour)
     layer = config.layer if config.layer is not None else next(iter(store.layers))

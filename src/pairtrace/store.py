@@ -3,10 +3,13 @@
 Layout of a store directory::
 
     manifest.json                 # Manifest: what produced the vectors (model, layers, template, dataset, ids)
+    pairs.parquet                 # one row per vector: id, row, source, chosen_model, rejected_model
     shard-00000.safetensors       # rows [0, shard_size): tensors layer_{k} [rows, d] and n_response_tokens
     shard-00001.safetensors       # rows [shard_size, 2 * shard_size) ...
 
 Shard ``i`` always holds the fixed row range ``[i * shard_size, min(n, (i + 1) * shard_size))`` in input order.
+Small stores keep their ids in the manifest; large ones (see ``ids_file``) keep them only in ``pairs.parquet``,
+so that the manifest stays small and no reader has to hold every id to open a store.
 """
 
 from __future__ import annotations
@@ -20,16 +23,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pairtrace import __version__
+from pairtrace.data.types import Pair
 from pairtrace.errors import DataError, ManifestMismatchError
 
 MANIFEST_NAME = "manifest.json"
+PAIRS_NAME = "pairs.parquet"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAIR_COLUMNS = ("id", "row", "source", "chosen_model", "rejected_model")
+PAIR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("row", pa.int64()),
+        ("source", pa.string()),
+        ("chosen_model", pa.string()),
+        ("rejected_model", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -41,13 +59,26 @@ class Manifest:
     layers: list[int] = field(metadata={"help": "Layers stored, as hidden_states indices."})
     template: dict[str, Any] = field(metadata={"help": "Prompt formatting: {'mode': chat|plain, 'hash': ...}."})
     dataset: dict[str, Any] = field(metadata={"help": "{'origin', 'fingerprint', 'n_pairs'} of the input pairs."})
-    ids: list[str] = field(metadata={"help": "Stable ids of the rows, in row order."})
+    ids: list[str] = field(
+        metadata={"help": "Stable ids of the rows, in row order (empty when they live in ``ids_file``)."}
+    )
     shard_size: int = field(metadata={"help": "Rows per shard (the last shard may be shorter)."})
     dtype: str = field(metadata={"help": "Storage dtype of the vectors: float32, bfloat16 or float16."})
     n_shards: int = field(metadata={"help": "Number of shards of a complete store."})
     hidden_size: int = field(default=0, metadata={"help": "Width d of each vector."})
     settings: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extraction settings that change the vectors (e.g. max_length)."}
+    )
+    n_rows: int | None = field(
+        default=None, metadata={"help": "Number of rows when the ids live in ``ids_file`` (else len(ids))."}
+    )
+    ids_file: str | None = field(
+        default=None, metadata={"help": "Parquet file in the store (column 'id') holding the ids of a large store."}
+    )
+    extraction: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "How the vectors were computed (batching, prompt sharing...): speed, not values; "
+                  "never compared on resume."},
     )
     pairtrace_version: str = field(default=__version__, metadata={"help": "Version that wrote the store."})
     created: str = field(
@@ -58,6 +89,8 @@ class Manifest:
     @property
     def n(self) -> int:
         """Number of rows."""
+        if self.ids_file is not None:
+            return int(self.n_rows or 0)
         return len(self.ids)
 
     def shard_range(self, index: int) -> tuple[int, int]:
@@ -155,6 +188,93 @@ def remove_temporary_files(directory: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class PairMetadataWriter:
+    """Stream one ``(id, row, source, chosen_model, rejected_model)`` row per pair into a Parquet file.
+
+    Rows are buffered and written a row group at a time into a temporary file in the target directory, so memory
+    stays flat in the number of pairs; :meth:`commit` moves the finished file into place atomically and
+    :meth:`discard` deletes it. Used as a context manager, an exception discards the file.
+
+    Args:
+        path: Final path (usually ``<store>/pairs.parquet``).
+        rows_per_group: Rows buffered per Parquet row group.
+    """
+
+    def __init__(self, path: str | Path, rows_per_group: int = 4096) -> None:
+        self.path = Path(path)
+        self.rows_per_group = rows_per_group
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.tmp), PAIR_SCHEMA)
+        self._buffer: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
+        self.n = 0
+
+    def add(self, pair: Pair) -> None:
+        """Append one pair's metadata row."""
+        for name in PAIR_COLUMNS:
+            self._buffer[name].append(getattr(pair, name))
+        self.n += 1
+        if len(self._buffer["id"]) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer["id"] and self._writer is not None:
+            self._writer.write_table(pa.Table.from_pydict(self._buffer, schema=PAIR_SCHEMA))
+            self._buffer = {name: [] for name in PAIR_COLUMNS}
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+
+    def commit(self) -> Path:
+        """Finish the file and move it to :attr:`path` (replacing any previous file)."""
+        self._close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Close and delete the temporary file."""
+        try:
+            self._close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PairMetadataWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._writer is not None:
+            self.discard()
+
+
+def read_pair_metadata(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a pair-metadata Parquet file (``pairs.parquet``) into a frame in row order.
+
+    Args:
+        path: The file.
+        columns: Columns to read (default: all of :data:`PAIR_COLUMNS`).
+
+    Raises:
+        DataError: The file is missing or lacks a requested column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pair metadata file is missing")
+    wanted = list(columns or PAIR_COLUMNS)
+    names = pq.read_schema(path).names
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise DataError(f"{path}: pair metadata has no column(s) {missing}")
+    frame = pq.read_table(path, columns=wanted).to_pandas()
+    for name in wanted:
+        if name != "row":  # missing strings read as None (as in a frame built from pairs), never NaN
+            frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+    return frame
+
+
 def _describe(field_name: str, value: Any) -> str:
     if field_name == "model" and isinstance(value, dict):
         return f"{value.get('name')} (revision {value.get('revision')}, weights {value.get('weights_hash')})"
@@ -224,6 +344,7 @@ class VectorStore:
         self.directory = directory
         self.manifest = manifest
         self._present = present
+        self._ids: list[str] | None = None
 
     @classmethod
     def open(cls, directory: str | Path, allow_incomplete: bool = False) -> VectorStore:
@@ -238,6 +359,8 @@ class VectorStore:
         """
         directory = Path(directory)
         manifest = Manifest.load(directory)
+        if manifest.ids_file is not None and not (directory / manifest.ids_file).is_file():
+            raise DataError(f"{directory}: manifest field 'ids_file' names {manifest.ids_file}, which is missing")
         present = [shard_path(directory, i).is_file() for i in range(manifest.n_shards)]
         if not all(present) and not allow_incomplete:
             missing = [i for i, ok in enumerate(present) if not ok]
@@ -254,8 +377,34 @@ class VectorStore:
 
     @property
     def ids(self) -> list[str]:
-        """Row ids, in row order."""
-        return self.manifest.ids
+        """Row ids, in row order (read once from ``ids_file`` for large stores)."""
+        if self.manifest.ids_file is None:
+            return self.manifest.ids
+        if self._ids is None:
+            path = self.directory / self.manifest.ids_file
+            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            if len(ids) != self.n:
+                raise DataError(f"{path}: holds {len(ids)} ids, but the manifest has {self.n} rows")
+            self._ids = ids
+        return self._ids
+
+    def pair_metadata(self) -> pd.DataFrame | None:
+        """The pairs' ``id``, ``row``, ``source``, ``chosen_model``, ``rejected_model`` in row order.
+
+        Returns:
+            A frame with one row per vector, or ``None`` for a store written without ``pairs.parquet``.
+        """
+        path = self.directory / PAIRS_NAME
+        if not path.is_file():
+            return None
+        frame = read_pair_metadata(path)
+        if len(frame) != self.n:
+            raise DataError(f"{path}: holds {len(frame)} pairs, but the store has {self.n} rows")
+        return frame
+
+    def is_present(self, index: int) -> bool:
+        """Whether shard ``index`` is on disk."""
+        return self._present[index]
 
     @property
     def layers(self) -> list[int]:
@@ -292,6 +441,17 @@ class VectorStore:
                 fill = float("nan") if dtype.is_floating_point else 0
                 parts.append(torch.full(shape, fill, dtype=dtype))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def read_rows(self, layer: int, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``[start, end)`` of one layer, ``[end - start, d]``, reading only the shards they lie in.
+
+        Rows of missing shards read as NaN.
+        """
+        if not 0 <= start <= end <= self.n:
+            raise DataError(f"{self.directory}: rows [{start}, {end}) are outside the store's {self.n} rows")
+        if start == end:
+            return torch.empty(0, self.hidden_size, dtype=dtype)
+        return self._read_rows(self._key(layer), start, end, self.hidden_size, dtype)
 
     def iter_chunks(
         self, layer: int, rows: int = 65536, dtype: torch.dtype = torch.float32

@@ -173,12 +173,6 @@ def test_float16_overflow_in_the_store_is_caught_and_not_ranked(overflow_model, 
     record_caught()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vectors.compute_shard_tensors counts non-finite rows on the float32 difference before the cast to the "
-    "store dtype, so values that overflow float16 are stored as inf without a warning; they are only caught "
-    "later by valid_mask and the rankings",
-)
 def test_float16_overflow_is_reported_when_extracted(overflow_model, pairs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pairtrace"):
         compute_datapoint_vectors(overflow_model, pairs, tmp_path / "f16", dtype="float16", **STORE_KWARGS)
