@@ -175,3 +175,46 @@ def test_check_compatible_names_each_differing_field():
     check_compatible({"layers": [3, 1]}, found, fields=("layers",))  # order does not matter
     with pytest.raises(KeyError):
         check_compatible({"layers": [1, 3]}, found)
+
+
+def test_pair_metadata_writer_streams_and_commits_atomically(tmp_path):
+    from pairtrace.data.types import Pair
+    from pairtrace.store import PAIRS_NAME, PairMetadataWriter, read_pair_metadata
+
+    pairs = [Pair(id=f"p{i}", row=i, prompt=(), chosen="a", rejected="b", source=None if i % 2 else "s",
+                  chosen_model=f"m{i}") for i in range(10)]
+    with PairMetadataWriter(tmp_path / PAIRS_NAME, rows_per_group=3) as writer:
+        for p in pairs:
+            writer.add(p)
+        assert not (tmp_path / PAIRS_NAME).exists()  # nothing under the final name before commit
+        writer.commit()
+    frame = read_pair_metadata(tmp_path / PAIRS_NAME)
+    assert frame["id"].tolist() == [p.id for p in pairs] and frame["row"].tolist() == list(range(10))
+    assert frame["source"].tolist()[:2] == ["s", None] and frame["rejected_model"].isna().all()
+    with pytest.raises(RuntimeError), PairMetadataWriter(tmp_path / "other.parquet") as writer:
+        writer.add(pairs[0])
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "other.parquet").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PAIRS_NAME]  # the temporary file is gone too
+    with pytest.raises(DataError, match="no column"):
+        read_pair_metadata(tmp_path / PAIRS_NAME, columns=["id", "score"])
+
+
+def test_manifest_with_ids_in_a_side_file(tmp_path, data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = _manifest(ids=[], n_rows=10, ids_file="ids.parquet")
+    assert manifest.n == 10 and manifest.shard_range(2) == (8, 10)
+    _write_store(tmp_path, manifest, data)
+    with pytest.raises(DataError, match="ids_file"):
+        VectorStore.open(tmp_path)
+    pq.write_table(pa.table({"id": [f"id-{i}" for i in range(10)]}), tmp_path / "ids.parquet")
+    store = VectorStore.open(tmp_path)
+    assert store.ids == [f"id-{i}" for i in range(10)] and store.pair_metadata() is None
+    assert torch.equal(store.read_rows(1, 3, 9), data[1][3:9])
+    assert store.read_rows(3, 4, 4).shape == (0, 5)
+    with pytest.raises(DataError, match="outside"):
+        store.read_rows(1, 5, 11)
+    old_reader = Manifest.from_dict({k: v for k, v in _manifest().to_dict().items() if k != "extraction"})
+    assert old_reader.n == 10 and old_reader.extraction == {}

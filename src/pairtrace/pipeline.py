@@ -267,7 +267,9 @@ class Run:
         if cfg.extras.sources:
             sources = self.stage("sources", att_key + str(headline_k), lambda: self._sources(headline_k))
         experiments = self._plan_experiments(headline_k, k_values, sources)
-        val_key = att_key + cfg.section_hash("validation", "seed")
+        # a retrain depends on the rankings, the shared recipe and the evaluation settings, not on which other
+        # retrains are planned
+        val_key = att_key + cfg.section_hash("seed", extra=cfg.validation.recipe)
         outcomes = self._run_retrains(experiments, val_key)
         discovery = steer = None
         if cfg.extras.discover:
