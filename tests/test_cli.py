@@ -107,3 +107,24 @@ def test_run_dry_run_validates_the_paper_config():
     result = invoke("run", "configs/olmo2-7b.yaml", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "valid" in result.output and "30000" in result.output
+
+
+def test_sharded_and_streamed_extraction_merge_to_the_same_vectors(vectors_dir, tiny_model_dir, hh_path, tmp_path):
+    import torch
+
+    from pairtrace.store import VectorStore
+
+    parts = []
+    for i in range(2):
+        part = tmp_path / f"part{i}"
+        result = invoke("vectors", hh_path, "--model", tiny_model_dir, "--out", part, "--layers", "2", "--layers", "3",
+                        "--limit", N_PAIRS, "--shard-size", 16, "--device", "cpu", "--shard", f"{i}/2", "--stream")
+        assert result.exit_code == 0, result.output
+        parts.append(part)
+    merged = tmp_path / "merged"
+    result = invoke("merge-vectors", *parts, "--out", merged)
+    assert result.exit_code == 0, result.output
+    full, back = VectorStore.open(vectors_dir), VectorStore.open(merged)
+    assert back.ids == full.ids
+    for layer in (2, 3):
+        torch.testing.assert_close(back.load(layer), full.load(layer), rtol=1e-5, atol=1e-6)

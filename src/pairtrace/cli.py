@@ -118,10 +118,11 @@ def load_model_from_options(options: dict[str, Any], key: str = "model"):
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  pairtrace vectors data/mix.jsonl --model runs/organism/m0 --out runs/vectors\n\n"
-        "  pairtrace vectors allenai/olmo-2-1124-7b-preference-mix --revision <sha> --split train "
-        "--model allenai/OLMo-2-1124-7B-SFT --layers 20 --dtype bfloat16 --out vec/\n\n"
-        "  pairtrace vectors --config vectors.yaml --layers 3"
+        "  pairtrace vectors data/mix.jsonl --model runs/organism/organism/m0 --out runs/vectors\n\n"
+        "  pairtrace vectors allenai/olmo-2-1124-7b-preference-mix --data-revision <sha> --split train "
+        "--model allenai/OLMo-2-1124-7B-SFT --layers 20 --dtype bfloat16 --stream --out vec/\n\n"
+        "  pairtrace vectors mix.parquet --model m0/ --shard $SLURM_ARRAY_TASK_ID/8 --out vec/\n\n"
+        "  pairtrace vectors mix.parquet --model m0/ --backend ray --ray-workers 8 --ray-gpus-per-worker 1 --out vec/"
     )
 )
 @friendly_errors
@@ -135,31 +136,77 @@ def vectors(
     data_revision: str = typer.Option(None, help="Revision of a hub dataset (pin it for reproducibility)."),
     limit: int = typer.Option(None, help="Only the first N records."),
     strict: bool = typer.Option(False, help="Stop at the first bad record instead of skipping and counting."),
+    stream: bool = typer.Option(False, help="Stream the pairs from disk (memory flat in the number of pairs)."),
+    shard: str = typer.Option(None, help="Compute only part i of n ('i/n', 0-based, or 'auto' from SLURM/torchrun)."),
+    backend: str = typer.Option("local", help="local | ray (a Ray cluster runs the shards)."),
+    ray_workers: int = typer.Option(2, help="Ray actors (each loads the model once)."),
+    ray_gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray actor."),
+    ray_address: str = typer.Option(None, help="Ray cluster address (default: running or local cluster)."),
     shard_size: int = typer.Option(1024, help="Pairs per shard (the unit of resumption)."),
-    batch_tokens: int = typer.Option(16384, help="Token budget per forward batch (padded length x rows)."),
+    batch_tokens: int = typer.Option(None, help="Token budget per forward batch (default: 2048 CPU, 32768 GPU)."),
     max_length: int = typer.Option(2048, help="Maximum tokens per sequence; prompts are truncated from the left."),
+    prompt_sharing: str = typer.Option("auto", help="auto | always | never: encode the shared prompt once."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks that run."),
+    store_dtype: str = typer.Option("float32", help="Storage dtype of the vectors: float32 | bfloat16 | float16."),
     revision: str = ModelOpts["revision"],
     dtype: str = ModelOpts["dtype"],
     device: str = ModelOpts["device"],
     template: str = ModelOpts["template"],
     config: Path = ConfigOpt,
 ) -> None:
-    """Compute datapoint vectors v_d = mean(chosen) - mean(rejected) through M0 (resumable)."""
+    """Compute datapoint vectors v_d = mean(chosen) - mean(rejected) through M0 (resumable, shardable)."""
     opts = resolve_options(ctx, command_values(locals()), "vectors")
     require(opts, "pairs", "model", "out")
     from pairtrace.data.pairs import load_pairs
-    from pairtrace.vectors import compute_datapoint_vectors
 
-    pair_set = load_pairs(opts["pairs"], split=opts["split"], revision=opts["data_revision"],
-                          strict=opts["strict"], limit=opts["limit"])
-    console.print(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
-                  f"skipped {len(pair_set.skipped)} bad record(s)")
-    loaded = load_model_from_options(opts)
-    store = compute_datapoint_vectors(
-        loaded, pair_set, opts["out"], layers=opts["layers"] or None, shard_size=opts["shard_size"],
-        batch_tokens=opts["batch_tokens"], max_length=opts["max_length"],
-    )
-    console.print(f"[green]wrote[/] {store.n} datapoint vectors at layers {list(store.layers)} to {opts['out']}")
+    common = dict(layers=opts["layers"] or None, shard_size=opts["shard_size"], batch_tokens=opts["batch_tokens"],
+                  max_length=opts["max_length"], prompt_sharing=opts["prompt_sharing"], compile=opts["compile"],
+                  dtype=opts["store_dtype"])
+    if opts["backend"] not in ("local", "ray"):
+        raise ConfigError(f"--backend must be local or ray, got {opts['backend']!r}")
+    if opts["stream"] and opts["backend"] == "local":
+        from pairtrace.vectors import compute_datapoint_vectors_from_source
+
+        loaded = load_model_from_options(opts)
+        store = compute_datapoint_vectors_from_source(
+            loaded, opts["pairs"], opts["out"], split=opts["split"], revision=opts["data_revision"],
+            strict=opts["strict"], limit=opts["limit"], shard=opts["shard"], **common,
+        )
+    else:
+        pair_set = load_pairs(opts["pairs"], split=opts["split"], revision=opts["data_revision"],
+                              strict=opts["strict"], limit=opts["limit"])
+        console.print(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
+                      f"skipped {len(pair_set.skipped)} bad record(s)")
+        if opts["backend"] == "ray":
+            from pairtrace.models import ModelSpec
+            from pairtrace.ray_backend import RayOptions, compute_datapoint_vectors_ray
+
+            spec = ModelSpec(name_or_path=str(opts["model"]), revision=opts["revision"], dtype=opts["dtype"],
+                             device=opts["device"], chat_template=opts["template"])
+            store = compute_datapoint_vectors_ray(
+                spec, pair_set, opts["out"], **common,
+                options=RayOptions(num_workers=opts["ray_workers"], num_gpus_per_worker=opts["ray_gpus_per_worker"],
+                                   address=opts["ray_address"]),
+            )
+        else:
+            from pairtrace.vectors import compute_datapoint_vectors
+
+            loaded = load_model_from_options(opts)
+            store = compute_datapoint_vectors(loaded, pair_set, opts["out"], shard=opts["shard"], **common)
+    console.print(f"[green]wrote[/] datapoint vectors at layers {list(store.layers)} to {opts['out']}")
+
+
+@app.command("merge-vectors", epilog="Example:\n\n  pairtrace merge-vectors vec-part0 vec-part1 --out vec/")
+@friendly_errors
+def merge_vectors(
+    parts: list[Path] = typer.Argument(..., help="Store directories written by `pairtrace vectors --shard i/n`."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged, complete store."),
+) -> None:
+    """Join the parts of a sharded extraction into one store (manifests must agree)."""
+    from pairtrace.shard import merge_stores
+
+    store = merge_stores(parts, out)
+    console.print(f"[green]merged[/] {store.n} datapoint vectors into {out}")
 
 
 @app.command(
