@@ -327,7 +327,8 @@ class Run:
         with meter.measure():
             store = compute_datapoint_vectors(m0, pairs, vec_dir, layers=layers, shard_size=cfg.shard_size,
                                               batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
-                                              progress=self.progress, resume=False)
+                                              prompt_sharing=cfg.prompt_sharing, progress=self.progress,
+                                              resume=False)
             bv = compute_behaviour_vectors(m0, triples, layers=layers, max_length=cfg.max_length,
                                            progress=self.progress)
         save_behaviour_vectors(bv, self.out / "behaviour")
@@ -572,6 +573,7 @@ class Run:
         return {
             "config": self.config.to_dict(),
             "pairtrace_version": __version__,
+            "versions": library_versions(),
             "timings": self.timings,
             "n_pairs": rankings["n_pairs"],
             "layer": rankings["layer"],
@@ -592,6 +594,20 @@ class Run:
         }
 
     config_path: str | None = None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"pairtrace": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "numpy", "scipy", "scikit-learn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def resolve_workers(requested: int | None, n_jobs: int) -> int:

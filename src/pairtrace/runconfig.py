@@ -101,7 +101,10 @@ class AttributionSection:
         default_factory=lambda: ["probe", "bank", "gradient", "llm_judge", "random"],
         metadata={"help": "Rankings to compute: probe, bank, gradient, llm_judge, random."},
     )
-    batch_tokens: int = field(default=16384, metadata={"help": "Token budget per extraction batch."})
+    batch_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget per extraction batch (default: 2048 on CPU, 32768 on GPU)."}
+    )
+    prompt_sharing: str = field(default="auto", metadata={"help": "auto | always | never: encode prompts once."})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence in tokens."})
     shard_size: int = field(default=1024, metadata={"help": "Pairs per vector shard."})
     gradient: dict[str, Any] = field(
