@@ -88,6 +88,10 @@ class Run:
         self.progress = progress
         if not progress:
             quiet_libraries()
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
         self.timings: dict[str, float] = {}
         self.inputs: dict[str, Any] = {}
         self._models: dict[str, Any] = {}

@@ -186,6 +186,9 @@ class RunConfig:
     validation: ValidationSection = field(default_factory=ValidationSection, metadata={"help": "Validation."})
     extras: ExtrasSection = field(default_factory=ExtrasSection, metadata={"help": "Discovery, sources, steering."})
     seed: int = field(default=0, metadata={"help": "Seed of the retrains and every sampled choice."})
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for torch in the main process (default: torch's choice)."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (saved as ``config.resolved.json``)."""
@@ -241,8 +244,8 @@ def build_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
             if value is not None and not isinstance(value, dict):
                 raise ConfigError("run config: 'organism' must be a mapping or the path of an organism YAML")
             kwargs[name] = value
-        elif name == "seed":
-            kwargs[name] = int(value)
+        elif name in ("seed", "torch_threads"):
+            kwargs[name] = None if value is None else int(value)
         else:
             kwargs[name] = _build_section(f.default_factory, value, name)  # type: ignore[misc]
     config = RunConfig(**kwargs)
