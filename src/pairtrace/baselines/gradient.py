@@ -635,7 +635,7 @@ class RandomProjector:
     """
 
     def __init__(self, n_params: int, dim: int, seed: int, device: torch.device | str = "cpu",
-                 block_rows: int = 65536, cache_elements: int = 1 << 25):
+                 block_rows: int = 65536, cache_elements: int = 1 << 27):
         self.n_params = int(n_params)
         self.dim = min(int(dim), self.n_params)
         self.projected = self.dim < self.n_params
