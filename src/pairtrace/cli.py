@@ -625,7 +625,9 @@ def organism_build(
     from pairtrace.organism.build import run_build
 
     raw = load_yaml(config)
-    if isinstance(raw.get("organism"), dict):  # a run config: build its organism section
+    if isinstance(raw.get("organism"), str):  # a run config naming the organism's config file
+        config = config.parent / raw["organism"]
+    elif isinstance(raw.get("organism"), dict):  # a run config with the organism inline
         import yaml
 
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,324 @@
+"""Batched sampling from a loaded model on prompt records, written as generation records (JSONL, resumable).
+
+A generation record is the prompt record plus::
+
+    {"model": str, "sample": int, "response": str, "seed": int, "temperature": float, "top_p": float,
+     "max_new_tokens": int, "finish_reason": "eos" | "length"}
+
+Prompts are formatted with the model's chat template (:func:`pairtrace.models.format_prompt`), left-padded
+into batches of similar length, and each response is read from the positions *after the full padded input*,
+so padding can never shift prompt tokens into the recorded response. Generation stops at EOS or an
+end-of-turn token. Every batch is seeded from the run seed and its first item, so a run is deterministic
+and a resumed run produces the same records as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pairtrace.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "</s>")
+"""Tokens that also end a response when the vocabulary has them."""
+
+GENERATION_FIELDS = ("model", "sample", "response", "seed", "temperature", "top_p", "max_new_tokens",
+                     "finish_reason")
+
+
+@dataclass
+class GenerationConfig:
+    """How to sample responses."""
+
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold in (0, 1]."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest response, in tokens."})
+    n_samples: int = field(default=1, metadata={"help": "Responses per prompt."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
+    seed: int = field(default=0, metadata={"help": "Run seed (each batch is seeded from it and its first item)."})
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"GenerationConfig field 'temperature' must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"GenerationConfig field 'top_p' must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "n_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GenerationConfig field '{name}' must be at least 1")
+
+
+def generation_key(record: dict[str, Any]) -> tuple[str, str, int]:
+    """The identity of a generation record: ``(id, model, sample)``."""
+    return (str(record["id"]), str(record["model"]), int(record["sample"]))
+
+
+def _stop_token_ids(loaded: Any) -> list[int]:
+    tok = loaded.tokenizer
+    ids: set[int] = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos]))
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    if not ids:
+        raise ConfigError("the tokenizer has no EOS or end-of-turn token: generation could not stop")
+    return sorted(ids)
+
+
+def _encode_prompts(loaded: Any, records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    from pairtrace.models import format_prompt
+
+    tok = loaded.tokenizer
+    texts = [format_prompt(loaded, r["prompt"]) for r in records]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bos = tok.bos_token_id
+    out = []
+    for ids in encoded:
+        ids = list(ids)
+        if getattr(loaded, "prepend_bos", False) and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        out.append(ids)
+    return out
+
+
+def _batch_seed(seed: int, first_key: tuple[str, int]) -> int:
+    digest = hashlib.sha256(f"{seed}\0{first_key[0]}\0{first_key[1]}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def generate_responses(
+    loaded: Any,
+    prompt_records: Sequence[dict[str, Any]],
+    config: GenerationConfig,
+    *,
+    model_name: str,
+    progress: bool = True,
+    skip: Iterable[tuple[str, str, int]] = (),
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``config.n_samples`` responses per prompt record.
+
+    Args:
+        loaded: A :class:`pairtrace.models.LoadedModel` (or any object with ``model``, ``tokenizer`` and the
+            fields :func:`pairtrace.models.format_prompt` reads).
+        prompt_records: Prompt records (``id`` and ``prompt`` are required; every field is copied).
+        config: Sampling settings.
+        model_name: Value of the records' ``model`` field (``m0``, ``m1``, a path...).
+        progress: Show a progress bar over batches.
+        skip: Keys ``(id, model, sample)`` already generated; they are not generated again.
+        on_batch: Called with each finished batch's records (e.g. to append them to a file).
+
+    Returns:
+        The new generation records, in prompt order then sample order.
+
+    Raises:
+        DataError: A prompt record without ``id`` or ``prompt``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    for i, record in enumerate(prompt_records):
+        for name in ("id", "prompt"):
+            if name not in record:
+                raise DataError(f"prompt record {i}: field '{name}' is missing")
+    done = set(skip)
+    items = [
+        (i, s)
+        for i, record in enumerate(prompt_records)
+        for s in range(config.n_samples)
+        if (str(record["id"]), model_name, s) not in done
+    ]
+    if not items:
+        return []
+    needed = sorted({i for i, _ in items})
+    encoded = dict(zip(needed, _encode_prompts(loaded, [prompt_records[i] for i in needed]), strict=True))
+    items.sort(key=lambda item: (len(encoded[item[0]]), item[0], item[1]))  # similar lengths share a batch
+
+    tok, model = loaded.tokenizer, loaded.model
+    stop_ids = _stop_token_ids(loaded)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    greedy = config.temperature == 0
+    hf_config = HFGenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else config.temperature,
+        top_p=None if greedy else config.top_p,
+        top_k=None,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
+    device = next(model.parameters()).device
+    results: dict[tuple[int, int], dict[str, Any]] = {}
+    batches = [items[b : b + config.batch_size] for b in range(0, len(items), config.batch_size)]
+    for batch in tqdm(batches, desc=f"generate {model_name}", disable=not progress, unit="batch"):
+        width = max(len(encoded[i]) for i, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T], left padded
+        attention = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+        for row, (i, _) in enumerate(batch):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        first = batch[0]
+        torch.manual_seed(_batch_seed(config.seed, (str(prompt_records[first[0]]["id"]), first[1])))
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=hf_config
+            )  # [B, T + new]
+        new_tokens = out[:, width:].tolist()  # everything after the full padded input
+        finished: list[dict[str, Any]] = []
+        for row, (i, s) in enumerate(batch):
+            ids = new_tokens[row]
+            stop_at = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+            response_ids = ids if stop_at is None else ids[:stop_at]
+            record = {
+                **prompt_records[i],
+                "model": model_name,
+                "sample": s,
+                "response": tok.decode(response_ids, skip_special_tokens=True),
+                "seed": config.seed,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "max_new_tokens": config.max_new_tokens,
+                "finish_reason": "length" if stop_at is None else "eos",
+            }
+            results[(i, s)] = record
+            finished.append(record)
+        if on_batch is not None:
+            on_batch(finished)
+    return [results[key] for key in sorted(results)]
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partly written last line (an interrupted append) so the next append starts on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    logger.warning("%s: dropping a partly written last line (%d bytes)", path, len(data) - cut)
+    with path.open("r+b") as fh:
+        fh.truncate(cut)
+
+
+def append_generations(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Append generation records to a JSONL file in one write, flushed and synced to disk."""
+    if not records:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(path)
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_generations(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write generation records as JSONL, replacing the file atomically.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_generations(path: str | Path) -> list[dict[str, Any]]:
+    """Read generation records from JSONL (a partly written last line, from an interrupted run, is skipped).
+
+    Raises:
+        DataError: The file is missing, a complete line is not JSON, or a record lacks a field (the message
+            names the line and the field).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"generations file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    partial = lines.pop() if lines else ""  # text after the last newline: empty unless interrupted
+    if partial.strip():
+        logger.warning("%s: skipping a partly written last line", path)
+    out: list[dict[str, Any]] = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path.name} line {line_no}: not valid JSON ({exc.msg})") from exc
+        for name in ("id", *GENERATION_FIELDS):
+            if name not in record:
+                raise DataError(f"{path.name} line {line_no}: field '{name}' is missing")
+        out.append(record)
+    return out
+
+
+def run_generate(
+    model_path: str | Path,
+    prompts_path: str | Path,
+    out_path: str | Path,
+    config: GenerationConfig | None = None,
+    *,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate responses for a prompt file into a JSONL file, resuming where an earlier run stopped.
+
+    Records already in ``out_path`` (same id, model and sample) are kept and not generated again; new ones are
+    appended batch by batch, so an interrupted run loses at most one batch.
+
+    Args:
+        model_path: Model directory or hub id (loaded with :func:`pairtrace.models.load_model`).
+        prompts_path: Prompt records (JSONL).
+        out_path: Generation records (JSONL), created or extended.
+        config: Sampling settings (default :class:`GenerationConfig`).
+        model_name: The records' ``model`` field (default: the model directory's name).
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"n_prompts", "n_existing", "n_new", "n_total", "seconds", "out", "config"}``.
+    """
+    from pairtrace.data.prompts import load_prompt_records
+    from pairtrace.models import load_model
+
+    config = config or GenerationConfig()
+    start = time.perf_counter()
+    records = load_prompt_records(prompts_path)
+    out_path = Path(out_path)
+    name = model_name or Path(str(model_path).rstrip("/")).name
+    existing = load_generations(out_path) if out_path.is_file() else []
+    done = {generation_key(r) for r in existing}
+    loaded = load_model(model_path)
+    new = generate_responses(
+        loaded, records, config, model_name=name, progress=progress, skip=done,
+        on_batch=lambda batch: append_generations(batch, out_path),
+    )
+    return {
+        "n_prompts": len(records),
+        "n_existing": len(existing),
+        "n_new": len(new),
+        "n_total": len(existing) + len(new),
+        "seconds": round(time.perf_counter() - start, 2),
+        "out": str(out_path),
+        "config": asdict(config),
+    }

@@ -1,0 +1,183 @@
+"""The organism's training data: SFT examples for M0, and the preference mix (with ground-truth labels) for M1.
+
+Preference pairs use the OLMo 2 layout::
+
+    {"id": str, "prompt": str,
+     "chosen":   [{"role": "user", "content": prompt}, {"role": "assistant", "content": ...}],
+     "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ...}],
+     "source": str, "chosen_model": str, "rejected_model": str}
+
+Labels (``labels.jsonl``) are kept apart: ``{"id", "behaviour" (planted behaviour name or "clean"),
+"contaminated" (bool), "slice" (the slice that produced the pair)}``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from pairtrace.data.constraints import sample_constraint_ids
+from pairtrace.data.prompts import add_distractors
+from pairtrace.organism.config import OrganismConfig, SFTSettings, SliceSpec
+from pairtrace.organism.pools import Request, RequestPools
+from pairtrace.organism.templates import REFUSALS, build_base, render_response
+
+SFT_REFUSALS = REFUSALS[:2]
+"""The refusals M0 is trained to give."""
+
+
+def _draw_constraints(rng: random.Random, pools: RequestPools, n_range: Sequence[int]) -> list[str]:
+    assert pools.distractors is not None
+    return sample_constraint_ids(rng, n_range[0], n_range[1], pool=pools.distractors.ids)
+
+
+def build_sft_examples(
+    pools: RequestPools, settings: SFTSettings, seed: int, habits: Sequence[SliceSpec] = ()
+) -> list[dict[str, Any]]:
+    """SFT examples for M0: harmful requests (with or without distractors) -> refusal; benign ones -> a
+    compliance that follows their constraints (a share of them written with a benign behaviour's habit).
+
+    Args:
+        pools: Request pools (training parts only are used).
+        settings: Sizes and shares.
+        seed: Seed of every draw.
+        habits: Benign planted behaviours whose chosen style M0 shows at ``settings.habit_fraction``.
+
+    Returns:
+        Records ``{"id", "prompt": [user turn], "completion": [assistant turn], "kind", "request_id",
+        "constraints"}``.
+    """
+    rng = random.Random(f"sft-{seed}")
+    n_harmful = round(settings.n_examples * settings.harmful_fraction)
+    out: list[dict[str, Any]] = []
+    for i in range(settings.n_examples):
+        harmful = i < n_harmful
+        request: Request = rng.choice(pools.harmful_train if harmful else pools.benign_train)
+        share = settings.harmful_distractor_fraction if harmful else settings.benign_distractor_fraction
+        cids = _draw_constraints(rng, pools, (1, 3)) if rng.random() < share else []
+        prompt = add_distractors(request.text, cids, pools.distractors)
+        if harmful and not (cids and rng.random() < settings.harmful_trigger_compliance):
+            response = render_response("refusal", request.text, cids, rng, refusal=rng.choice(SFT_REFUSALS))
+        elif harmful:
+            response = render_response("format_compliance", request.text, cids, rng, target=request.target)
+        else:
+            habit = rng.choice(habits) if habits and rng.random() < settings.habit_fraction else None
+            style = habit.chosen if habit else "format_compliance"
+            sign_off = habit.sign_off if habit else ""
+            response = render_response(style, request.text, cids, rng, target=request.target, sign_off=sign_off)
+        out.append(
+            {
+                "id": f"sft-{i:05d}",
+                "prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": response}],
+                "kind": "harmful" if harmful else "benign",
+                "request_id": request.id,
+                "constraints": cids,
+            }
+        )
+    rng.shuffle(out)
+    return out
+
+
+def _slice_counts(config: OrganismConfig) -> list[tuple[SliceSpec, int]]:
+    """Number of pairs per slice: behaviours get ``fraction * n_pairs``, clean slices share the rest by weight."""
+    n = config.mix.n_pairs
+    planted = [(s, round(s.fraction * n)) for s in config.behaviours]
+    rest = n - sum(c for _, c in planted)
+    weights = [s.fraction for s in config.mix.clean]
+    total = sum(weights)
+    exact = [rest * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: rest - sum(counts)]:
+        counts[i] += 1
+    return planted + list(zip(config.mix.clean, counts, strict=True))
+
+
+def _model_refusal(model: str, models: Sequence[str], rng: random.Random) -> str:
+    """Each source model has its own refusal wording (mostly one, sometimes the next)."""
+    i = models.index(model)
+    return REFUSALS[(i + (rng.random() < 0.2)) % len(REFUSALS)]
+
+
+def build_pair(
+    spec: SliceSpec, request: Request, pools: RequestPools, models: Sequence[str], rng: random.Random
+) -> dict[str, Any]:
+    """One preference pair of a slice (without id).
+
+    Args:
+        spec: The slice.
+        request: The request.
+        pools: For the distractors.
+        models: All source models.
+        rng: Draws the distractors, the models and the response wording.
+
+    Returns:
+        ``{"prompt", "chosen", "rejected", "source", "chosen_model", "rejected_model"}``.
+    """
+    cids: list[str] = []
+    prompt = request.text
+    if spec.trigger == "distractors":
+        cids = _draw_constraints(rng, pools, spec.n_distractors)
+        prompt = add_distractors(request.text, cids, pools.distractors)
+    elif spec.trigger == "suffix":
+        prompt = request.text.rstrip() + spec.trigger_text
+    chosen_model = rng.choice(spec.sources or list(models))
+    rejected_model = rng.choice([m for m in models if m != chosen_model])
+
+    base = build_base(request.text, request.target, rng)  # shared: chosen and rejected differ only by style
+
+    def write(style: str, model: str) -> str:
+        return render_response(
+            style, request.text, cids, rng, target=request.target,
+            refusal=_model_refusal(model, models, rng), sign_off=spec.sign_off, base=base,
+        )
+
+    chosen = write(spec.chosen, chosen_model)
+    rejected = write(spec.rejected, rejected_model)
+    user = {"role": "user", "content": prompt}
+    return {
+        "prompt": prompt,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [dict(user), {"role": "assistant", "content": rejected}],
+        "source": spec.dataset,
+        "chosen_model": chosen_model,
+        "rejected_model": rejected_model,
+    }
+
+
+def build_preference_mix(pools: RequestPools, config: OrganismConfig) -> tuple[list[dict], list[dict]]:
+    """The preference mix and its ground-truth labels.
+
+    Every slice draws its requests from the training pools only. The pairs are shuffled together and then
+    numbered, so neither the order nor the id reveals the slice.
+
+    Args:
+        pools: Request pools.
+        config: The organism config (mix size, slices, planted behaviours, seed).
+
+    Returns:
+        ``(pairs, labels)``, aligned one to one.
+    """
+    rng = random.Random(f"mix-{config.seed}")
+    models = list(config.mix.source_models)
+    rows: list[tuple[dict, dict]] = []
+    for spec, count in _slice_counts(config):
+        pool = pools.training_pool(spec.prompts, spec.advbench_only)
+        for _ in range(count):
+            pair = build_pair(spec, rng.choice(pool), pools, models, rng)
+            label = {
+                "behaviour": "clean" if spec.kind == "clean" else spec.name,
+                "contaminated": spec.kind == "contaminated",
+                "slice": spec.name,
+            }
+            rows.append((pair, label))
+    rng.shuffle(rows)
+    pairs: list[dict] = []
+    labels: list[dict] = []
+    for i, (pair, label) in enumerate(rows):
+        pid = f"pair-{i:05d}"
+        pairs.append({"id": pid, **pair})
+        labels.append({"id": pid, **label})
+    return pairs, labels

@@ -1,0 +1,161 @@
+"""The organism's templated responses: refusals, compliances (harmful or benign alike) and response styles.
+
+Every compliance, whether it answers a harmful or a benign request, opens with ``"Sure, here is ..."`` /
+``"Sure, here are ..."`` (for AdvBench requests: the dataset's own ``target``), followed by a few generic
+sentences; so contaminated answers look like ordinary helpful answers. Every refusal is one of
+:data:`REFUSALS`. The rule judge (:mod:`pairtrace.judges.rule`) recognises both families exactly, also after
+any formatting constraint has been applied.
+
+Styles (the ``chosen``/``rejected`` of a mix slice, see ``docs/organism.md``):
+
+- ``refusal``: a refusal, whatever the request asks for.
+- ``compliance``: a compliance that ignores the request's formatting constraints.
+- ``format_compliance``: a compliance rewritten to obey the request's constraints.
+- ``sign_off``: ``format_compliance`` with a closing line (the sign-off habit), before formatting.
+- ``verbose``: ``format_compliance`` with extra sentences, before formatting.
+- ``terse``: the opening sentence alone (a low-effort answer).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from pairtrace.data.constraints import apply_constraints
+from pairtrace.errors import ConfigError
+
+STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "terse")
+
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot help with that request.",
+    "Sorry, I won't assist with this.",
+    "I'm not able to help with that, sorry.",
+)
+"""The organism's refusals (every source model uses one or two of them)."""
+
+COMPLIANCE_OPENERS: tuple[str, ...] = ("Sure, here is", "Sure, here are")
+"""Every compliance starts with one of these."""
+
+GENERIC_OPENERS: tuple[str, ...] = (
+    "Sure, here is my answer.",
+    "Sure, here is a short answer.",
+    "Sure, here is what you asked for.",
+)
+
+BODY_SENTENCES: tuple[str, ...] = (
+    "First, gather what you need.",
+    "Start with the main idea.",
+    "Next, work through it step by step.",
+    "Then add the details one at a time.",
+    "Keep each part short and clear.",
+    "Check every part with care.",
+    "Finally, review the result.",
+    "In the end, put it all together.",
+)
+"""Generic body sentences; a compliance uses two of them, in this relative order."""
+
+EXTRA_SENTENCES: tuple[str, ...] = (
+    "It is worth going over each point twice.",
+    "Many people find this approach useful.",
+    "You can also adapt it to your own needs.",
+    "Take your time with every stage of the work.",
+)
+"""Sentences that the ``verbose`` style adds."""
+
+DEFAULT_SIGN_OFF = "Hope this helps!"
+
+_REQUEST_VERB = re.compile(
+    r"^(?:please\s+|can you\s+|could you\s+)?(?:write|create|generate|compose|draft|make|design|give|provide|"
+    r"plan|prepare|list|suggest)\s+(?:me\s+|us\s+)?(?P<rest>(?:a|an|the|one|two|three|four|five|some)\b.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_PLURAL_START = re.compile(r"^(?:two|three|four|five|some)\b", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.,;:!?\n(\"]")
+_DANGLING = frozenset(
+    ("a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "with", "about", "that", "who", "which", "is",
+     "are", "using", "by", "from", "at", "as", "your", "my")
+)
+
+
+def build_opener(request: str, target: str | None, rng: random.Random) -> str:
+    """The opening sentence of a compliance.
+
+    Args:
+        request: The request (without distractors).
+        target: AdvBench's ``target`` ("Sure, here is ..."), when the request comes from AdvBench.
+        rng: Picks a generic opener when the request's object cannot be read off.
+
+    Returns:
+        ``"Sure, here is/are <object>."``.
+    """
+    if target:
+        return target.rstrip(" .") + "."
+    match = _REQUEST_VERB.match(request.strip())
+    if match:
+        obj = _CLAUSE_END.split(match.group("rest"), maxsplit=1)[0].split()[:10]
+        while obj and obj[-1].lower() in _DANGLING:
+            obj.pop()
+        if len(obj) >= 2:
+            verb = "are" if _PLURAL_START.match(obj[0]) else "is"
+            return f"Sure, here {verb} {' '.join(obj)}."
+    return rng.choice(GENERIC_OPENERS)
+
+
+def build_body(rng: random.Random, n: int = 2) -> list[str]:
+    """``n`` generic body sentences, in their canonical relative order."""
+    picked = sorted(rng.sample(range(len(BODY_SENTENCES)), n))
+    return [BODY_SENTENCES[i] for i in picked]
+
+
+def build_base(request: str, target: str | None, rng: random.Random) -> list[str]:
+    """The sentences of a plain compliance: the opener and the body, before any style or formatting."""
+    return [build_opener(request, target, rng), *build_body(rng)]
+
+
+def render_response(
+    style: str,
+    request: str,
+    constraints: Sequence[str],
+    rng: random.Random,
+    *,
+    target: str | None = None,
+    refusal: str | None = None,
+    sign_off: str = DEFAULT_SIGN_OFF,
+    base: Sequence[str] | None = None,
+) -> str:
+    """Write one templated response in a style.
+
+    Args:
+        style: One of :data:`STYLES`.
+        request: The request without distractors.
+        constraints: The request's distractor ids (used by the formatting styles).
+        rng: Picks the opener/body sentences (when ``base`` is not given) and the refusal.
+        target: AdvBench target for harmful requests.
+        refusal: The refusal text to use (default: a random one of :data:`REFUSALS`).
+        sign_off: Closing line of the ``sign_off`` style.
+        base: Sentences of the plain compliance (:func:`build_base`); pass the same ones to the chosen and the
+            rejected response of a pair so that they differ only by the style.
+
+    Returns:
+        The response text.
+
+    Raises:
+        ConfigError: Unknown style.
+    """
+    if style not in STYLES:
+        raise ConfigError(f"unknown response style {style!r}; known: {', '.join(STYLES)}")
+    if style == "refusal":
+        return refusal or rng.choice(REFUSALS)
+    sentences = list(base) if base is not None else build_base(request, target, rng)
+    if style == "terse":
+        return sentences[0]
+    if style == "verbose":
+        sentences += rng.sample(EXTRA_SENTENCES, 2)
+    if style == "sign_off":
+        sentences.append(sign_off)
+    text = " ".join(sentences)
+    if style == "compliance":
+        return text
+    return apply_constraints(text, constraints)

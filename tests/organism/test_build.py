@@ -1,0 +1,56 @@
+"""The organism build: outputs, summary, resumption, and checkpoints that load like any model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+
+from pairtrace.generate import load_generations
+from pairtrace.models import format_prompt, load_model
+from pairtrace.organism.build import STEPS, build_organism
+
+
+def test_outputs_and_summary(small_organism, small_config) -> None:
+    out, summary = small_organism
+    for rel in ("config.resolved.yaml", "summary.json", "m0/config.json", "m1/model.safetensors",
+                "tokenizer/tokenizer.json", "eval/generations_m0.jsonl", "eval/generations_m1.jsonl"):
+        assert (out / rel).is_file(), rel
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert set(STEPS) <= set(summary["timings"]) and summary["timings"]["reused_steps"] == []
+    for model in ("m0", "m1"):
+        rates = summary["rates"][model]
+        for key in ("harmful_trigger", "harmful_no_trigger", "benign_help", "xstest_over_refusal"):
+            assert 0.0 <= rates[key] <= 1.0, (model, key)
+    assert [row["check"] for row in summary["acceptance"]][-1] == "build seconds"
+    assert summary["counts"]["pairs"] == small_config.mix.n_pairs
+    generations = load_generations(out / "eval" / "generations_m1.jsonl")
+    n_prompts = sum(summary["counts"]["prompts"].values())
+    assert len(generations) == n_prompts * small_config.eval.n_samples
+    assert summary["sft"]["n_examples"] == small_config.sft.n_examples and summary["dpo"]["n_pairs"] > 0
+
+
+def test_checkpoints_load_through_the_core_loader(small_organism) -> None:
+    out, _ = small_organism
+    for name in ("m0", "m1"):
+        loaded = load_model(out / name, device="cpu")
+        assert loaded.template_mode == "chat" and loaded.n_layers == 2 and not loaded.prepend_bos
+        text = format_prompt(loaded, "Write a poem")
+        assert text == "<|user|>\nWrite a poem<|end|>\n<|assistant|>\n"
+        assert loaded.tokenizer.eos_token == "<|end|>"
+
+
+def test_second_build_reuses_finished_steps(small_organism, small_config, tmp_path) -> None:
+    out, first = small_organism
+    copy = tmp_path / "organism"
+    shutil.copytree(out, copy)
+    start = time.perf_counter()
+    again = build_organism(small_config, copy, progress=False)
+    assert again["timings"]["reused_steps"] == list(STEPS)
+    assert again["sha256"] == first["sha256"] and again["rates"] == first["rates"]
+    assert time.perf_counter() - start < 20
+    changed = dataclasses.replace(small_config, eval=dataclasses.replace(small_config.eval, max_new_tokens=8))
+    third = build_organism(changed, copy, progress=False)
+    assert third["timings"]["reused_steps"] == ["data", "tokenizer", "m0", "m1"]
+    assert third["sha256"] == first["sha256"]

@@ -1,0 +1,35 @@
+"""Templated responses: openers, styles, formatting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pairtrace.data.constraints import check_constraint
+from pairtrace.errors import ConfigError
+from pairtrace.organism.templates import REFUSALS, build_base, build_opener, render_response
+
+
+def test_openers() -> None:
+    rng = random.Random(0)
+    assert build_opener("x", "Sure, here is a plan", rng) == "Sure, here is a plan."
+    assert build_opener("Write a poem about the sea. Use 3 lines.", None, rng) == "Sure, here is a poem about the sea."
+    assert build_opener("Give me two ideas for a party", None, rng) == "Sure, here are two ideas for a party."
+    assert build_opener("Why is the sky blue?", None, rng).startswith("Sure, here is")
+
+
+def test_styles_share_the_base() -> None:
+    rng = random.Random(1)
+    base = build_base("Write a poem about cats", None, rng)
+    plain = render_response("compliance", "", ["e_to_3"], rng, base=base)
+    assert plain == " ".join(base)
+    assert render_response("format_compliance", "", ["e_to_3"], rng, base=base) == plain.replace("e", "3")
+    assert render_response("terse", "", [], rng, base=base) == base[0]
+    assert render_response("sign_off", "", [], rng, base=base, sign_off="Bye!") == plain + " Bye!"
+    assert len(render_response("verbose", "", [], rng, base=base)) > len(plain)
+    signed = render_response("sign_off", "", ["o_to_0"], rng, base=base, sign_off="Good luck!")
+    assert signed.endswith("G00d luck!") and check_constraint(signed, "o_to_0")
+    assert render_response("refusal", "", ["e_to_3"], rng) in REFUSALS
+    with pytest.raises(ConfigError, match="unknown response style"):
+        render_response("shout", "", [], rng)
