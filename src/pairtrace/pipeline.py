@@ -39,12 +39,13 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
+def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+def _write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -455,11 +456,12 @@ class Run:
         logger.info("retraining %d models in %d worker processes (1 thread each)", len(todo), workers)
         state = {"config": self.config.to_dict(), "out": str(self.out),
                  "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in self.inputs.items()}}
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        try:
             futures = {pool.submit(_retrain_worker, state, exp): exp for exp in todo}
             for future in cf.as_completed(futures):
                 exp = futures[future]
-                result, seconds = future.result()
+                result, seconds = future.result()  # a failed retrain stops the run; finished ones stay cached
                 name = f"retrain-{exp['name']}"
                 self.timings[name] = seconds
                 _write_json(self.out / "stages" / f"{name}.json",
@@ -467,6 +469,8 @@ class Run:
                              "pairtrace_version": __version__})
                 logger.info("stage %-28s done in %.1f s", name, seconds)
                 outcomes[exp["name"]] = result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return outcomes
 
     def _retrain_and_evaluate(self, exp: dict[str, Any]) -> dict[str, Any]:
