@@ -23,13 +23,15 @@ FIELDS = ("kind", "model", "layers", "template", "dataset", "ids", "shard_size",
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # logical CPUs: two single-CPU actors plus Ray Data's own read/collect tasks must never starve each other
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
 
 
+@pytest.mark.timeout(300)
 def test_ray_backend_writes_the_same_store(ray_cluster, tiny_model_dir, tiny_loaded, tiny_pairs, tmp_path):
     from pairtrace.ray_backend import compute_datapoint_vectors_ray
 
