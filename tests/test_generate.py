@@ -22,6 +22,16 @@ from pairtrace.generate import (
     run_generate,
 )
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One CPU thread: much faster than two for tiny models on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "sure", "here", "is", "a", "short",
          "answer", "to", "your", "question")
 
@@ -130,10 +140,10 @@ def test_run_generate_resumes_to_the_same_records(tiny_model_dir: Path, tmp_path
 
     lines = full.read_text().splitlines(keepends=True)
     partial = tmp_path / "partial.jsonl"
-    partial.write_text("".join(lines[:4]) + lines[4][:25])  # one finished batch, then an interrupted write
-    assert len(load_generations(partial)) == 4
+    partial.write_text("".join(lines[:6]) + lines[6][:25])  # a batch and a half, then an interrupted write
+    assert len(load_generations(partial)) == 6
     resumed = run_generate(tiny_model_dir, prompts, partial, config, model_name="m0", progress=False)
-    assert resumed["n_existing"] == 4 and resumed["n_new"] == 6
+    assert resumed["n_existing"] == 6 and resumed["n_new"] == 4
     by_key = {generation_key(r): r for r in load_generations(full)}
     again = load_generations(partial)
     assert len(again) == 10 and {generation_key(r): r for r in again} == by_key

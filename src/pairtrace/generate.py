@@ -8,8 +8,9 @@ A generation record is the prompt record plus::
 Prompts are formatted with the model's chat template (:func:`pairtrace.models.format_prompt`), left-padded
 into batches of similar length, and each response is read from the positions *after the full padded input*,
 so padding can never shift prompt tokens into the recorded response. Generation stops at EOS or an
-end-of-turn token. Every batch is seeded from the run seed and its first item, so a run is deterministic
-and a resumed run produces the same records as an uninterrupted one.
+end-of-turn token. Batches are formed over all prompts and samples and each is seeded from the run seed and
+its first item, so a run is deterministic and a resumed run (even after a batch was only partly written)
+produces the same records as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def generate_responses(
         config: Sampling settings.
         model_name: Value of the records' ``model`` field (``m0``, ``m1``, a path...).
         progress: Show a progress bar over batches.
-        skip: Keys ``(id, model, sample)`` already generated; they are not generated again.
+        skip: Keys ``(id, model, sample)`` already generated; they are not returned again (a batch that holds
+            some of them is regenerated whole, with its usual seed, so the missing records are the same as in
+            an uninterrupted run).
         on_batch: Called with each finished batch's records (e.g. to append them to a file).
 
     Returns:
@@ -134,17 +137,20 @@ def generate_responses(
             if name not in record:
                 raise DataError(f"prompt record {i}: field '{name}' is missing")
     done = set(skip)
-    items = [
-        (i, s)
-        for i, record in enumerate(prompt_records)
-        for s in range(config.n_samples)
-        if (str(record["id"]), model_name, s) not in done
-    ]
-    if not items:
+
+    def is_done(item: tuple[int, int]) -> bool:
+        return (str(prompt_records[item[0]]["id"]), model_name, item[1]) in done
+
+    # Batches are formed over *every* (prompt, sample), whatever is already done, so that a resumed run
+    # regenerates exactly the batches of an uninterrupted one (same members, same seed) and keeps the records
+    # that are missing: a batch cut short by an interruption is simply generated again.
+    items = [(i, s) for i in range(len(prompt_records)) for s in range(config.n_samples)]
+    if all(is_done(item) for item in items):
         return []
-    needed = sorted({i for i, _ in items})
-    encoded = dict(zip(needed, _encode_prompts(loaded, [prompt_records[i] for i in needed]), strict=True))
+    encoded = dict(enumerate(_encode_prompts(loaded, prompt_records)))
     items.sort(key=lambda item: (len(encoded[item[0]]), item[0], item[1]))  # similar lengths share a batch
+    batches = [items[b : b + config.batch_size] for b in range(0, len(items), config.batch_size)]
+    batches = [batch for batch in batches if not all(is_done(item) for item in batch)]
 
     tok, model = loaded.tokenizer, loaded.model
     stop_ids = _stop_token_ids(loaded)
@@ -161,7 +167,6 @@ def generate_responses(
     )
     device = next(model.parameters()).device
     results: dict[tuple[int, int], dict[str, Any]] = {}
-    batches = [items[b : b + config.batch_size] for b in range(0, len(items), config.batch_size)]
     for batch in tqdm(batches, desc=f"generate {model_name}", disable=not progress, unit="batch"):
         width = max(len(encoded[i]) for i, _ in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T], left padded
@@ -193,8 +198,9 @@ def generate_responses(
                 "max_new_tokens": config.max_new_tokens,
                 "finish_reason": "length" if stop_at is None else "eos",
             }
-            results[(i, s)] = record
-            finished.append(record)
+            if not is_done((i, s)):
+                results[(i, s)] = record
+                finished.append(record)
         if on_batch is not None:
             on_batch(finished)
     return [results[key] for key in sorted(results)]

@@ -6,11 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pairtrace.organism.build import build_organism
 from pairtrace.organism.config import OrganismConfig, load_organism_config
 
 SMALL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "organism-small.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One CPU thread (what the organism uses): much faster than two on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

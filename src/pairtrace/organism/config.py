@@ -1,7 +1,8 @@
 """The organism's configuration: data splits, tokenizer, model, SFT, preference mix, planted behaviours, DPO, eval.
 
-Loaded from YAML (``configs/organism-build.yaml``, or the ``organism`` section of a run config); the schema is documented in ``docs/organism.md``. Every section
-is a dataclass whose fields carry help text; unknown keys are rejected with the section and key named.
+Loaded from YAML (``configs/organism-build.yaml``, or the ``organism`` section of a run config); the schema is
+documented in ``docs/organism.md``. Every section is a dataclass whose fields carry help text; unknown keys are
+rejected with the section and key named.
 """
 
 from __future__ import annotations
