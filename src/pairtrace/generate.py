@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairtrace.errors import ConfigError, DataError
+from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,26 @@ def load_generations(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def check_resumable(existing: Sequence[dict[str, Any]], config: GenerationConfig, model_name: str,
+                    out_path: Path) -> None:
+    """Refuse to extend a generation file written by another model or with other sampling settings.
+
+    Raises:
+        ManifestMismatchError: Naming the line, the field and both values.
+    """
+    wanted = {"seed": config.seed, "temperature": config.temperature, "top_p": config.top_p,
+              "max_new_tokens": config.max_new_tokens}
+    for line, record in enumerate(existing, start=1):
+        if record.get("model") != model_name:
+            continue  # records of other models may share a file; they are never regenerated here
+        for key, value in wanted.items():
+            if key in record and record[key] != value:
+                raise ManifestMismatchError(
+                    f"{out_path} line {line}: field '{key}' is {record[key]!r}, but this run uses {value!r}; "
+                    "resuming would mix samples of two settings: write to another file or delete this one"
+                )
+
+
 def run_generate(
     model_path: str | Path,
     prompts_path: str | Path,
@@ -313,6 +333,7 @@ def run_generate(
     out_path = Path(out_path)
     name = model_name or Path(str(model_path).rstrip("/")).name
     existing = load_generations(out_path) if out_path.is_file() else []
+    check_resumable(existing, config, name, out_path)
     done = {generation_key(r) for r in existing}
     loaded = load_model(model_path)
     new = generate_responses(

@@ -466,12 +466,6 @@ def test_cli_interrupt_keeps_work_and_says_how_to_resume(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- resumed JSONL stages
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate.run_generate keeps every record already in the output file by (id, model, sample) without "
-    "comparing its seed, temperature, top_p or max_new_tokens with the run's config, so a rerun with other "
-    "sampling settings silently mixes samples of two settings",
-)
 def test_resuming_generation_with_other_sampling_settings_is_refused(tiny_model_dir, tmp_path):
     records = [build_prompt_record(f"q{i}", f"b{i}", "benign", "no_trigger", f"Say hello {i}.") for i in range(2)]
     prompts = save_prompt_records(records, tmp_path / "prompts.jsonl")
