@@ -8,6 +8,8 @@ from pathlib import Path
 from pairtrace.errors import ConfigError
 
 SHARED_DATA_ENV = "PAIRTRACE_SHARED_DATA"
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "public"
+"""Unmodified copies of the public evaluation files (licences and checksums in its README.md)."""
 """Environment variable that overrides the location of the shared data folder."""
 
 
@@ -25,7 +27,7 @@ def shared_data_dir() -> Path:
     """Locate the shared evaluation data folder.
 
     The folder is taken from the ``PAIRTRACE_SHARED_DATA`` environment variable when it is set,
-    else ``<repo>/../shared/data``.
+    else ``<repo>/../shared/data``, else the copies shipped in the package (``pairtrace/data/public``).
 
     Returns:
         The existing folder.
@@ -35,6 +37,8 @@ def shared_data_dir() -> Path:
     """
     configured = os.environ.get(SHARED_DATA_ENV)
     path = Path(configured).expanduser() if configured else default_shared_data_dir()
+    if not configured and not path.is_dir() and PACKAGED_DATA_DIR.is_dir():
+        return PACKAGED_DATA_DIR  # the byte-identical copies shipped inside the package
     if not path.is_dir():
         how = f"set by {SHARED_DATA_ENV}" if configured else f"default; set {SHARED_DATA_ENV} to override"
         raise ConfigError(f"shared data folder not found: {path} ({how})")
