@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
+from pairtrace.records import write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +240,7 @@ def save_generations(records: Iterable[dict[str, Any]], path: str | Path) -> Pat
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_jsonl_atomic(records, path)
 
 
 def load_generations(path: str | Path) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from pairtrace import __version__
 from pairtrace.errors import ConfigError
+from pairtrace.records import write_jsonl_atomic
 from pairtrace.runconfig import RunConfig, load_run_config
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,7 @@ def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_jsonl_atomic(records, path)
 
 
 def _finite(x: Any) -> float | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import write_jsonl_atomic
 
 T = TypeVar("T")
 
@@ -396,14 +397,7 @@ def save_prompt_records(records: Iterable[dict[str, Any]], path: str | Path) -> 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_jsonl_atomic(records, path)
 
 
 def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
