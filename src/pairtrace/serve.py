@@ -271,14 +271,21 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in ("/v1/chat/completions", "/chat/completions"):
             self._send_error(404, f"no route {self.path}")
             return
-        state = self.state
-        call = state.enter()
+        call = self.state.enter()
+        self._call_open = True
         try:
             self._complete(call)
         except (BrokenPipeError, ConnectionResetError):
             logger.debug("client went away during call %d", call)
         finally:
-            state.leave()
+            self._close_call()
+
+    def _close_call(self) -> None:
+        # A call stops being in flight once its reply is ready, before the bytes go out: a client that sends its
+        # next request as soon as it reads a reply must never see two of its own calls counted at once.
+        if getattr(self, "_call_open", False):
+            self._call_open = False
+            self.state.leave()
 
     def _reconfigure(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -388,6 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(status, json.dumps(payload).encode(), headers)
 
     def _send_bytes(self, status: int, raw: bytes, headers: dict[str, str] | None = None) -> None:
+        self._close_call()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
