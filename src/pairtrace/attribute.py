@@ -27,6 +27,7 @@ import torch
 
 from pairtrace import __version__
 from pairtrace.errors import ManifestMismatchError, PairtraceError
+from pairtrace.records import write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -309,14 +310,11 @@ def save_ranking(ranking: Ranking, out_dir: str | Path, name: str = "ranking") -
     tmp = parquet.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     tmp.replace(parquet)
-    jsonl = out / f"{name}.jsonl"
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in ranking.table.to_dict(orient="records"):
-            score = rec["score"]
-            rec["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(jsonl)
+    records = ranking.table.to_dict(orient="records")
+    for rec in records:
+        score = rec["score"]
+        rec["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
+    write_jsonl_atomic(records, out / f"{name}.jsonl")
     (out / f"{name}.json").write_text(json.dumps(ranking.metadata, indent=2, ensure_ascii=False), encoding="utf-8")
     return parquet
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pairtrace.errors import PairtraceError
+from pairtrace.records import write_json_atomic
 
 FORWARD_FLOPS_PER_PARAM_TOKEN = 2.0
 """FLOPs of one forward pass per parameter per token."""
@@ -276,12 +277,7 @@ def format_cost_table(rows: Sequence[dict]) -> str:
 
 def save_costs(records: Iterable[CostRecord], path: str | Path) -> Path:
     """Write cost records as a JSON list (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps([r.to_dict() for r in records], indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json_atomic([r.to_dict() for r in records], path)
 
 
 def load_costs(path: str | Path) -> list[CostRecord]:

@@ -10,8 +10,6 @@ response is a refusal.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge
 from pairtrace.judges.openai import JudgementKey, judge_generations, judgement_key, load_jsonl, load_judgements
 from pairtrace.judges.rubric import HARMFUL_THRESHOLD
+from pairtrace.records import write_json_atomic
 from pairtrace.stats import RateCI, bootstrap_rate_ci
 
 GroupKey = tuple[str, str, str]
@@ -315,10 +314,7 @@ def run_evaluate(
     result = evaluate_generations(generations, load_judgements(judgements_path), n_boot=n_boot, seed=seed)
     result["judging"] = judging
     result["paths"] = {"generations": str(generations_path), "judgements": str(judgements_path)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_path)
+    write_json_atomic(result, out_path)
     return result
 
 

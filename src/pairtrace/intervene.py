@@ -13,7 +13,6 @@ Records that could not be parsed as pairs are copied through unchanged and count
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pairtrace import __version__
 from pairtrace.data.pairs import detect_source_kind, iter_records, load_pairs, pair_from_record
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
+from pairtrace.records import write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +98,6 @@ def switched_record(record: dict[str, Any]) -> dict[str, Any]:
             if other in record:
                 out[key], out[other] = record[other], record[key]
     return out
-
-
-def _write_jsonl(records: Iterator[dict[str, Any]], path: Path) -> int:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with opener(tmp, "wt", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
 
 
 def _write_json_array(records: Iterator[dict[str, Any]], path: Path) -> int:
@@ -231,7 +219,7 @@ def apply_intervention(
             yield switched_record(raw.data)
 
     if kind == "jsonl":
-        _write_jsonl(transformed(), target)
+        write_jsonl_atomic(transformed(), target)
     elif kind == "json":
         _write_json_array(transformed(), target)
     elif kind == "parquet":

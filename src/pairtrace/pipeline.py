@@ -25,28 +25,12 @@ from typing import Any
 
 from pairtrace import __version__
 from pairtrace.errors import ConfigError
-from pairtrace.records import write_jsonl_atomic
+from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.runconfig import RunConfig, load_run_config
 
 logger = logging.getLogger(__name__)
 
 RESULT_KEYS = ("harmful", "harmful_no_trigger", "benign_helpfulness", "format_following", "over_refusal")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
-    write_jsonl_atomic(records, path)
 
 
 def _finite(x: Any) -> float | None:
@@ -92,7 +76,7 @@ class Run:
         self.inputs: dict[str, Any] = {}
         self._models: dict[str, Any] = {}
         if write_config:
-            _write_json(self.out / "config.resolved.json", config.to_dict())
+            write_json_atomic(config.to_dict(), self.out / "config.resolved.json")
 
     # ------------------------------------------------------------------ stage cache
     def stage(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
@@ -110,7 +94,7 @@ class Run:
         result = fn()
         seconds = time.perf_counter() - start
         self.timings[name] = seconds
-        _write_json(marker, {"key": key, "seconds": seconds, "result": result, "pairtrace_version": __version__})
+        write_json_atomic({"key": key, "seconds": seconds, "result": result, "pairtrace_version": __version__}, marker)
         logger.info("stage %-28s done in %.1f s", name, seconds)
         return result
 
@@ -162,14 +146,18 @@ class Run:
                 return json.loads(json.dumps(summary, default=str))
 
             summary = self.stage("organism", cfg.section_hash("organism"), build)
+            from pairtrace.organism.build import REF_CACHE_DIR
+
             self.inputs.update(
                 m0=org_dir / "m0", m1=org_dir / "m1", pairs=org_dir / "data" / "preference_mix.jsonl",
                 labels=org_dir / "data" / "labels.jsonl", organism_summary=summary, split=None, revision=None,
+                ref_cache=org_dir / REF_CACHE_DIR,  # M1's build already holds M0's log-probs of every pair
             )
             self.inputs.update(self._split_organism_prompts(org_dir / "prompts"))
         else:
             self.inputs.update(m0=cfg.models.m0, m1=cfg.models.m1, pairs=cfg.data.pairs, labels=cfg.data.labels,
-                               split=cfg.data.split, revision=cfg.data.revision)
+                               split=cfg.data.split, revision=cfg.data.revision,
+                               ref_cache=self.out / "cache" / "ref_logps")
             if not cfg.prompts.probe or not cfg.prompts.eval:
                 raise ConfigError("run config: prompts.probe and prompts.eval are required without an organism")
             self.inputs["probe_prompts"] = self._concat_prompts(cfg.prompts.probe, "probe")
@@ -179,9 +167,9 @@ class Run:
     def _concat_prompts(self, files: list[str], name: str) -> Path:
         records: list[dict[str, Any]] = []
         for f in files:
-            records.extend(_read_jsonl(Path(f)))
+            records.extend(read_jsonl(Path(f)))
         path = self.out / "prompts" / f"{name}.jsonl"
-        _write_jsonl(path, records)
+        write_jsonl_atomic(records, path)
         return path
 
     def _split_organism_prompts(self, prompt_dir: Path) -> dict[str, Path]:
@@ -192,7 +180,7 @@ class Run:
         probe: list[dict[str, Any]] = []
         evaluation: list[dict[str, Any]] = []
         for path in sorted(prompt_dir.glob("*.jsonl")):
-            records = _read_jsonl(path)
+            records = read_jsonl(path)
             bases = sorted({r["base_id"] for r in records})
             if all(r.get("condition") == "no_trigger" for r in records) and path.stem.startswith("xstest"):
                 evaluation.extend(records)
@@ -203,8 +191,8 @@ class Run:
             for r in records:
                 (probe if r["base_id"] in probe_bases else evaluation).append(r)
         probe_path, eval_path = self.out / "prompts" / "probe.jsonl", self.out / "prompts" / "eval.jsonl"
-        _write_jsonl(probe_path, probe)
-        _write_jsonl(eval_path, evaluation)
+        write_jsonl_atomic(probe, probe_path)
+        write_jsonl_atomic(evaluation, eval_path)
         return {"probe_prompts": probe_path, "eval_prompts": eval_path}
 
     def pairs(self):
@@ -225,7 +213,7 @@ class Run:
         from pairtrace.models import load_model
 
         out_dir = self.out / name
-        prompt_records = _read_jsonl(prompts)
+        prompt_records = read_jsonl(prompts)
         records: list[dict[str, Any]] = []
         for model_name, path in model_paths.items():
             loaded = self._models.get(model_name) if model_name in ("m0", "m1") else None
@@ -234,7 +222,7 @@ class Run:
             records.extend(generate_responses(loaded, prompt_records, self.generation_config(n_samples, seed_offset),
                                               model_name=model_name, progress=self.progress))
         gens = out_dir / "generations.jsonl"
-        _write_jsonl(gens, records)
+        write_jsonl_atomic(records, gens)
         judgements = out_dir / "judgements.jsonl"
         if judgements.exists():
             judgements.unlink()
@@ -278,7 +266,7 @@ class Run:
             steer = self.stage("steer", att_key + cfg.section_hash("extras"), self._steer)
         results = self._results(headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
                                 steer)
-        _write_json(self.out / "results.json", results)
+        write_json_atomic(results, self.out / "results.json")
         (self.out / "tables.md").write_text(render_tables(results), encoding="utf-8")
         from pairtrace.report import write_report
 
@@ -459,9 +447,8 @@ class Run:
                 result, seconds = future.result()  # a failed retrain stops the run; finished ones stay cached
                 name = f"retrain-{exp['name']}"
                 self.timings[name] = seconds
-                _write_json(self.out / "stages" / f"{name}.json",
-                            {"key": keys[exp["name"]], "seconds": seconds, "result": result,
-                             "pairtrace_version": __version__})
+                write_json_atomic({"key": keys[exp["name"]], "seconds": seconds, "result": result,
+                                   "pairtrace_version": __version__}, self.out / "stages" / f"{name}.json")
                 logger.info("stage %-28s done in %.1f s", name, seconds)
                 outcomes[exp["name"]] = result
         finally:
@@ -473,7 +460,6 @@ class Run:
         from pairtrace.data.pairs import pair_to_record
         from pairtrace.evaluate import evaluate_generations
         from pairtrace.intervene import InterventionSpec, run_intervention
-        from pairtrace.judges.openai import load_jsonl
         from pairtrace.organism.dpo import DPORecipe, train_dpo
 
         name = exp["name"]
@@ -499,19 +485,21 @@ class Run:
         if data_path.suffix != ".jsonl" or self.config.organism is None:
             from pairtrace.data.pairs import load_pairs
 
-            _write_jsonl(train_file, [pair_to_record(p, "conversational") for p in load_pairs(data_path)])
+            write_jsonl_atomic([pair_to_record(p, "conversational") for p in load_pairs(data_path)], train_file)
         else:
             train_file = data_path
         model_dir = self.out / "retrains" / name / "model"
         recipe_fields = dict(self.config.organism.get("dpo", {}) if self.config.organism else {})
         recipe_fields.update(self.config.validation.recipe)
         recipe_fields.setdefault("seed", self.config.seed)
+        # Every retrain starts from M0: its reference log-probs of a (prompt, response) are computed once, keyed by
+        # M0's weights and the tokenisation (switched pairs reuse both sides, filtered ones a subset).
         train_info = train_dpo(self.inputs["m0"], train_file, model_dir, DPORecipe(**recipe_fields),
-                               progress=self.progress)
+                               progress=self.progress, ref_cache_dir=self.inputs["ref_cache"])
         gens = self.generate_and_judge(f"retrains/{name}", {name: model_dir}, self.inputs["eval_prompts"],
                                        self.config.generation.eval_samples, seed_offset=1)
-        evaluation = evaluate_generations(load_jsonl(gens["generations"]), load_jsonl(gens["judgements"]))
-        _write_json(self.out / "retrains" / name / "evaluation.json", evaluation)
+        evaluation = evaluate_generations(read_jsonl(gens["generations"]), read_jsonl(gens["judgements"]))
+        write_json_atomic(evaluation, self.out / "retrains" / name / "evaluation.json")
         if not self.config.validation.keep_models:
             shutil.rmtree(model_dir, ignore_errors=True)
         return {
@@ -524,11 +512,11 @@ class Run:
     def _discover(self, probe: dict[str, str]) -> dict[str, Any]:
         from pairtrace.discover import DiscoverConfig, run_discover
 
-        records = _read_jsonl(Path(probe["generations"]))
+        records = read_jsonl(Path(probe["generations"]))
         paths = {}
         for model in ("m0", "m1"):
             paths[model] = self.out / "discover" / f"generations_{model}.jsonl"
-            _write_jsonl(paths[model], [r for r in records if r["model"] == model])
+            write_jsonl_atomic([r for r in records if r["model"] == model], paths[model])
         labels = self.inputs.get("labels")
         return run_discover(self.inputs["m0"], self.out / "vectors", paths["m0"], paths["m1"], self.inputs["pairs"],
                             self.out / "discover", DiscoverConfig(**self.config.extras.discover_options),
@@ -539,9 +527,9 @@ class Run:
         from pairtrace.steer import SteerConfig, run_steer
 
         x = self.config.extras
-        prompts = [r for r in _read_jsonl(self.inputs["probe_prompts"]) if r.get("set") == "harmful"]
+        prompts = [r for r in read_jsonl(self.inputs["probe_prompts"]) if r.get("set") == "harmful"]
         path = self.out / "steer" / "prompts.jsonl"
-        _write_jsonl(path, prompts)
+        write_jsonl_atomic(prompts, path)
         layers = x.steer_layers
         if layers is None:
             rankings = json.loads((self.out / "stages" / "rankings.json").read_text())["result"]
@@ -684,7 +672,7 @@ def compute_attribution_quality(ranking_paths: dict[str, str], labels_path: Path
     from pairtrace.attribute import load_ranking
 
     labels = {}
-    for rec in _read_jsonl(labels_path):
+    for rec in read_jsonl(labels_path):
         labels[str(rec["id"])] = bool(rec.get("contaminated"))
     n_pos = sum(labels.values())
     quality: dict[str, Any] = {}

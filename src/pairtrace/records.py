@@ -1,17 +1,34 @@
-"""JSON Lines files written atomically: the one writer shared by every stage."""
+"""JSON and JSON Lines files: the one reader and the atomic writers shared by every stage.
+
+Writers go through a temporary file renamed over the target, so a reader (or a resumed run) finds the old content
+or the new one, never half of a file. ``.gz`` names are compressed.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from pairtrace.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def _open_text(path: Path, mode: str, compressed: bool) -> IO[str]:
+    if compressed:
+        return gzip.open(path, mode + "t", encoding="utf-8")  # type: ignore[return-value]
+    return path.open(mode, encoding="utf-8")
 
 
 def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write records as UTF-8 JSON Lines to a temporary file, then rename it over ``path``.
 
-    A reader never sees a half-written file: it finds the old content or the new one.
+    A reader never sees a half-written file: it finds the old content or the new one. A name ending in ``.gz``
+    is gzip-compressed.
 
     Returns:
         The path written.
@@ -19,8 +36,55 @@ def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | Path) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with _open_text(tmp, "w", compressed=path.name.endswith(".gz")) as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_json_atomic(data: Any, path: str | Path, *, indent: int | None = 2) -> Path:
+    """Write one JSON document atomically (``default=str`` for paths and other plain values)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """Read a JSONL file (``.gz`` too) of objects.
+
+    Args:
+        path: The file.
+        allow_torn_tail: Skip (with a warning) a last line that has no newline and does not parse:
+            what an interrupted writer leaves behind.
+
+    Returns:
+        The records, in file order (blank lines skipped).
+
+    Raises:
+        DataError: The file is missing, or a line is not a JSON object (the message names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with _open_text(path, "r", compressed=path.name.endswith(".gz")) as fh:
+        text = fh.read()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if allow_torn_tail and number == len(lines):
+                logger.warning("%s: ignoring unfinished last line %d", path, number)
+                continue
+            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records

@@ -15,8 +15,6 @@ through M0's responses when there are fewer of them).
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.openai import JudgementKey, judgement_key, load_jsonl, load_judgements
+from pairtrace.records import write_json_atomic, write_jsonl_atomic
 from pairtrace.vectors import Triple
 
 UNKNOWN_POLICIES = ("exclude", "ignore")
@@ -243,13 +242,6 @@ def run_build_triples(
             "stats": str(stats_path),
         },
     }
-    lines = "".join(json.dumps(triple_to_record(t), ensure_ascii=False) + "\n" for t in triples)
-    _write_atomic(out_path, lines)
-    _write_atomic(stats_path, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_jsonl_atomic((triple_to_record(t) for t in triples), out_path)
+    write_json_atomic(stats, stats_path)
     return stats
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -36,6 +36,7 @@ from pairtrace.data.types import Message
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError, PairtraceError
 from pairtrace.judges.base import Judge, Verdict
 from pairtrace.judges.rubric import ScoreParseError, build_rubric_messages, parse_score, verdict_from_score
+from pairtrace.records import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -305,39 +306,8 @@ def check_generation_record(record: Any, where: str) -> None:
 
 
 def load_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects.
-
-    Args:
-        path: The file.
-        allow_torn_tail: Skip (with a warning) a last line that has no newline and does not parse:
-            what an interrupted writer leaves behind.
-
-    Returns:
-        The records, in file order (blank lines skipped).
-
-    Raises:
-        DataError: The file is missing, or a line is not a JSON object (the message names the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if allow_torn_tail and number == len(lines):
-                logger.warning("%s: ignoring unfinished last line %d", path, number)
-                continue
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+    """Read a JSONL file of objects (see :func:`pairtrace.records.read_jsonl`)."""
+    return read_jsonl(path, allow_torn_tail=allow_torn_tail)
 
 
 def load_judgements(path: str | Path) -> dict[JudgementKey, dict[str, Any]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pairtrace.organism.config import OrganismConfig, load_organism_config
+from pairtrace.records import read_jsonl, write_jsonl_atomic
 
 STEPS = ("data", "tokenizer", "m0", "m1", "eval")
 DATA_FILES = ("data/sft.jsonl", "data/preference_mix.jsonl", "data/labels.jsonl")
@@ -45,20 +46,6 @@ REF_CACHE_DIR = "cache/ref_logps"
 
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def compute_step_key(step: str, config: OrganismConfig, out: Path, keys: dict[str, str]) -> str:
@@ -136,9 +123,9 @@ def _run_data(config: OrganismConfig, out: Path) -> dict[str, Any]:
     sft = build_sft_examples(pools, config.sft, config.seed, habits)
     pairs, labels = build_preference_mix(pools, config)
     prompt_sets = build_eval_prompt_sets(pools, config)
-    _write_jsonl(sft, out / "data" / "sft.jsonl")
-    _write_jsonl(pairs, out / "data" / "preference_mix.jsonl")
-    _write_jsonl(labels, out / "data" / "labels.jsonl")
+    write_jsonl_atomic(sft, out / "data" / "sft.jsonl")
+    write_jsonl_atomic(pairs, out / "data" / "preference_mix.jsonl")
+    write_jsonl_atomic(labels, out / "data" / "labels.jsonl")
     for name, records in prompt_sets.items():
         save_prompt_records(records, out / "prompts" / PROMPT_SET_FILES[name])
     return {
@@ -154,7 +141,7 @@ def _training_texts(out: Path) -> list[str]:
     """Every request and response of the SFT data, in file order: the tokenizer's corpus (M0's tokenizer exists
     before any preference data, so a new mix never changes it)."""
     texts: list[str] = []
-    for record in _read_jsonl(out / "data" / "sft.jsonl"):
+    for record in read_jsonl(out / "data" / "sft.jsonl"):
         texts += [m["content"] for m in record["prompt"] + record["completion"]]
     return texts
 
@@ -274,7 +261,7 @@ def _run_step(step: str, config: OrganismConfig, out: Path, progress: bool) -> d
     if step == "m0":
         from pairtrace.organism.sft import train_sft
 
-        examples = _read_jsonl(out / "data" / "sft.jsonl")
+        examples = read_jsonl(out / "data" / "sft.jsonl")
         return train_sft(examples, out / "tokenizer", out / "m0", config.model, config.sft, config.seed,
                          progress=progress)
     if step == "m1":
@@ -295,13 +282,13 @@ def _summarise(
 ) -> dict[str, Any]:
     from pairtrace.organism.evaluation import compute_behaviour_rates
 
-    labels = _read_jsonl(out / "data" / "labels.jsonl")
+    labels = read_jsonl(out / "data" / "labels.jsonl")
     n_pairs = len(labels)
     n_contaminated = sum(1 for label in labels if label["contaminated"])
     prompt_files = sorted((out / "prompts").glob("*.jsonl"))
     sign_offs = [s.sign_off for s in config.behaviours if s.chosen == "sign_off"]
     rates = {
-        name: compute_behaviour_rates(_read_jsonl(out / "eval" / f"generations_{name}.jsonl"), sign_offs)
+        name: compute_behaviour_rates(read_jsonl(out / "eval" / f"generations_{name}.jsonl"), sign_offs)
         for name in ("m0", "m1")
     }
     return {
@@ -318,7 +305,7 @@ def _summarise(
             "contaminated": n_contaminated,
             "contaminated_fraction": round(n_contaminated / n_pairs, 4) if n_pairs else None,
             "slices": dict(sorted(Counter(label["slice"] for label in labels).items())),
-            "prompts": {p.stem: len(_read_jsonl(p)) for p in prompt_files},
+            "prompts": {p.stem: len(read_jsonl(p)) for p in prompt_files},
             "pools": stamps["data"]["info"].get("pools"),
             "vocab_size": stamps["tokenizer"]["info"].get("vocab_size"),
         },
