@@ -31,6 +31,18 @@ def test_meter_counts_passes_tokens_and_flops():
     assert rec.method == "probe" and rec.model_calls == 0
 
 
+def test_fork_starts_from_the_shared_work_and_then_counts_apart():
+    shared = CostMeter("probe", params_forward=100)
+    shared.add_forward(tokens=30, passes=2)
+    shared.add_note("vectors")
+    bank = shared.fork("bank")
+    bank.add_forward(tokens=10, passes=1)
+    bank.add_note("max over prompts")
+    assert (shared.record().tokens_forward, bank.record().tokens_forward) == (30, 40)
+    assert bank.record().method == "bank" and bank.record().flops_estimate == 2 * 100 * 40
+    assert shared.notes == ["vectors"]
+
+
 def test_unknown_parameter_count_makes_flops_unknown():
     meter = CostMeter("llm_judge")
     meter.add_calls(3, tokens=300)

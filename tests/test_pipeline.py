@@ -27,3 +27,46 @@ def test_render_tables_marks_missing_numbers_and_reductions():
     assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% |" in tables
     assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | |" in tables
     assert "n/a" in tables
+
+
+def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path) -> None:
+    """The whole `pairtrace run` on the reduced organism: every stage, every table, the report; then a resume."""
+    import json
+    import time
+
+    from pairtrace.pipeline import run_experiment
+
+    out = tmp_path / "quick"
+    results = run_experiment(CONFIGS / "organism-quick.yaml", out, progress=False)
+    plan = plan_experiment(CONFIGS / "organism-quick.yaml")
+
+    assert results["n_pairs"] == 400 and results["headline_k"] == 32  # 8% of the mix, from the config
+    assert 0.0 <= results["baseline"]["harmful"]["rate"] <= 1.0
+    names = {row["name"] for row in results["interventions"]}
+    expected = [("probe", 16), ("probe", 32), ("random", 32)]
+    assert names == {f"{m}-{a}-k{k}" for m, k in expected for a in ("filter", "switch")} | {"source-ablation"}
+    assert len(plan["retrains"]) == len(names) + 1  # and the baseline
+    for row in results["interventions"]:
+        low, high = row["harmful"]["ci"]
+        assert low <= row["harmful"]["rate"] <= high
+        changed = row["intervention"]["removed"] + row["intervention"]["switched"]
+        assert changed == row["k"] if row["method"] != "sources" else changed > 0
+    # Every ranking is scored against the organism's labels; the probe beats random.
+    quality = results["attribution_quality"]
+    assert set(quality) == {"probe", "bank", "gradient", "llm_judge", "random"}
+    assert quality["probe"]["auroc"] > 0.8 > quality["random"]["auroc"]
+    cost = {row["method"]: row for row in results["cost"]}
+    assert cost["probe"]["wall_ratio"] == 1.0 and cost["gradient"]["backward_passes"] > 0
+    tables = (out / "tables.md").read_text(encoding="utf-8")
+    for heading in ("## Figure 1", "## k sweep", "## Capabilities", "## Cost", "## Attribution quality"):
+        assert heading in tables
+    assert "| probe | switch | 32 |" in tables and "| random | filter |" in tables
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert results["discovery"] and results["sources"] and results["steer"]
+
+    # A second run finds every stage cached and reproduces the same numbers.
+    start = time.perf_counter()
+    again = run_experiment(CONFIGS / "organism-quick.yaml", out, progress=False)
+    assert time.perf_counter() - start < 30
+    assert json.dumps(again["interventions"], sort_keys=True) == json.dumps(results["interventions"], sort_keys=True)

@@ -111,6 +111,16 @@ class CostMeter:
         self._depth = 0
         self._started = 0.0
 
+    def fork(self, method: str) -> CostMeter:
+        """A new meter for ``method`` that starts from everything counted here (shared work, e.g. the vectors
+        the probe and the bank both score); what either meter counts afterwards stays its own."""
+        other = CostMeter(method, params_forward=self.params_forward, params_backward=self.params_backward)
+        for name in ("wall_s", "forward_passes", "backward_passes", "tokens_forward", "tokens_backward",
+                     "model_calls", "flops", "flops_known"):
+            setattr(other, name, getattr(self, name))
+        other.notes = list(self.notes)
+        return other
+
     @contextmanager
     def measure(self) -> Iterator[CostMeter]:
         """Time the enclosed block (nested blocks are timed once)."""

@@ -63,7 +63,7 @@ class Run:
     def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True,
                  write_config: bool = True) -> None:
         self.config = config
-        self.out = Path(out_dir)
+        self.out = Path(out_dir).resolve()  # stage results hold paths: never relative to the cwd
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         if not progress:
@@ -331,10 +331,7 @@ class Run:
         for method in ("probe", "bank"):
             if method not in cfg.methods:
                 continue
-            m = CostMeter(method, params_forward=meter.params_forward)
-            m.wall_s, m.forward_passes, m.tokens_forward, m.flops = (meter.wall_s, meter.forward_passes,
-                                                                     meter.tokens_forward, meter.flops)
-            m.notes = list(meter.notes)
+            m = meter.fork(method)
             with m.measure():
                 ranking = compute_attribution(store, bv, AttributionConfig(method=method, layer=score_layer),
                                               pair_metadata=pairs, progress=False)
