@@ -45,6 +45,7 @@ from scipy.spatial.distance import squareform
 from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -136,25 +137,13 @@ def load_generation_records(path: str | Path) -> list[dict[str, Any]]:
         DataError: A missing file, a line that is not a JSON object, or a missing/mistyped field (the message
             names the line and the field).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"generation file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object")
-            for name in _REQUIRED_GENERATION_FIELDS:
-                if not isinstance(record.get(name), str):
-                    raise DataError(f"{path} line {line_no} (id {record.get('id')!r}): field '{name}' is missing "
-                                    "or not a string")
-            records.append(record)
+    for line_no, record in iter_jsonl(path):
+        for name in _REQUIRED_GENERATION_FIELDS:
+            if not isinstance(record.get(name), str):
+                raise DataError(f"{path} line {line_no} (id {record.get('id')!r}): field '{name}' is missing "
+                                "or not a string")
+        records.append(record)
     return records
 
 

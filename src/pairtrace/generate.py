@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
-from pairtrace.records import write_jsonl_atomic
+from pairtrace.records import iter_jsonl, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -250,25 +250,11 @@ def load_generations(path: str | Path) -> list[dict[str, Any]]:
         DataError: The file is missing, a complete line is not JSON, or a record lacks a field (the message
             names the line and the field).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"generations file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    partial = lines.pop() if lines else ""  # text after the last newline: empty unless interrupted
-    if partial.strip():
-        logger.warning("%s: skipping a partly written last line", path)
     out: list[dict[str, Any]] = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path.name} line {line_no}: not valid JSON ({exc.msg})") from exc
+    for line_no, record in iter_jsonl(path, allow_torn_tail=True):
         for name in ("id", *GENERATION_FIELDS):
             if name not in record:
-                raise DataError(f"{path.name} line {line_no}: field '{name}' is missing")
+                raise DataError(f"{Path(path).name} line {line_no}: field '{name}' is missing")
         out.append(record)
     return out
 

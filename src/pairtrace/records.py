@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,16 +53,13 @@ def write_json_atomic(data: Any, path: str | Path, *, indent: int | None = 2) ->
     return path
 
 
-def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file (``.gz`` too) of objects.
+def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, record)`` for each JSON object of a JSONL file (``.gz`` too); blank lines skipped.
 
     Args:
         path: The file.
         allow_torn_tail: Skip (with a warning) a last line that has no newline and does not parse:
             what an interrupted writer leaves behind.
-
-    Returns:
-        The records, in file order (blank lines skipped).
 
     Raises:
         DataError: The file is missing, or a line is not a JSON object (the message names the line).
@@ -73,7 +70,6 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[
     with _open_text(path, "r", compressed=path.name.endswith(".gz")) as fh:
         text = fh.read()
     lines = text.split("\n")
-    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -86,5 +82,16 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[
             raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+        yield number, record
+
+
+def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """Read a JSONL file (``.gz`` too) of objects: :func:`iter_jsonl` without the line numbers.
+
+    Returns:
+        The records, in file order (blank lines skipped).
+
+    Raises:
+        DataError: The file is missing, or a line is not a JSON object (the message names the line).
+    """
+    return [record for _, record in iter_jsonl(path, allow_torn_tail=allow_torn_tail)]
