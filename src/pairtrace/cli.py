@@ -535,7 +535,7 @@ def discover(
 @app.command(
     epilog=(
         "Example:\n\n  pairtrace steer --m0 runs/organism/organism/m0 --behaviour runs/organism/behaviour "
-        "--prompts runs/organism/prompts/probe.jsonl --alphas 0 0.5 1 --out runs/steer"
+        "--prompts runs/organism/prompts/probe.jsonl --alphas 0 --alphas 0.5 --alphas 1 --out runs/steer"
     )
 )
 @friendly_errors
@@ -562,7 +562,7 @@ def steer(
                         layers=opts["layers"] or None,
                         generation_config=GenerationConfig(n_samples=opts["samples"],
                                                            max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]))
-    console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('rows', []))} settings)")
+    console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('results', []))} rates)")
 
 
 @app.command(
