@@ -550,16 +550,21 @@ def steer(
     samples: int = typer.Option(2, help="Samples per prompt."),
     max_new_tokens: int = typer.Option(64, help="Longest response."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    last_prompt_token: bool = typer.Option(
+        False, help="Also steer the last prompt position, which predicts the first response token."
+    ),
     config: Path = ConfigOpt,
 ) -> None:
     """Steering check: add alpha * v to M0's residual stream at layer k on generated positions; behaviour rates."""
     opts = resolve_options(ctx, command_values(locals()), "steer")
     require(opts, "m0", "behaviour_dir", "prompts", "out")
     from pairtrace.generate import GenerationConfig
-    from pairtrace.steer import run_steer
+    from pairtrace.steer import SteerConfig, run_steer
 
     summary = run_steer(opts["m0"], opts["behaviour_dir"], opts["prompts"], opts["out"], alphas=opts["alphas"],
                         layers=opts["layers"] or None,
+                        config=SteerConfig(alphas=opts["alphas"], layers=opts["layers"] or None,
+                                           include_last_prompt_token=opts["last_prompt_token"]),
                         generation_config=GenerationConfig(n_samples=opts["samples"],
                                                            max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]))
     console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('results', []))} rates)")

@@ -534,7 +534,8 @@ class Run:
         return run_steer(self.inputs["m0"], self.out / "behaviour", path, self.out / "steer",
                          alphas=x.steer_alphas, layers=layers, judge=self.judge(),
                          generation_config=self.generation_config(x.steer_samples, seed_offset=2),
-                         config=SteerConfig(alphas=x.steer_alphas, layers=layers), progress=self.progress)
+                         config=SteerConfig(**{**x.steer_options, "alphas": x.steer_alphas, "layers": layers}),
+                         progress=self.progress)
 
     def _results(self, headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
                  steer) -> dict[str, Any]:
@@ -777,6 +778,7 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
     from pairtrace.intervene import ACTIONS
     from pairtrace.models import ModelSpec
     from pairtrace.organism.dpo import DPORecipe
+    from pairtrace.steer import SteerConfig
 
     config = load_run_config(config_path)
     v = config.validation
@@ -798,6 +800,7 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         recipe = DPORecipe(**recipe_fields)
         gradient = GradientConfig(**config.attribution.gradient)
         DiscoverConfig(**config.extras.discover_options)
+        SteerConfig(**config.extras.steer_options)
     except TypeError as exc:
         raise ConfigError(f"run config: {exc}") from exc
     if config.organism is None:

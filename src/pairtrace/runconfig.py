@@ -168,6 +168,10 @@ class ExtrasSection:
         default=None, metadata={"help": "Steering layers (default: the score layer)."}
     )
     steer_samples: int = field(default=2, metadata={"help": "Samples per prompt in the steering check."})
+    steer_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Other SteerConfig fields, e.g. include_last_prompt_token (alphas and layers above)."},
+    )
 
 
 @dataclass
