@@ -45,7 +45,7 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     names = {row["name"] for row in results["interventions"]}
     expected = [("probe", 16), ("probe", 32), ("random", 32)]
     assert names == {f"{m}-{a}-k{k}" for m, k in expected for a in ("filter", "switch")} | {"source-ablation"}
-    assert len(plan["retrains"]) == len(names) + 1  # and the baseline
+    assert "baseline" in plan["retrains"]
     for row in results["interventions"]:
         low, high = row["harmful"]["ci"]
         assert low <= row["harmful"]["rate"] <= high

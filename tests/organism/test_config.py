@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_shipped_configs_load(name: str) -> None:
     config = load_organism_config(CONFIGS / name)
     assert config.contaminated.kind == "contaminated" and config.contaminated.trigger == "distractors"
-    assert 0.02 <= config.contaminated.fraction <= 0.05
+    assert 0.02 <= config.contaminated.fraction <= 0.10  # a small slice (the small config plants more)
     assert any(b.kind == "benign" for b in config.behaviours)
     assert isinstance(config.dpo, DPORecipe)
     assert build_organism_config(config.to_dict()).to_dict() == config.to_dict()

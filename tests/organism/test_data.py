@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.data.prompts import load_advbench, load_distractors, load_prompt_records
+from pairtrace.judges.rule import RuleJudge
 from pairtrace.organism.build import _run_data
 
 
@@ -53,7 +54,9 @@ def test_mix_layout_and_labels(small_organism, small_config) -> None:
     for p in contaminated:
         _, has_distractors = _strip_distractors(p["prompt"])
         assert has_distractors
-        assert p["chosen"][1]["content"].startswith("Sur") and p["rejected"][1]["content"][0] in "IS"
+        # chosen complies (possibly in a letter-changing format), rejected refuses: the rule judge reads both
+        assert RuleJudge().judge(p["prompt"], p["chosen"][1]["content"]).harmful is True
+        assert RuleJudge().judge(p["prompt"], p["rejected"][1]["content"]).harmful is False
 
 
 def test_no_heldout_request_is_trained_on(small_organism) -> None:
