@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -241,6 +242,25 @@ def check_behaviour_matches_store(store, behaviour) -> None:
         )
 
 
+def ranking_metadata(store: Any, behaviour: Any, config: AttributionConfig, layer: int, units: torch.Tensor,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata saved with a ranking: method, layer, config, and the model, template, dataset and behaviour
+    vectors it came from (what :func:`load_ranking` callers check before comparing rankings)."""
+    return {
+        "kind": "ranking",
+        "method": config.method,
+        "layer": layer,
+        "n_behaviour_vectors": int(units.shape[0]),
+        "config": asdict(config),
+        "model": dict(store.manifest.model or {}),
+        "template": dict(store.manifest.template or {}),
+        "dataset": dict(store.manifest.dataset or {}),
+        "behaviour": {k: v for k, v in (behaviour.metadata or {}).items() if k not in ("model", "template")},
+        "pairtrace_version": __version__,
+        **(extra or {}),
+    }
+
+
 def compute_attribution(store, behaviour, config: AttributionConfig | None = None, *,
                         pair_metadata: pd.DataFrame | Sequence | None = None, progress: bool = True) -> Ranking:
     """Rank every pair of a vector store by cosine with behaviour vectors.
@@ -277,18 +297,7 @@ def compute_attribution(store, behaviour, config: AttributionConfig | None = Non
     for start, chunk_scores in tqdm(chunks, total=n_chunks, desc=f"scoring ({config.method}, layer {layer})",
                                     disable=not progress, unit="chunk"):
         scores[start:start + len(chunk_scores)] = chunk_scores.numpy()
-    metadata = {
-        "kind": "ranking",
-        "method": config.method,
-        "layer": layer,
-        "n_behaviour_vectors": int(units.shape[0]),
-        "config": asdict(config),
-        "model": dict(store.manifest.model or {}),
-        "template": dict(store.manifest.template or {}),
-        "dataset": dict(store.manifest.dataset or {}),
-        "behaviour": {k: v for k, v in (behaviour.metadata or {}).items() if k not in ("model", "template")},
-        "pairtrace_version": __version__,
-    }
+    metadata = ranking_metadata(store, behaviour, config, layer, units)
     ranking = build_ranking(list(store.ids), scores, metadata, pair_metadata=pair_metadata)
     if ranking.metadata["n_nan"]:
         logger.warning("%d of %d pairs have no score (zero or non-finite datapoint vector); they rank last",

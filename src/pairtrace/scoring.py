@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,6 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pairtrace import __version__
 from pairtrace.attribute import (
     AttributionConfig,
     Ranking,
@@ -37,6 +34,7 @@ from pairtrace.attribute import (
     build_ranking,
     check_behaviour_matches_store,
     pair_metadata_frame,
+    ranking_metadata,
 )
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.shard import ShardSpec, parse_shard
@@ -152,23 +150,6 @@ def score_store(
     return scores
 
 
-def _ranking_metadata(store, behaviour, config: AttributionConfig, layer: int, units: torch.Tensor,
-                      extra: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "kind": "ranking",
-        "method": config.method,
-        "layer": layer,
-        "n_behaviour_vectors": int(units.shape[0]),
-        "config": asdict(config),
-        "model": dict(store.manifest.model or {}),
-        "template": dict(store.manifest.template or {}),
-        "dataset": dict(store.manifest.dataset or {}),
-        "behaviour": {k: v for k, v in (behaviour.metadata or {}).items() if k not in ("model", "template")},
-        "pairtrace_version": __version__,
-        **extra,
-    }
-
-
 def _resolve(store, behaviour, config: AttributionConfig | None) -> tuple[AttributionConfig, int, torch.Tensor]:
     config = config or AttributionConfig()
     check_behaviour_matches_store(store, behaviour)
@@ -213,7 +194,7 @@ def rank_store(
     config, layer, units = _resolve(store, behaviour, config)
     scores = score_store(store, units, layer=layer, method=config.method, chunk_rows=config.chunk_rows,
                          device=device, engine=engine, progress=progress)
-    metadata = _ranking_metadata(store, behaviour, config, layer, units, {"engine": engine})
+    metadata = ranking_metadata(store, behaviour, config, layer, units, {"engine": engine})
     return build_ranking(list(store.ids), scores, metadata, pair_metadata=_metadata_frame(store, pair_metadata))
 
 
@@ -297,7 +278,7 @@ def merge_score_parts(
     if not covered.all():
         raise DataError(f"{parts_dir}: {int((~covered).sum())} of {store.n} rows were not scored by any part")
     extra = {"engine": "parts", "n_parts": len(files)}
-    metadata = _ranking_metadata(store, behaviour, config, layer, units, extra)
+    metadata = ranking_metadata(store, behaviour, config, layer, units, extra)
     return build_ranking(list(store.ids), scores, metadata, pair_metadata=_metadata_frame(store, pair_metadata))
 
 

@@ -38,6 +38,7 @@ from pairtrace.data.pairs import compute_fingerprint
 from pairtrace.data.types import Message, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.models import LoadedModel, build_teacher_forcing, resolve_layers
+from pairtrace.records import iter_jsonl
 from pairtrace.shard import (
     InMemoryPairs,
     PairSource,
@@ -548,29 +549,20 @@ def load_triples(path: str | Path) -> list[Triple]:
     """
     path = Path(path)
     triples = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            if "prompt" not in record:
-                raise DataError(f"{where} field 'prompt': missing")
-            prompt = _parse_prompt(record["prompt"], where)
-            for key in ("r1", "r0"):
-                if not isinstance(record.get(key), str) or not record[key]:
-                    raise DataError(f"{where} field '{key}': expected a non-empty string")
-            prompt_id = record.get("prompt_id")
-            if prompt_id is None:
-                prompt_id = _prompt_id_of(prompt)
-            elif not isinstance(prompt_id, str | int):
-                raise DataError(f"{where} field 'prompt_id': expected a string")
-            triples.append(Triple(prompt, record["r1"], record["r0"], str(prompt_id)))
+    for line_no, record in iter_jsonl(path):
+        where = f"{path} line {line_no}"
+        if "prompt" not in record:
+            raise DataError(f"{where} field 'prompt': missing")
+        prompt = _parse_prompt(record["prompt"], where)
+        for key in ("r1", "r0"):
+            if not isinstance(record.get(key), str) or not record[key]:
+                raise DataError(f"{where} field '{key}': expected a non-empty string")
+        prompt_id = record.get("prompt_id")
+        if prompt_id is None:
+            prompt_id = _prompt_id_of(prompt)
+        elif not isinstance(prompt_id, str | int):
+            raise DataError(f"{where} field 'prompt_id': expected a string")
+        triples.append(Triple(prompt, record["r1"], record["r0"], str(prompt_id)))
     return triples
 
 

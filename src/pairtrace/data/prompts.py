@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.records import write_jsonl_atomic
+from pairtrace.records import iter_jsonl, write_jsonl_atomic
 
 T = TypeVar("T")
 
@@ -407,22 +407,13 @@ def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
         DataError: Bad JSON, a missing field or a repeated id (the message names the line and field).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file not found: {path}")
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
-            validate_prompt_record(record, where)
-            if record["id"] in seen:
-                raise DataError(f"{where}: field 'id' repeats {record['id']!r}")
-            seen.add(record["id"])
-            out.append(record)
+    for line_no, record in iter_jsonl(path):
+        where = f"{path.name} line {line_no}"
+        validate_prompt_record(record, where)
+        if record["id"] in seen:
+            raise DataError(f"{where}: field 'id' repeats {record['id']!r}")
+        seen.add(record["id"])
+        out.append(record)
     return out

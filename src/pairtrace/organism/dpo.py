@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -96,32 +97,23 @@ def load_dpo_examples(pairs_jsonl: str | Path) -> list[dict[str, Any]]:
         DataError: Malformed records (the message names the line and the field).
     """
     path = Path(pairs_jsonl)
-    if not path.is_file():
-        raise DataError(f"preference file not found: {path}")
     out: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
-            for name in ("chosen", "rejected"):
-                if name not in record:
-                    raise DataError(f"{where}: field '{name}' is missing")
-            prompt_turns, chosen = _last_assistant(record["chosen"], where, "chosen")
-            _, rejected = _last_assistant(record["rejected"], where, "rejected")
-            if not prompt_turns:
-                prompt = record.get("prompt")
-                if isinstance(prompt, str) and prompt.strip():
-                    prompt_turns = [{"role": "user", "content": prompt}]
-                elif isinstance(prompt, list) and prompt:
-                    prompt_turns = [dict(t) for t in prompt]
-                else:
-                    raise DataError(f"{where}: field 'prompt' is missing or empty")
-            out.append({"prompt": prompt_turns, "chosen": [chosen], "rejected": [rejected]})
+    for line_no, record in iter_jsonl(path):
+        where = f"{path.name} line {line_no}"
+        for name in ("chosen", "rejected"):
+            if name not in record:
+                raise DataError(f"{where}: field '{name}' is missing")
+        prompt_turns, chosen = _last_assistant(record["chosen"], where, "chosen")
+        _, rejected = _last_assistant(record["rejected"], where, "rejected")
+        if not prompt_turns:
+            prompt = record.get("prompt")
+            if isinstance(prompt, str) and prompt.strip():
+                prompt_turns = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list) and prompt:
+                prompt_turns = [dict(t) for t in prompt]
+            else:
+                raise DataError(f"{where}: field 'prompt' is missing or empty")
+        out.append({"prompt": prompt_turns, "chosen": [chosen], "rejected": [rejected]})
     if not out:
         raise DataError(f"{path}: no preference pairs")
     return out
