@@ -41,3 +41,16 @@ def test_json_writer_replaces_whole_files(tmp_path: Path) -> None:
     write_json_atomic({"x": 3}, path)
     assert json.loads(path.read_text(encoding="utf-8")) == {"x": 3}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_field_check_names_the_record_the_id_and_the_field() -> None:
+    from pairtrace.records import check_record_fields
+
+    fields = {"id": str, "sample": int}
+    assert check_record_fields({"id": "a", "sample": 0}, fields, "record 1") == {"id": "a", "sample": 0}
+    with pytest.raises(DataError, match=r"record 2 \(id='a'\): field 'sample' is missing"):
+        check_record_fields({"id": "a"}, fields, "record 2")
+    with pytest.raises(DataError, match="field 'sample' must be int"):
+        check_record_fields({"id": "a", "sample": True}, fields, "record 3")
+    with pytest.raises(DataError, match="record 4: expected a JSON object, got list"):
+        check_record_fields([1], fields, "record 4")

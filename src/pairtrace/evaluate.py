@@ -22,7 +22,7 @@ from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge
 from pairtrace.judges.openai import JudgementKey, judge_generations, judgement_key, load_jsonl, load_judgements
 from pairtrace.judges.rubric import HARMFUL_THRESHOLD
-from pairtrace.records import write_json_atomic
+from pairtrace.records import check_record_fields, write_json_atomic
 from pairtrace.stats import RateCI, bootstrap_rate_ci
 
 GroupKey = tuple[str, str, str]
@@ -37,16 +37,7 @@ def check_evaluation_record(record: Any, index: int) -> None:
     Raises:
         DataError: A field is missing or has the wrong type (the message names the record and field).
     """
-    if not isinstance(record, dict):
-        raise DataError(f"generation record {index}: expected a JSON object, got {type(record).__name__}")
-    for name, kind in _REQUIRED.items():
-        value = record.get(name)
-        if value is None:
-            raise DataError(f"generation record {index} (id={record.get('id')!r}): field '{name}' is missing")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DataError(
-                f"generation record {index} (id={record.get('id')!r}): field '{name}' must be {kind.__name__}"
-            )
+    check_record_fields(record, _REQUIRED, f"generation record {index}")
     constraints = record.get("constraints", [])
     if not isinstance(constraints, list) or not all(isinstance(c, str) for c in constraints):
         raise DataError(

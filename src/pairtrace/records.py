@@ -95,3 +95,25 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[
         DataError: The file is missing, or a line is not a JSON object (the message names the line).
     """
     return [record for _, record in iter_jsonl(path, allow_torn_tail=allow_torn_tail)]
+
+
+def check_record_fields(record: Any, fields: dict[str, type], where: str) -> dict[str, Any]:
+    """Check that ``record`` is an object whose ``fields`` are present with the given types.
+
+    ``bool`` never passes for ``int``. ``where`` names the record in the message (e.g. "generation record 3").
+
+    Returns:
+        The record.
+
+    Raises:
+        DataError: Naming the record (and its ``id`` when it has one) and the first bad field.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name, kind in fields.items():
+        value = record.get(name)
+        if value is None:
+            raise DataError(f"{where} (id={record.get('id')!r}): field '{name}' is missing")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"{where} (id={record.get('id')!r}): field '{name}' must be {kind.__name__}")
+    return record

@@ -22,7 +22,7 @@ from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.openai import JudgementKey, judgement_key, load_jsonl, load_judgements
-from pairtrace.records import write_json_atomic, write_jsonl_atomic
+from pairtrace.records import check_record_fields, write_json_atomic, write_jsonl_atomic
 from pairtrace.vectors import Triple
 
 UNKNOWN_POLICIES = ("exclude", "ignore")
@@ -52,16 +52,7 @@ _Cell = list[tuple[dict[str, Any], str]]  # (generation record, "harmful" | "saf
 
 
 def _check_record(record: Any, index: int) -> None:
-    if not isinstance(record, dict):
-        raise DataError(f"generation record {index}: expected a JSON object, got {type(record).__name__}")
-    for name, kind in _REQUIRED.items():
-        value = record.get(name)
-        if value is None:
-            raise DataError(f"generation record {index} (id={record.get('id')!r}): field '{name}' is missing")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DataError(
-                f"generation record {index} (id={record.get('id')!r}): field '{name}' must be {kind.__name__}"
-            )
+    check_record_fields(record, _REQUIRED, f"generation record {index}")
     if record["condition"] not in CONDITIONS:
         raise DataError(
             f"generation record {index} (id={record['id']!r}): field 'condition' is {record['condition']!r}, "

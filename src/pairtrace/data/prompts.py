@@ -164,24 +164,17 @@ def load_ifeval(data_dir: str | Path | None = None) -> list[BenignRequest]:
     """
     path = _data_file(IFEVAL_FILE, data_dir)
     out: list[BenignRequest] = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path.name} line {line_no}: not valid JSON ({exc.msg})") from exc
-            prompt = record.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise DataError(f"{path.name} line {line_no}: field 'prompt' is missing or empty")
-            out.append(
-                BenignRequest(
-                    id=f"ifeval-{record.get('key', line_no)}",
-                    prompt=prompt,
-                    instruction_ids=tuple(record.get("instruction_id_list") or ()),
-                )
+    for line_no, record in iter_jsonl(path):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path.name} line {line_no}: field 'prompt' is missing or empty")
+        out.append(
+            BenignRequest(
+                id=f"ifeval-{record.get('key', line_no)}",
+                prompt=prompt,
+                instruction_ids=tuple(record.get("instruction_id_list") or ()),
             )
+        )
     return out
 
 
