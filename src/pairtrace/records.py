@@ -68,21 +68,19 @@ def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[t
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with _open_text(path, "r", compressed=path.name.endswith(".gz")) as fh:
-        text = fh.read()
-    lines = text.split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if allow_torn_tail and number == len(lines):
-                logger.warning("%s: ignoring unfinished last line %d", path, number)
+        for number, line in enumerate(fh, start=1):  # streamed: memory does not grow with the file
+            if not line.strip():
                 continue
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if allow_torn_tail and not line.endswith("\n"):  # only the last line can lack its newline
+                    logger.warning("%s: ignoring unfinished last line %d", path, number)
+                    continue
+                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
 
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
