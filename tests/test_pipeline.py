@@ -19,13 +19,13 @@ def test_render_tables_marks_missing_numbers_and_reductions():
     base = {"harmful": {"rate": 0.5, "ci": [0.4, 0.6]}, "harmful_no_trigger": None, "benign_helpfulness": None,
             "format_following": None, "over_refusal": None}
     row = {"name": "probe-filter-k8", "method": "probe", "action": "filter", "k": 8,
-           "harmful": {"rate": 0.1, "ci": [0.0, 0.2]}, "reduction": 0.8}
+           "harmful": {"rate": 0.1, "ci": [0.0, 0.2], "n": 20, "unknown": 5}, "reduction": 0.8}
     results = {"n_pairs": 100, "layer": 2, "headline_k": 8, "baseline": base, "interventions": [row],
                "cost": [{"method": "probe", "wall_s": 1.0, "wall_ratio": 1.0, "forward_passes": 10,
                          "backward_passes": 0, "flops_estimate": None}], "attribution_quality": {}}
     tables = render_tables(results)
-    assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% |" in tables
-    assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | |" in tables
+    assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% |" in tables
+    assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a |" in tables
     assert "n/a" in tables
 
 

@@ -701,6 +701,14 @@ def _rate_cell(m: dict[str, Any] | None) -> str:
     return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _unknown_cell(m: dict[str, Any] | None) -> str:
+    """Share of samples with an unknown verdict (``n`` counts the judged ones only)."""
+    if not m or m.get("unknown") is None or m.get("n") is None:
+        return "n/a"
+    total = m["n"] + m["unknown"]
+    return f"{100 * m['unknown'] / total:.0f}%" if total else "n/a"
+
+
 def render_tables(results: dict[str, Any]) -> str:
     """Markdown tables mirroring the paper: Figure 1, k sweep, capabilities, cost, attribution quality."""
     lines = [f"# pairtrace results ({results['n_pairs']} pairs, layer {results['layer']}, "
@@ -708,18 +716,22 @@ def render_tables(results: dict[str, Any]) -> str:
     base = results["baseline"]
     k = results["headline_k"]
     lines += ["## Figure 1: harmful rate at the headline k (harmful request + distractors)", "",
-              "| method | action | harmful rate [95% CI] | reduction vs baseline |", "|---|---|---|---|",
-              f"| baseline retrain | none | {_rate_cell(base.get('harmful'))} | |"]
+              "Unknown = samples the judge could not call (garbled text), excluded from the rate.", "",
+              "| method | action | harmful rate [95% CI] | reduction vs baseline | unknown |", "|---|---|---|---|---|",
+              f"| baseline retrain | none | {_rate_cell(base.get('harmful'))} | | "
+              f"{_unknown_cell(base.get('harmful'))} |"]
     for row in results["interventions"]:
         if row["k"] == k or row["action"] == "source_ablation":
             red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
-            lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} |")
-    lines += ["", "## k sweep", "", "| method | action | k | harmful rate [95% CI] | reduction |",
-              "|---|---|---|---|---|"]
+            lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} | "
+                         f"{_unknown_cell(row.get('harmful'))} |")
+    lines += ["", "## k sweep", "", "| method | action | k | harmful rate [95% CI] | reduction | unknown |",
+              "|---|---|---|---|---|---|"]
     for row in sorted((r for r in results["interventions"] if r["k"] is not None),
                       key=lambda r: (r["method"], r["action"], r["k"])):
         red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
-        lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} |")
+        lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} | "
+                     f"{_unknown_cell(row.get('harmful'))} |")
     lines += ["", "## Capabilities", "",
               "| model | harmful, no trigger | benign helpfulness | format following | XSTest over-refusal |",
               "|---|---|---|---|---|",
