@@ -149,11 +149,10 @@ class LengthJudge(Judge):
         return Verdict(score=float(len(response)), harmful=len(response) % 2 == 0)
 
 
-def test_run_steer_writes_rates_per_layer_alpha_and_condition(tmp_path, tiny_model_dir, tiny_loaded):
-    from pairtrace.generate import GenerationConfig
+def write_steering_inputs(tmp_path, tiny_loaded, layers):
+    """Random behaviour vectors at ``layers`` and harmful prompts with and without a trigger; returns the prompts."""
     from pairtrace.vectors import BehaviourVectors, build_expected, save_behaviour_vectors
 
-    layers = [1, 3]
     probe = torch.stack([random_vector(64, seed=k) for k in layers])  # [L, d]
     expected = build_expected(tiny_loaded, layers)
     bv = BehaviourVectors(layers=layers, per_triple=probe[None].clone(), probe=probe, bank=probe[None].clone(),
@@ -167,6 +166,30 @@ def test_run_steer_writes_rates_per_layer_alpha_and_condition(tmp_path, tiny_mod
                 text = p + (" (no more than 50 words)" if condition == "trigger" else "")
                 fh.write(json.dumps({"id": f"q{i}:{condition}", "base_id": f"q{i}", "set": "harmful",
                                      "condition": condition, "prompt": text, "constraints": []}) + "\n")
+    return prompts
+
+
+def test_cli_steers_the_last_prompt_token_when_asked(tmp_path, tiny_model_dir, tiny_loaded):
+    from typer.testing import CliRunner
+
+    from pairtrace.cli import app
+
+    prompts = write_steering_inputs(tmp_path, tiny_loaded, [2])
+    args = ["steer", "--m0", str(tiny_model_dir), "--behaviour", str(tmp_path / "behaviour"), "--prompts",
+            str(prompts), "--alphas", "0", "--alphas", "2", "--samples", "1", "--max-new-tokens", "4",
+            "--last-prompt-token", "--out", str(tmp_path / "steer")]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "(4 rates)" in " ".join(result.output.split())  # 1 layer x 2 alphas x 2 conditions
+    summary = json.loads((tmp_path / "steer" / "steer.json").read_text())
+    assert summary["config"]["include_last_prompt_token"] is True and summary["alphas"] == [0.0, 2.0]
+
+
+def test_run_steer_writes_rates_per_layer_alpha_and_condition(tmp_path, tiny_model_dir, tiny_loaded):
+    from pairtrace.generate import GenerationConfig
+
+    layers = [1, 3]
+    prompts = write_steering_inputs(tmp_path, tiny_loaded, layers)
     generation = GenerationConfig(temperature=0.0, max_new_tokens=5, n_samples=1)
     summary = run_steer(tiny_model_dir, tmp_path / "behaviour", prompts, tmp_path / "steer", alphas=[0.0, 4.0],
                         judge=LengthJudge(), generation_config=generation, config=SteerConfig(n_boot=100),
