@@ -64,9 +64,45 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
     assert results["discovery"] and results["sources"] and results["steer"]
+    assert "## Checks against the paper's figures" in tables
+    assert {c["check"] for c in results["checks"]} >= {"probe AUROC for the contaminated pairs",
+                                                     "wall clock of the whole run (minutes)"}
 
     # A second run finds every stage cached and reproduces the same numbers.
     start = time.perf_counter()
     again = run_experiment(CONFIGS / "organism-quick.yaml", out, progress=False)
     assert time.perf_counter() - start < 30
     assert json.dumps(again["interventions"], sort_keys=True) == json.dumps(results["interventions"], sort_keys=True)
+    assert not any(c["check"].startswith("wall clock") for c in again["checks"])  # a resumed run is not timed
+
+
+def test_checks_compare_a_run_with_the_paper_figures():
+    from pairtrace.pipeline import compute_checks
+
+    def row(method, action, reduction, benign):
+        return {"method": method, "action": action, "k": 8, "reduction": reduction,
+                "benign_helpfulness": {"rate": benign}}
+
+    results = {
+        "headline_k": 8,
+        "baseline": {"benign_helpfulness": {"rate": 0.9625}},
+        "interventions": [row("probe", "switch", 0.8, 0.9125), row("probe", "filter", 0.5, 0.90),
+                          row("random", "filter", 0.1, 0.96), row("random", "switch", 0.3, 0.96)],
+        "attribution_quality": {"probe": {"auroc": 0.96}},
+        "cost": [{"method": "probe", "wall_ratio": 1.0}, {"method": "gradient", "wall_ratio": 12.0}],
+    }
+    checks = {c["check"]: c for c in compute_checks(results, wall_s=600)}
+    assert checks["probe AUROC for the contaminated pairs"]["ok"]
+    assert checks["probe-switch reduction at k = 8"]["ok"] and not checks["probe-filter reduction at k = 8"]["ok"]
+    assert checks["random-filter reduction at k = 8"]["ok"] and not checks["random-switch reduction at k = 8"]["ok"]
+    # 96.25% -> 91.25% is a drop of exactly 5 points: within the limit despite floating point
+    assert checks["benign helpfulness drop after probe-switch (points)"] == {
+        "check": "benign helpfulness drop after probe-switch (points)", "value": 5.0, "threshold": "<= 5", "ok": True}
+    assert not checks["benign helpfulness drop after probe-filter (points)"]["ok"]
+    assert checks["gradient / probe attribution wall time"]["ok"]
+    assert checks["wall clock of the whole run (minutes)"]["value"] == 10.0
+    # without ground truth, a gradient baseline or a fresh run, those checks are left out
+    results.pop("attribution_quality")
+    results["cost"] = []
+    names = {c["check"] for c in compute_checks(results)}
+    assert not any("AUROC" in n or "gradient" in n or "wall" in n for n in names)

@@ -64,6 +64,7 @@ class Run:
                  write_config: bool = True) -> None:
         self.config = config
         self.out = Path(out_dir).resolve()  # stage results hold paths: never relative to the cwd
+        self.cached_stages: set[str] = set()
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         if not progress:
@@ -86,6 +87,7 @@ class Run:
             saved = json.loads(marker.read_text(encoding="utf-8"))
             if saved.get("key") == key:
                 logger.info("stage %-28s cached (%.1f s when run)", name, saved.get("seconds", 0.0))
+                self.cached_stages.add(name)
                 self.timings[name] = saved.get("seconds", 0.0)
                 return saved.get("result")
             logger.info("stage %s: inputs changed, running again", name)
@@ -233,6 +235,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         """Run every stage and write ``results.json``, ``tables.md`` and ``report.html``."""
         cfg = self.config
+        started = time.perf_counter()
         self.resolve_inputs()
         probe = self.stage(
             "probe_generations", cfg.section_hash("organism", "models", "generation", "judge", "prompts"),
@@ -266,6 +269,8 @@ class Run:
             steer = self.stage("steer", att_key + cfg.section_hash("extras"), self._steer)
         results = self._results(headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
                                 steer)
+        wall_s = None if self.cached_stages else time.perf_counter() - started  # only a run with nothing cached
+        results["checks"] = compute_checks(results, wall_s=wall_s)
         write_json_atomic(results, self.out / "results.json")
         (self.out / "tables.md").write_text(render_tables(results), encoding="utf-8")
         from pairtrace.report import write_report
@@ -701,6 +706,65 @@ def _rate_cell(m: dict[str, Any] | None) -> str:
     return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+PAPER_CHECKS = {
+    "probe_auroc": 0.95,
+    "probe_switch_reduction": 0.78,
+    "probe_filter_reduction": 0.63,
+    "random_reduction_below": 0.25,
+    "benign_drop_points": 0.05,
+    "gradient_cost_ratio": 10.0,
+    "wall_minutes": 20.0,
+}
+"""Thresholds of :func:`compute_checks`: the paper's figures (Xiao & Aranguri) and our organism's budget."""
+
+
+def compute_checks(results: dict[str, Any], wall_s: float | None = None) -> list[dict[str, Any]]:
+    """Compare a run with the paper's figures at the headline k (see :data:`PAPER_CHECKS`).
+
+    Each check is ``{"check", "value", "threshold", "ok"}``; checks whose inputs the run lacks (no ground truth, no
+    gradient baseline, a resumed run for the wall clock) are left out.
+    """
+    t = PAPER_CHECKS
+    k = results["headline_k"]
+    rows: list[dict[str, Any]] = []
+
+    def add(check: str, value: float, threshold: str, ok: bool) -> None:
+        rows.append({"check": check, "value": round(float(value), 4), "threshold": threshold, "ok": bool(ok)})
+
+    probe_quality = (results.get("attribution_quality") or {}).get("probe") or {}
+    if probe_quality.get("auroc") is not None:
+        add("probe AUROC for the contaminated pairs", probe_quality["auroc"], f">= {t['probe_auroc']}",
+            probe_quality["auroc"] >= t["probe_auroc"])
+    at_k = {(r["method"], r["action"]): r for r in results["interventions"] if r["k"] == k}
+    for action, key in (("switch", "probe_switch_reduction"), ("filter", "probe_filter_reduction")):
+        row = at_k.get(("probe", action))
+        if row and row.get("reduction") is not None:
+            add(f"probe-{action} reduction at k = {k}", row["reduction"], f">= {t[key]:.0%}",
+                row["reduction"] >= t[key])
+    for action in ("filter", "switch"):
+        row = at_k.get(("random", action))
+        if row and row.get("reduction") is not None:
+            add(f"random-{action} reduction at k = {k}", row["reduction"], f"< {t['random_reduction_below']:.0%}",
+                row["reduction"] < t["random_reduction_below"])
+    base = (results["baseline"].get("benign_helpfulness") or {}).get("rate")
+    for action in ("filter", "switch"):
+        row = at_k.get(("probe", action))
+        rate = ((row or {}).get("benign_helpfulness") or {}).get("rate")
+        if base is not None and rate is not None:
+            drop = round(base - rate, 6)  # in rate units; 0.05 = 5 points
+            add(f"benign helpfulness drop after probe-{action} (points)", 100 * drop,
+                f"<= {100 * t['benign_drop_points']:.0f}", drop <= t["benign_drop_points"])
+    cost = {row["method"]: row for row in results.get("cost") or []}
+    if "gradient" in cost and cost["gradient"].get("wall_ratio") is not None:
+        ratio = cost["gradient"]["wall_ratio"]
+        add("gradient / probe attribution wall time", ratio, f">= {t['gradient_cost_ratio']:.0f}",
+            ratio >= t["gradient_cost_ratio"])
+    if wall_s is not None:
+        add("wall clock of the whole run (minutes)", wall_s / 60, f"<= {t['wall_minutes']:.0f}",
+            wall_s / 60 <= t["wall_minutes"])
+    return rows
+
+
 def _unknown_cell(m: dict[str, Any] | None) -> str:
     """Share of samples with an unknown verdict (``n`` counts the judged ones only)."""
     if not m or m.get("unknown") is None or m.get("n") is None:
@@ -750,6 +814,11 @@ def render_tables(results: dict[str, Any]) -> str:
         lines.append(f"| {row['method']} | {row['wall_s']:.2f} | {'n/a' if ratio is None else f'{ratio:.1f}×'} | "
                      f"{row['forward_passes']} | {row['backward_passes']} | "
                      f"{'n/a' if flops is None else f'{flops:.3g}'} |")
+    if results.get("checks"):
+        lines += ["", "## Checks against the paper's figures (headline k)", "",
+                  "| check | value | threshold | ok |", "|---|---|---|---|"]
+        for row in results["checks"]:
+            lines.append(f"| {row['check']} | {row['value']:g} | {row['threshold']} | {'yes' if row['ok'] else 'no'} |")
     if results.get("attribution_quality"):
         lines += ["", "## Attribution quality against the organism's ground truth", "",
                   "| method | AUROC | precision at the contaminated count |", "|---|---|---|"]
