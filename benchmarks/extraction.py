@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per method; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-naive", action="store_true", help="only pairtrace and the floor")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile pairtrace's decoder blocks (the first run includes compiling)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_tokens=args.batch_tokens,
                 max_length=args.max_length,
                 prompt_sharing=args.prompt_sharing,
+                compile=args.compile,
                 progress=False,
             )
             fast = store.load(args.layer)  # [n, d]
