@@ -147,3 +147,42 @@ def test_spec_validation():
     with pytest.raises(ConfigError):
         InterventionSpec(selection="source")
     assert InterventionSpec(action="switch", k=30).name == "switch-top30"
+
+
+def test_intervene_command_by_ranking_random_and_source_with_an_open_instruct_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from pairtrace.attribute import save_ranking
+    from pairtrace.cli import app
+
+    src = write_jsonl(tmp_path / "mix.jsonl", [olmo_record(i) for i in range(20)])
+    pairs = load_pairs(src)
+    save_ranking(ranking_for(pairs, [float(i) for i in range(20)]), tmp_path / "ranking")  # pair-19 best
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, ["intervene", str(src), *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+
+    run("--ranking", tmp_path / "ranking", "--action", "switch", "--k", 3, "--out", tmp_path / "switch")
+    switched = {p.id: p for p in load_pairs(tmp_path / "switch" / "mix.jsonl")}
+    assert [switched[f"pair-{i}"].chosen for i in (17, 18, 19)] == [f"bad answer {i}" for i in (17, 18, 19)]
+    assert switched["pair-16"].chosen == "good answer 16"
+    export = [json.loads(line) for line in (tmp_path / "switch" / "open_instruct" / "preference_data.jsonl")
+              .read_text().splitlines()]
+    assert len(export) == 20 and {r["id"] for r in export} == {f"pair-{i}" for i in range(20)}
+    row = next(r for r in export if r["id"] == "pair-19")  # whole conversations, as open-instruct reads them
+    assert [m["role"] for m in row["chosen"]] == ["user", "assistant"]
+    assert row["chosen"][1]["content"] == "bad answer 19"
+    mixer = (tmp_path / "switch" / "open_instruct" / "dataset_mixer_list.txt").read_text()
+    assert mixer.startswith("--dataset_mixer_list /") and mixer.strip().endswith("preference_data.jsonl 1.0")
+
+    run("--selection", "random", "--k", 5, "--seed", 1, "--out", tmp_path / "random", "--no-open-instruct")
+    assert len(load_pairs(tmp_path / "random" / "mix.jsonl")) == 15
+    assert not (tmp_path / "random" / "open_instruct").exists()
+    run("--selection", "source", "--models", "model-0", "--out", tmp_path / "source")
+    kept = load_pairs(tmp_path / "source" / "mix.jsonl")
+    assert len(kept) == 13 and all(p.chosen_model != "model-0" for p in kept)  # 7 of 20 ids are 0 mod 3
+    missing = runner.invoke(app, ["intervene", str(src), "--out", str(tmp_path / "x"), "--k", "3"])
+    assert missing.exit_code == 2 and "--ranking" in missing.output

@@ -500,6 +500,100 @@ def sources(
 
 @app.command(
     epilog=(
+        "Examples:\n\n  pairtrace intervene runs/organism/organism/data/preference_mix.jsonl "
+        "--ranking runs/organism/rankings/probe --action switch --k 96 --out runs/switch-probe-96\n\n"
+        "  pairtrace intervene mix.jsonl --selection random --action filter --k 96 --seed 1 --out runs/random-96\n\n"
+        "  pairtrace intervene mix.jsonl --selection source --models fjord-34b --out runs/no-fjord"
+    )
+)
+@friendly_errors
+def intervene(
+    ctx: typer.Context,
+    pairs: str = typer.Argument(None, help="The dataset the ranking was computed on: file, saved dataset or hub id."),
+    ranking: Path = typer.Option(None, help="Ranking directory from `pairtrace attribute` (selection 'ranking')."),
+    action: str = typer.Option("filter", help="filter (drop the selected pairs) | switch (swap chosen/rejected)."),
+    selection: str = typer.Option("ranking", help="ranking (top-k) | random (seeded k) | source (chosen models)."),
+    k: int = typer.Option(None, "--k", help="How many pairs (ranking and random selections)."),
+    seed: int = typer.Option(0, help="Seed of the random selection."),
+    models: list[str] = typer.Option(None, "--models", help="chosen_model values to ablate (selection 'source')."),
+    split: str = typer.Option(None, help="Split of a saved / hub dataset."),
+    data_revision: str = typer.Option(None, help="Hub revision of the dataset."),
+    open_instruct: bool = typer.Option(True, help="Also write the result for open-instruct (open_instruct/)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Write the dataset with the top-k (or random-k, or some sources' pairs) filtered or switched, by stable id."""
+    opts = resolve_options(ctx, command_values(locals()), "intervene")
+    require(opts, "pairs", "out")
+    from pairtrace.intervene import InterventionSpec, run_intervention, write_open_instruct_export
+
+    spec = InterventionSpec(action=opts["action"], selection=opts["selection"], k=opts["k"], seed=opts["seed"],
+                            models=list(opts["models"] or []))
+    loaded_ranking = None
+    if spec.selection == "ranking":
+        require(opts, "ranking", "k")
+        from pairtrace.attribute import load_ranking
+
+        loaded_ranking = load_ranking(opts["ranking"])
+    summary = run_intervention(opts["pairs"], spec, opts["out"], ranking=loaded_ranking, split=opts["split"],
+                               revision=opts["data_revision"])
+    console.print(f"[green]wrote[/] {summary['output']}: {summary.get('removed', 0)} removed, "
+                  f"{summary.get('switched', 0)} switched, {summary.get('records_out')} records")
+    if opts["open_instruct"]:
+        export = write_open_instruct_export(summary["output"], Path(opts["out"]) / "open_instruct")
+        console.print(f"open-instruct: {export['mixer_args']}")
+
+
+@app.command(
+    epilog=(
+        "Example:\n\n  pairtrace retrain --m0 runs/organism/organism/m0 "
+        "--pairs runs/switch-probe-96/preference_mix.jsonl --learning-rate 8e-4 --lr-scheduler-type constant "
+        "--sft-weight 0.75 --out runs/retrain-switch-probe-96\n\n"
+        "  pairtrace retrain --config configs/retrain.yaml   # keys = option names, section 'retrain' or top level"
+    )
+)
+@friendly_errors
+def retrain(
+    ctx: typer.Context,
+    m0: str = typer.Option(None, help="Starting checkpoint and frozen reference: local directory or hub id."),
+    pairs: str = typer.Option(None, help="Preference pairs: file, saved dataset or hub id (any supported layout)."),
+    split: str = typer.Option(None, help="Split of a saved / hub dataset."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (model/, dpo_summary.json)."),
+    loss_type: str = typer.Option("sigmoid", help="sigmoid (standard DPO) | dpo_norm (length-normalised)."),
+    beta: float = typer.Option(0.1, help="DPO beta."),
+    learning_rate: float = typer.Option(2e-4, help="Peak learning rate (AdamW)."),
+    lr_scheduler_type: str = typer.Option("linear", help="linear | cosine | constant | ..."),
+    warmup_ratio: float = typer.Option(0.0, help="Share of steps with linear warm-up."),
+    epochs: float = typer.Option(1.0, help="Passes over the pairs."),
+    batch_size: int = typer.Option(16, help="Pairs per optimisation step."),
+    sft_weight: float = typer.Option(0.0, help="Weight of an NLL loss on the chosen responses (RPO); 0 = off."),
+    max_length: int = typer.Option(256, help="Longest prompt + response, in tokens."),
+    seed: int = typer.Option(0, help="Seed of the data order (the run is deterministic for it)."),
+    ref_cache: Path = typer.Option(None, help="Folder caching M0's reference log-probs across retrains."),
+    config: Path = ConfigOpt,
+) -> None:
+    """DPO from M0 with one recipe (the baseline and every intervention use the same): TRL's DPOTrainer."""
+    opts = resolve_options(ctx, command_values(locals()), "retrain")
+    require(opts, "m0", "pairs", "out")
+    from pairtrace.data.pairs import load_pairs, pair_to_record
+    from pairtrace.organism.dpo import DPORecipe, train_dpo
+    from pairtrace.records import write_jsonl_atomic
+
+    recipe = DPORecipe(**{name: opts[name] for name in (
+        "loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "epochs", "batch_size",
+        "sft_weight", "max_length", "seed")})
+    out_dir = Path(opts["out"])
+    train_file = write_jsonl_atomic(
+        [pair_to_record(p, "conversational") for p in load_pairs(opts["pairs"], split=opts["split"])],
+        out_dir / "train.jsonl",
+    )  # any input layout, as the prompt + assistant-turn messages the trainer reads
+    summary = train_dpo(opts["m0"], train_file, out_dir / "model", recipe, ref_cache_dir=opts["ref_cache"])
+    console.print(f"[green]wrote[/] {out_dir / 'model'}: {summary['n_pairs']} pairs, {summary['steps']} steps, "
+                  f"loss {summary['train_loss']:.4f}, {summary['seconds']:.0f} s")
+
+
+@app.command(
+    epilog=(
         "Example:\n\n  pairtrace discover --m0 runs/organism/organism/m0 --vectors runs/organism/vectors "
         "--generations-m0 g0.jsonl --generations-m1 g1.jsonl --pairs mix.jsonl --out runs/discover"
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace import __version__
-from pairtrace.data.pairs import detect_source_kind, iter_records, load_pairs, pair_from_record
+from pairtrace.data.pairs import detect_source_kind, iter_records, load_pairs, pair_from_record, pair_to_record
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.records import write_jsonl_atomic
@@ -314,3 +314,28 @@ def run_intervention(
             raise DataError(f"no pair has a chosen_model in {spec.models}")
     return apply_intervention(source, ids, spec.action, out_dir, split=split, revision=revision,
                               id_column=id_column, spec=spec, extra_summary=extra)
+
+
+def write_open_instruct_export(dataset: str | os.PathLike, out_dir: str | os.PathLike, *,
+                               split: str | None = None) -> dict[str, Any]:
+    """Write an intervened dataset for users who retrain with AllenAI's open-instruct.
+
+    open-instruct's DPO scripts read local JSONL files whose ``chosen`` and ``rejected`` are whole conversations
+    (prompt turns + the assistant reply), as in the OLMo 2 preference mix. This writes ``preference_data.jsonl``
+    in that layout (with ``id``, ``source`` and the models kept) and ``dataset_mixer_list.txt``, the argument to
+    pass: ``--dataset_mixer_list <file> 1.0``.
+
+    Args:
+        dataset: The intervened dataset (any format :func:`load_pairs` reads).
+        out_dir: Folder for the two files (created).
+        split: Split of a saved dataset.
+
+    Returns:
+        ``{"jsonl", "mixer_args", "n_pairs"}``.
+    """
+    pairs = load_pairs(dataset, split=split)
+    folder = Path(out_dir)
+    jsonl = write_jsonl_atomic((pair_to_record(p, "olmo") for p in pairs), folder / "preference_data.jsonl")
+    mixer_args = f"--dataset_mixer_list {jsonl.resolve()} 1.0"
+    (folder / "dataset_mixer_list.txt").write_text(mixer_args + "\n", encoding="utf-8")
+    return {"jsonl": str(jsonl), "mixer_args": mixer_args, "n_pairs": len(pairs)}

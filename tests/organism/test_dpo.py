@@ -77,3 +77,30 @@ def test_retrain_is_deterministic_for_a_seed(small_organism, tmp_path: Path) -> 
     norm = train_dpo(out / "m0", pairs, tmp_path / "n", DPORecipe(loss_type="dpo_norm", batch_size=16, beta=2.0),
                      progress=False)
     assert norm["recipe"]["loss_type"] == "dpo_norm" and norm["steps"] == 3
+
+
+def test_retrain_command_trains_from_any_layout_with_a_yaml_recipe(small_organism, tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pairtrace.cli import app
+
+    out, _ = small_organism
+    records = [json.loads(line) for line in (out / "data" / "preference_mix.jsonl").read_text().splitlines()[:32]]
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet)  # another format than the trainer's JSONL
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("retrain:\n  batch_size: 8\n  learning_rate: 5.0e-4\n  loss_type: dpo_norm\n  seed: 2\n")
+    args = ["retrain", "--m0", str(out / "m0"), "--pairs", str(parquet), "--out", str(tmp_path / "run"),
+            "--config", str(recipe), "--epochs", "1"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "model" / "dpo_summary.json").read_text())
+    assert summary["n_pairs"] == 32 and summary["steps"] == 4
+    assert summary["recipe"]["loss_type"] == "dpo_norm" and summary["recipe"]["learning_rate"] == 5e-4
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    bad = CliRunner().invoke(app, ["retrain", "--m0", str(out / "m0"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--pairs" in bad.output
