@@ -88,15 +88,18 @@ def score_chunk(chunk: torch.Tensor, behaviour_units: torch.Tensor, method: str)
         [rows] float32 scores, NaN where the datapoint vector has no direction.
     """
     units, ok = unit_rows(chunk)
-    sims = torch.nan_to_num(units, nan=0.0) @ behaviour_units.T  # [rows, m]
-    if method == "bank":
-        scores = sims.max(dim=1).values
-    elif method == "mean":
-        scores = sims.mean(dim=1)
-    else:
-        scores = sims[:, 0]
+    scores = reduce_similarities(torch.nan_to_num(units, nan=0.0) @ behaviour_units.T, method)  # [rows]
     scores[~ok] = float("nan")
     return scores
+
+
+def reduce_similarities(sims: torch.Tensor, method: str) -> torch.Tensor:
+    """[rows, m] similarities to the behaviour vectors -> [rows]: bank = max, mean = mean, probe = the only column."""
+    if method == "bank":
+        return sims.max(dim=1).values
+    if method == "mean":
+        return sims.mean(dim=1)
+    return sims[:, 0]
 
 
 def behaviour_matrix(behaviour, layer: int, method: str) -> torch.Tensor:

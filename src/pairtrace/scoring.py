@@ -35,6 +35,7 @@ from pairtrace.attribute import (
     check_behaviour_matches_store,
     pair_metadata_frame,
     ranking_metadata,
+    reduce_similarities,
 )
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.shard import ShardSpec, parse_shard
@@ -89,13 +90,7 @@ def score_rows(chunk: torch.Tensor, units: torch.Tensor, method: str, engine: st
         best, _ = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)  # [rows, 1]: the largest inner product
         reduced = torch.from_numpy(best[:, 0]).to(chunk.device)
     else:
-        sims = chunk @ units.T  # [rows, m]
-        if method == "bank":
-            reduced = sims.max(dim=1).values
-        elif method == "mean":
-            reduced = sims.mean(dim=1)
-        else:
-            reduced = sims[:, 0]
+        reduced = reduce_similarities(chunk @ units.T, method)  # [rows]
     scores = reduced / norms.clamp_min(_ZERO_NORM)
     scores[~ok] = float("nan")
     return scores

@@ -259,7 +259,6 @@ def train_dpo(
 
 def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool):
     """TRL's ``DPOConfig`` for a recipe: float32, no gradient checkpointing, no saving or logging."""
-    import torch
     from trl import DPOConfig
 
     return DPOConfig(
@@ -275,17 +274,27 @@ def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool):
         precompute_ref_log_probs=recipe.precompute_ref_log_probs,
         precompute_ref_batch_size=max(64, recipe.batch_size),
         max_length=recipe.max_length,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        gradient_checkpointing=False,
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
+        **quiet_trainer_arguments(recipe.seed, progress),
     )
+
+
+def quiet_trainer_arguments(seed: int, progress: bool) -> dict[str, Any]:
+    """Trainer arguments shared by the organism's SFT and DPO runs: seeded data order, float32, no gradient
+    checkpointing, GPU when one is visible, and nothing saved, logged or reported."""
+    import torch
+
+    return {
+        "seed": seed,
+        "data_seed": seed,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": not progress,
+        "dataloader_num_workers": 0,
+    }
 
 
 def _reference_cache(m0_dir: Path, tokenizer: Any, recipe: DPORecipe, ref_cache_dir: str | Path | None):

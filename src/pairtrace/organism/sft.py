@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.organism.config import ModelSettings, SFTSettings
-from pairtrace.organism.dpo import quiet_training_logs
+from pairtrace.organism.dpo import quiet_trainer_arguments, quiet_training_logs
 
 
 def build_olmo2(tokenizer: Any, settings: ModelSettings, seed: int):
@@ -66,7 +66,6 @@ def train_sft(
     Returns:
         Summary: ``n_examples``, ``steps``, ``train_loss``, ``n_parameters``, ``seconds``.
     """
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
@@ -89,16 +88,7 @@ def train_sft(
             completion_only_loss=True,
             packing=False,
             train_sampling_strategy="group_by_length",  # similar lengths share a batch: little padding
-            seed=seed,
-            data_seed=seed,
-            gradient_checkpointing=False,
-            bf16=False,
-            use_cpu=not torch.cuda.is_available(),
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
+            **quiet_trainer_arguments(seed, progress),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         result = trainer.train()
