@@ -31,3 +31,14 @@ def tiny_loaded(tiny_model_dir: Path):
 def tiny_pairs() -> PairSet:
     """Eight pairs: mixed lengths, multi-turn prompts, a system turn, one with chosen == rejected."""
     return build_tiny_pairs()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One CPU thread for the test: much faster than two for tiny models on a busy shared CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -24,12 +24,9 @@ from pairtrace.generate import (
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One CPU thread: much faster than two for tiny models on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _generation_tests_use_one_thread(one_torch_thread):
+    """Every generation test runs with one torch thread."""
     yield
-    torch.set_num_threads(previous)
 
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "sure", "here", "is", "a", "short",

@@ -93,6 +93,23 @@ def score_chunk(chunk: torch.Tensor, behaviour_units: torch.Tensor, method: str)
     return scores
 
 
+def resolve_scoring(store: Any, behaviour: Any,
+                    config: AttributionConfig | None) -> tuple[AttributionConfig, int, torch.Tensor]:
+    """The config (default if ``None``), the layer to score and the unit behaviour rows ``[m, d]`` at it.
+
+    Raises:
+        ManifestMismatchError: Behaviour vectors from another model or template, or a layer the store lacks.
+    """
+    config = config or AttributionConfig()
+    check_behaviour_matches_store(store, behaviour)
+    layer = config.layer if config.layer is not None else next(iter(store.layers))
+    if layer not in list(store.layers):
+        raise ManifestMismatchError(
+            f"datapoint vectors were stored at layers {list(store.layers)}, not at layer {layer}"
+        )
+    return config, layer, behaviour_matrix(behaviour, layer, config.method)
+
+
 def reduce_similarities(sims: torch.Tensor, method: str) -> torch.Tensor:
     """[rows, m] similarities to the behaviour vectors -> [rows]: bank = max, mean = mean, probe = the only column."""
     if method == "bank":
@@ -286,14 +303,7 @@ def compute_attribution(store, behaviour, config: AttributionConfig | None = Non
         pair_metadata = reader() if callable(reader) else None
     elif not isinstance(pair_metadata, pd.DataFrame):
         pair_metadata = pair_metadata_frame(pair_metadata)
-    config = config or AttributionConfig()
-    check_behaviour_matches_store(store, behaviour)
-    layer = config.layer if config.layer is not None else next(iter(store.layers))
-    if layer not in list(store.layers):
-        raise ManifestMismatchError(
-            f"datapoint vectors were stored at layers {list(store.layers)}, not at layer {layer}"
-        )
-    units = behaviour_matrix(behaviour, layer, config.method)
+    config, layer, units = resolve_scoring(store, behaviour, config)
     scores = np.full(store.n, np.nan, dtype=np.float64)
     n_chunks = max(1, math.ceil(store.n / config.chunk_rows))
     chunks = iter_scores(store, units, layer, config.method, config.chunk_rows)

@@ -30,14 +30,13 @@ from tqdm.auto import tqdm
 from pairtrace.attribute import (
     AttributionConfig,
     Ranking,
-    behaviour_matrix,
     build_ranking,
-    check_behaviour_matches_store,
     pair_metadata_frame,
     ranking_metadata,
     reduce_similarities,
+    resolve_scoring,
 )
-from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
+from pairtrace.errors import ConfigError, DataError
 from pairtrace.shard import ShardSpec, parse_shard
 
 ENGINES = ("torch", "faiss")
@@ -145,17 +144,6 @@ def score_store(
     return scores
 
 
-def _resolve(store, behaviour, config: AttributionConfig | None) -> tuple[AttributionConfig, int, torch.Tensor]:
-    config = config or AttributionConfig()
-    check_behaviour_matches_store(store, behaviour)
-    layer = config.layer if config.layer is not None else next(iter(store.layers))
-    if layer not in list(store.layers):
-        raise ManifestMismatchError(
-            f"datapoint vectors were stored at layers {list(store.layers)}, not at layer {layer}"
-        )
-    return config, layer, behaviour_matrix(behaviour, layer, config.method)
-
-
 def _metadata_frame(store, pair_metadata) -> pd.DataFrame | None:
     if pair_metadata is None:
         return store.pair_metadata() if hasattr(store, "pair_metadata") else None
@@ -186,7 +174,7 @@ def rank_store(
     Returns:
         The ranking, best-first (same scores as ``compute_attribution`` up to float32 rounding).
     """
-    config, layer, units = _resolve(store, behaviour, config)
+    config, layer, units = resolve_scoring(store, behaviour, config)
     scores = score_store(store, units, layer=layer, method=config.method, chunk_rows=config.chunk_rows,
                          device=device, engine=engine, progress=progress)
     metadata = ranking_metadata(store, behaviour, config, layer, units, {"engine": engine})
@@ -217,7 +205,7 @@ def score_store_part(
         The part file (``scores.shard-0000i-of-0000n.parquet`` in ``out_dir``), written atomically.
     """
     spec = parse_shard(shard)
-    config, layer, units = _resolve(store, behaviour, config)
+    config, layer, units = resolve_scoring(store, behaviour, config)
     ranges = [store.manifest.shard_range(j) for j in spec.units(store.manifest.n_shards)]
     scores = score_store(store, units, layer=layer, method=config.method, chunk_rows=config.chunk_rows,
                          device=device, engine=engine, row_ranges=ranges, progress=progress)
@@ -247,7 +235,7 @@ def merge_score_parts(
     Raises:
         DataError: Parts are missing, overlap, disagree on the method/layer/dataset, or leave rows unscored.
     """
-    config, layer, units = _resolve(store, behaviour, config)
+    config, layer, units = resolve_scoring(store, behaviour, config)
     files = sorted(Path(parts_dir).glob(PART_PATTERN.replace("{:05d}", "*")))
     if not files:
         raise DataError(f"{parts_dir}: no score parts ({PART_PATTERN.format(0, 1)}, ...)")

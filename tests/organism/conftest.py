@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pairtrace.organism.build import build_organism
 from pairtrace.organism.config import OrganismConfig, load_organism_config
@@ -15,12 +14,9 @@ SMALL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "organism-small
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One CPU thread (what the organism uses): much faster than two on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _organism_tests_use_one_thread(one_torch_thread):
+    """Every organism test runs with one torch thread, as the organism does."""
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
