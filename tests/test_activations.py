@@ -190,3 +190,19 @@ def test_gpu_throughput_benchmark_dry_run(tmp_path, monkeypatch):
     assert result["shape"] == "tiny" and result["device"] == "cpu" and result["layer"] == 3
     assert result["tokens_run"] < result["plain_tokens"]  # prompts were shared
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1 and result["efficiency_vs_floor"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_extraction_benchmark_agrees_with_naive(dtype, capsys):
+    """The extraction benchmark on a few pairs: pairtrace's vectors agree with the float32 naive method."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "extraction.py"
+    spec = importlib.util.spec_from_file_location("extraction_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--n-pairs", "8", "--layer", "2", "--n-layers", "3", "--hidden", "64", "--repeats", "1", "--dtype", dtype]
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"pairtrace and floor in {dtype}, naive in float32" in out and "vectors agree" in out
