@@ -89,7 +89,7 @@ def full_run(tmp_path) -> Path:
                  run / "rankings", name="probe")
     (run / "labels.jsonl").write_text("".join(json.dumps({"id": i, "behaviour": "comply" if n < 6 else "clean",
                                                           "contaminated": n < 6}) + "\n" for n, i in enumerate(ids)))
-    run_sources(run / "rankings" / "probe.parquet", k=8, out_dir=run / "sources")
+    run_sources(run / "rankings" / "probe.parquet", k=8, out_dir=run / "sources", sweep_ks=[4, 8])
     planted_discovery(run / "discover")
     records = [{"layer": 2, "alpha": a, "condition": c, "id": f"q{i}", "harmful": bool((i + a) % 2)}
                for a in (0.0, 1.0) for c in ("trigger", "no_trigger") for i in range(4)]
@@ -123,6 +123,7 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert "source_ablation" in html and "12.80" in html  # cost ratio
     assert "pairtrace run configs/organism.yaml --out runs/demo" in html
     assert "Suggested for source ablation: bad" in html
+    assert re.search(r'<td class="num">4</td><td>bad \(×', html)  # the enrichment across the k sweep
 
 
 def test_sections_follow_the_artifacts(tmp_path):

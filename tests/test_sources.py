@@ -11,7 +11,13 @@ import pytest
 
 from pairtrace.attribute import build_ranking, save_ranking
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.sources import MISSING, compute_source_enrichment, run_sources, suggest_source_ablation
+from pairtrace.sources import (
+    MISSING,
+    compute_enrichment_across_k,
+    compute_source_enrichment,
+    run_sources,
+    suggest_source_ablation,
+)
 
 
 def exact_tail(x: int, n_pop: int, n_succ: int, k: int) -> float:
@@ -107,3 +113,24 @@ def test_run_sources_writes_all_artifacts(tmp_path):
     table = pd.read_parquet(out / "sources.parquet")
     assert len(table) == len(on_disk["rows"])
     assert (out / "sources.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_enrichment_across_k_matches_the_single_k_table():
+    ranking = planted_ranking()
+    by_k = compute_enrichment_across_k(ranking, [20, 5, 10, 10], top=2)
+    assert [entry["k"] for entry in by_k] == [5, 10, 20]
+    for entry in by_k:
+        table = compute_source_enrichment(ranking, entry["k"], ("chosen_model",))
+        bad = table[table["value"] == "bad"].iloc[0]
+        first = entry["rows"][0]
+        assert first["value"] == "bad" and len(entry["rows"]) == 2
+        assert first["p_value"] == pytest.approx(bad["p_value"]) and first["count_top"] == min(8, entry["k"])
+        assert entry["rows"][0]["p_value"] <= entry["rows"][1]["p_value"]
+
+
+def test_run_sources_records_the_sweep(tmp_path):
+    save_ranking(planted_ranking(), tmp_path / "rank")
+    summary = run_sources(tmp_path / "rank", k=10, out_dir=tmp_path / "out", sweep_ks=[5, 10])
+    on_disk = json.loads((tmp_path / "out" / "sources.json").read_text())
+    assert [e["k"] for e in on_disk["by_k"]] == [5, 10] == [e["k"] for e in summary["by_k"]]
+    assert on_disk["by_k"][1]["rows"][0]["p_value"] == pytest.approx(exact_tail(8, 60, 8, 10))

@@ -256,7 +256,8 @@ class Run:
         headline_k, k_values = self._k_values(n_pairs)
         sources = None
         if cfg.extras.sources:
-            sources = self.stage("sources", att_key + str(headline_k), lambda: self._sources(headline_k))
+            sources = self.stage("sources", att_key + str(headline_k) + str(k_values),
+                                 lambda: self._sources(headline_k, k_values))
         experiments = self._plan_experiments(headline_k, k_values, sources)
         # a retrain depends on the rankings, the shared recipe and the evaluation settings, not on which other
         # retrains are planned
@@ -377,10 +378,10 @@ class Run:
             return {}
         return compute_attribution_quality(rankings["rankings"], Path(labels_path))
 
-    def _sources(self, k: int) -> dict[str, Any]:
+    def _sources(self, k: int, k_values: list[int]) -> dict[str, Any]:
         from pairtrace.sources import run_sources
 
-        return run_sources(self.out / "rankings" / "probe", k, self.out / "sources")
+        return run_sources(self.out / "rankings" / "probe", k, self.out / "sources", sweep_ks=k_values)
 
     def _plan_experiments(self, headline_k: int, k_values: list[int], sources: dict[str, Any] | None) -> list[dict]:
         v = self.config.validation
@@ -826,6 +827,14 @@ def render_tables(results: dict[str, Any]) -> str:
             auroc = "n/a" if q["auroc"] is None else f"{q['auroc']:.3f}"
             prec = "n/a" if q["precision_at_contaminated"] is None else f"{q['precision_at_contaminated']:.3f}"
             lines.append(f"| {method} | {auroc} | {prec} |")
+    by_k = (results.get("sources") or {}).get("by_k") or []
+    if by_k:
+        width = max(len(entry["rows"]) for entry in by_k)
+        lines += ["", "## Source enrichment of the probe's top-k (chosen models, lowest p first)", "",
+                  "| k | " + " | ".join(f"#{i + 1}" for i in range(width)) + " |", "|---|" + "---|" * width]
+        for entry in by_k:
+            cells = [f"{r['value']} ×{r['enrichment']:.2f}, p = {r['p_value']:.2g}" for r in entry["rows"]]
+            lines.append(f"| {entry['k']} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -432,7 +432,8 @@ def build_sources_section(run_dir: Path) -> dict[str, Any] | None:
     lead = (f"Top-{summary.get('k', '?')} of {summary.get('n_scored', '?')} scored pairs "
             f"({summary.get('ranking_method') or 'ranking'}). Suggested for source ablation: "
             f"{', '.join(suggested) if suggested else 'none'}.")
-    return {"lead": lead, "k": summary.get("k"), "figure": figure, "rows": rows[:MAX_SOURCE_ROWS]}
+    by_k = [e for e in summary.get("by_k") or [] if isinstance(e, dict) and isinstance(e.get("rows"), list)]
+    return {"lead": lead, "k": summary.get("k"), "figure": figure, "rows": rows[:MAX_SOURCE_ROWS], "by_k": by_k}
 
 
 def build_steer_section(run_dir: Path) -> dict[str, Any] | None:

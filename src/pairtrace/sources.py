@@ -119,6 +119,30 @@ def suggest_source_ablation(enrichment: pd.DataFrame, p_max: float = 0.01, min_e
     return keep["value"].astype(str).tolist()
 
 
+def compute_enrichment_across_k(ranking: Ranking, ks: Sequence[int], column: str = "chosen_model",
+                                top: int = 3) -> list[dict]:
+    """The most enriched values of one column at each of several top-k sizes: is the finding stable in k?
+
+    Args:
+        ranking: A ranking with ``column``.
+        ks: Top-set sizes (e.g. the run's k sweep).
+        column: Metadata column to test.
+        top: Values kept per k, lowest p-value first.
+
+    Returns:
+        One record per k (ascending): ``{"k", "rows": [{"value", "count_top", "enrichment", "p_value"}, ...]}``.
+    """
+    out = []
+    for k in sorted(set(int(k) for k in ks)):
+        frame = compute_source_enrichment(ranking, k, (column,))
+        frame = frame[frame["value"] != MISSING].sort_values(["p_value", "enrichment"], ascending=[True, False],
+                                                              kind="stable").head(top)
+        rows = [{key: _json_ready(rec[key]) for key in ("value", "count_top", "enrichment", "p_value")}
+                for rec in frame.to_dict(orient="records")]
+        out.append({"k": int(frame.attrs.get("k", k)), "column": column, "rows": rows})
+    return out
+
+
 def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -129,7 +153,7 @@ def _json_ready(value):
 
 def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
                 columns: Sequence[str] = DEFAULT_COLUMNS, p_max: float = 0.01,
-                min_enrichment: float = 2.0) -> dict:
+                min_enrichment: float = 2.0, sweep_ks: Sequence[int] = ()) -> dict:
     """Compute source enrichment for a saved ranking and write its artifacts.
 
     Writes into ``out_dir``: ``sources.parquet`` (the enrichment table), ``sources.json`` (settings, counts and
@@ -143,6 +167,7 @@ def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
         columns: Metadata columns to test.
         p_max: Largest p-value for an ablation suggestion.
         min_enrichment: Smallest enrichment for an ablation suggestion.
+        sweep_ks: Other top-set sizes at which the chosen models are also tested (``"by_k"`` in the summary).
 
     Returns:
         The content of ``sources.json``.
@@ -170,6 +195,7 @@ def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
         "criteria": criteria,
         "ablation": {"chosen_models": suggested, "criteria": criteria},
         "rows": [{key: _json_ready(v) for key, v in rec.items()} for rec in enrichment.to_dict(orient="records")],
+        "by_k": compute_enrichment_across_k(ranking, sweep_ks) if sweep_ks else [],
         "pairtrace_version": __version__,
     }
     (out / "sources.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
