@@ -20,6 +20,7 @@ from pairtrace.models import (
     get_decoder_layers,
     get_final_norm,
     load_model,
+    resolve_dtype,
     resolve_layers,
 )
 from testing_utils import assistant, build_tiny_model_dir, system, user
@@ -46,6 +47,29 @@ def test_load_model_reports_shape_identity_and_eval_mode(tiny_loaded, tiny_model
     assert identity["weights_hash"].startswith("sha256:")
     assert identity["template_mode"] == "chat"
     assert tiny_loaded.prepend_bos  # the tiny tokenizer adds a BOS by default
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_dtype_auto_picks_bfloat16_only_where_it_is_fast(tiny_model_dir, monkeypatch, amx):
+    import pairtrace.models as models
+
+    monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: amx)
+    expected = torch.bfloat16 if amx else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16  # an explicit name is never changed
+    loaded = load_model(ModelSpec(str(tiny_model_dir), dtype="auto"), device="cpu")
+    assert loaded.dtype == expected and next(loaded.model.parameters()).dtype == expected
+    assert loaded.spec.dtype == "auto"
+
+
+def test_cpu_amx_flag_reads_proc_cpuinfo():
+    from pairtrace.models import cpu_has_amx_bf16
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    assert cpu_has_amx_bf16() == ("amx_bf16" in flags)
 
 
 def test_load_model_overrides_and_validation(tiny_model_dir):

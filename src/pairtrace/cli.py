@@ -31,7 +31,11 @@ console = Console(stderr=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file of option values; flags override it.")
 ModelOpts = dict(
     revision=typer.Option(None, help="Hub revision (commit, tag or branch) when MODEL is a hub id."),
-    dtype=typer.Option("float32", help="float32 | bfloat16 | float16 (activations accumulate in float32)."),
+    dtype=typer.Option(
+        "float32",
+        help="float32 | bfloat16 | float16 | auto (bfloat16 on a bf16 GPU or an AMX CPU, else float32); "
+        "activations accumulate in float32.",
+    ),
     device=typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     template=typer.Option("auto", help="auto (the tokenizer's chat template if any, else plain) | chat | plain."),
 )

@@ -27,7 +27,7 @@ class ModelsSection:
     m1: str | None = field(default=None, metadata={"help": "Post-trained checkpoint: local dir or hub id."})
     m0_revision: str | None = field(default=None, metadata={"help": "Hub revision of M0."})
     m1_revision: str | None = field(default=None, metadata={"help": "Hub revision of M1."})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | auto."})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
     template: str = field(default="auto", metadata={"help": "auto | chat | plain."})
 
