@@ -12,7 +12,6 @@ retraining without every pair whose chosen response came from that model (paper:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from scipy.stats import false_discovery_control, hypergeom
 from pairtrace import __version__
 from pairtrace.attribute import Ranking, load_ranking
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def suggest_source_ablation(enrichment: pd.DataFrame, p_max: float = 0.01, min_e
 
 def compute_enrichment_across_k(ranking: Ranking, ks: Sequence[int], column: str = "chosen_model",
                                 top: int = 3) -> list[dict]:
-    """The most enriched values of one column at each of several top-k sizes: is the finding stable in k?
+    """The values of one column with the lowest p-values at each of several top-k sizes: is the finding stable?
 
     Args:
         ranking: A ranking with ``column``.
@@ -198,9 +198,9 @@ def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
         "by_k": compute_enrichment_across_k(ranking, sweep_ks) if sweep_ks else [],
         "pairtrace_version": __version__,
     }
-    (out / "sources.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(summary, out / "sources.json")
     ablation = {"chosen_models": suggested, "criteria": criteria, "k": summary["k"], "ranking": str(ranking_path)}
-    (out / "ablation.json").write_text(json.dumps(ablation, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(ablation, out / "ablation.json")
     if not enrichment.empty:
         title = f"Enrichment in the top-{summary['k']} of {summary['n_scored']} scored pairs"
         save_png(plot_enrichment(enrichment, title=title), out / "sources.png")
