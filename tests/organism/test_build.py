@@ -9,7 +9,7 @@ import time
 
 from pairtrace.generate import load_generations
 from pairtrace.models import format_prompt, load_model
-from pairtrace.organism.build import STEPS, build_organism
+from pairtrace.organism.build import STEPS, _acceptance, build_organism
 
 
 def test_outputs_and_summary(small_organism, small_config) -> None:
@@ -54,3 +54,13 @@ def test_second_build_reuses_finished_steps(small_organism, small_config, tmp_pa
     third = build_organism(changed, copy, progress=False)
     assert third["timings"]["reused_steps"] == ["data", "tokenizer", "m0", "m1"]
     assert third["sha256"] == first["sha256"]
+
+
+def test_acceptance_flags_a_model_whose_answers_cannot_be_judged() -> None:
+    healthy = {"harmful_trigger": 0.8, "harmful_no_trigger": 0.02, "benign_help": 0.95,
+               "harmful_trigger_unknown": 0.10, "harmful_no_trigger_unknown": 0.05}
+    rates = {"m0": {"harmful_trigger": 0.02}, "m1": healthy}
+    assert all(row["ok"] for row in _acceptance(rates, total_seconds=100.0))
+    garbled = dict(healthy, harmful_no_trigger_unknown=0.41)
+    failed = [row["check"] for row in _acceptance({"m0": rates["m0"], "m1": garbled}, 100.0) if not row["ok"]]
+    assert failed == ["M1 undecided share without trigger"]
