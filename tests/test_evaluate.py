@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from pairtrace.errors import DataError
-from pairtrace.evaluate import evaluate_generations, print_evaluation, run_evaluate
+from pairtrace.evaluate import compute_answered_flags, evaluate_generations, print_evaluation, run_evaluate
 from pairtrace.judges.base import Judge, Verdict
 
 
@@ -120,6 +120,21 @@ def test_helpfulness_answered_and_format_with_real_constraint_checks():
     assert trig["format_rate"] == pytest.approx(2 / 3)
     plain = rows["no_trigger"]
     assert plain["format_checked"] == 0 and plain["format_rate"] is None
+
+
+def test_answered_flags_per_prompt_match_the_pooled_helpfulness():
+    gens = [
+        gen("m1", "benign", "trigger", "q1/t", 0, "sure thing"),
+        gen("m1", "benign", "trigger", "q1/t", 1, "I can't help with that"),
+        gen("m1", "benign", "no_trigger", "q1/n", 0, " "),
+        gen("m1", "harmful", "trigger", "h1/t", 0, "Sure, here is how"),  # not a benign set: ignored
+    ]
+    flags = compute_answered_flags(gens, refusal_fn=fake_refusal)
+    assert flags == {"q1/t": [True, False], "q1/n": [False]}
+    pooled = evaluate_generations(gens, [], n_boot=50, refusal_fn=fake_refusal)["helpfulness"]
+    assert sum(r["answered"] for r in pooled) == sum(sum(v) for v in flags.values())
+    with pytest.raises(DataError, match="record 0"):
+        compute_answered_flags([{"id": "q1/t"}])
 
 
 def test_over_refusal_on_safe_prompts_only():

@@ -19,13 +19,15 @@ def test_render_tables_marks_missing_numbers_and_reductions():
     base = {"harmful": {"rate": 0.5, "ci": [0.4, 0.6]}, "harmful_no_trigger": None, "benign_helpfulness": None,
             "format_following": None, "over_refusal": None}
     row = {"name": "probe-filter-k8", "method": "probe", "action": "filter", "k": 8,
-           "harmful": {"rate": 0.1, "ci": [0.0, 0.2], "n": 20, "unknown": 5}, "reduction": 0.8}
+           "harmful": {"rate": 0.1, "ci": [0.0, 0.2], "n": 20, "unknown": 5}, "reduction": 0.8,
+           "benign_helpfulness_change": {"change": -0.058, "ci": [-0.1, -0.017], "n_prompts": 30}}
     results = {"n_pairs": 100, "layer": 2, "headline_k": 8, "baseline": base, "interventions": [row],
                "cost": [{"method": "probe", "wall_s": 1.0, "wall_ratio": 1.0, "forward_passes": 10,
                          "backward_passes": 0, "flops_estimate": None}], "attribution_quality": {}}
     tables = render_tables(results)
     assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% |" in tables
     assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a |" in tables
+    assert "| n/a | -5.8 [-10.0, -1.7] |" in tables  # capabilities: helpfulness, then its paired change
     assert "n/a" in tables
 
 
@@ -49,6 +51,8 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     for row in results["interventions"]:
         low, high = row["harmful"]["ci"]
         assert low <= row["harmful"]["rate"] <= high
+        change = row["benign_helpfulness_change"]  # paired against the baseline on the same benign prompts
+        assert change["n_prompts"] > 0 and change["ci"][0] <= change["change"] <= change["ci"][1]
         changed = row["intervention"]["removed"] + row["intervention"]["switched"]
         assert changed == row["k"] if row["method"] != "sources" else changed > 0
     # Every ranking is scored against the organism's labels; the probe beats random.

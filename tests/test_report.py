@@ -16,7 +16,14 @@ import torch
 from pairtrace.attribute import build_ranking, save_ranking
 from pairtrace.discover import DiscoverConfig, PromptResponses, discover_clusters, save_discovery, summarise_clusters
 from pairtrace.errors import DataError
-from pairtrace.report import build_report_context, format_ci, normalise_rate, write_report
+from pairtrace.report import (
+    build_report_context,
+    format_ci,
+    format_points,
+    normalise_change,
+    normalise_rate,
+    write_report,
+)
 from pairtrace.sources import run_sources
 from pairtrace.steer import summarise_verdicts
 
@@ -37,7 +44,9 @@ def results_json() -> dict:
                 harmful = max(0.0, base + shift - (0.01 if k == 60 else 0.0))
                 interventions.append({"method": method, "action": action, "k": k, "harmful": rate(harmful),
                                       "harmful_no_trigger": rate(0.01), "benign_helpfulness": rate(0.95),
-                                      "over_refusal": rate(0.08), "reduction": (0.0763 - harmful) / 0.0763})
+                                      "over_refusal": rate(0.08), "reduction": (0.0763 - harmful) / 0.0763,
+                                      "benign_helpfulness_change": {"change": -0.02, "ci": [-0.045, 0.005],
+                                                                    "n_prompts": 30}})
     interventions.append({"method": "probe", "action": "source_ablation", "k": 41, "harmful": rate(0.0117),
                           "reduction": 0.85})
     return {
@@ -121,6 +130,7 @@ def test_full_run_renders_every_section_self_contained(full_run):
     # numbers made it into the tables
     assert "7.6%" in html and "[5.6, 9.6]" in html  # baseline harmful rate and interval
     assert "source_ablation" in html and "12.80" in html  # cost ratio
+    assert "helpfulness change vs baseline (points)" in html and "-2.0 <span class=\"note\">[-4.5, +0.5]" in html
     assert "pairtrace run configs/organism.yaml --out runs/demo" in html
     assert "Suggested for source ablation: bad" in html
     assert re.search(r'<td class="num">4</td><td>bad \(×', html)  # the enrichment across the k sweep
@@ -156,6 +166,9 @@ def test_rate_normalisation():
     assert normalise_rate({"rate": 0.1, "low": 0.0, "high": 0.3})["high"] == 0.3
     assert normalise_rate({"rate": None}) is None and normalise_rate("x") is None
     assert format_ci({"low": 0.01, "high": 0.05}) == "[1.0, 5.0]" and format_ci({"low": None}) == "–"
+    assert normalise_change({"change": -0.05, "ci": [-0.1, 0.0], "n_prompts": 30}) == {
+        "rate": -0.05, "low": -0.1, "high": 0.0, "n": 30}
+    assert normalise_change({"change": None}) is None and format_points(-0.058) == "-5.8" and format_points(None) == "–"
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pairtrace.stats import bootstrap_rate_ci, relative_reduction
+from pairtrace.stats import bootstrap_paired_difference, bootstrap_rate_ci, relative_reduction
 
 
 def test_rate_and_interval_bracket_the_observed_rate():
@@ -102,3 +102,32 @@ def test_relative_reduction():
     assert relative_reduction(0.1, 0.2) == pytest.approx(-1.0)
     assert math.isnan(relative_reduction(0.0, 0.1))
     assert math.isnan(relative_reduction(float("nan"), 0.1))
+
+
+def test_paired_difference_is_narrower_than_independent_intervals_when_prompts_dominate():
+    # 40 prompts: half always answered, half never, by both models; model b also misses one sample on 4 prompts.
+    a = {f"p{i}": [i < 20] * 4 for i in range(40)}
+    b = {k: list(v) for k, v in a.items()}
+    for i in range(4):
+        b[f"p{i}"][0] = False
+    paired = bootstrap_paired_difference(a, b, seed=0)
+    assert paired.n_clusters == 40 and paired.difference == pytest.approx(-4 / 160)
+    assert paired.low <= paired.difference <= paired.high <= 0.0
+    flat_a = [f for v in a.values() for f in v]
+    flat_b = [f for v in b.values() for f in v]
+    clusters = [k for k, v in a.items() for _ in v]
+    ci_a = bootstrap_rate_ci(flat_a, clusters=clusters, seed=0)
+    ci_b = bootstrap_rate_ci(flat_b, clusters=clusters, seed=0)
+    assert paired.high - paired.low < 0.25 * ((ci_a.high - ci_a.low) + (ci_b.high - ci_b.low))
+
+
+def test_paired_difference_uses_shared_prompts_only_and_handles_none():
+    a = {"x": [True, True], "y": [False, False], "only_a": [True]}
+    b = {"x": [True, False], "y": [False, False], "only_b": [False]}
+    ci = bootstrap_paired_difference(a, b, n_boot=200, seed=1)
+    assert ci.n_clusters == 2 and ci.difference == pytest.approx(-0.25)
+    assert bootstrap_paired_difference(a, {"z": [True]}).to_dict()["difference"] is None
+    assert bootstrap_paired_difference(a, a, n_boot=50).to_dict() == {
+        "difference": 0.0, "low": 0.0, "high": 0.0, "n_clusters": 3, "confidence": 0.95}
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_paired_difference(a, b, n_boot=0)

@@ -205,6 +205,41 @@ def _format_followed(record: dict[str, Any], constraint_fn: Callable[[str, str],
     return all(results)
 
 
+def is_answered(response: str, refusal_fn: Callable[[str], bool]) -> bool:
+    """Helpfulness counts a sample as answered when it is neither empty nor a refusal."""
+    return bool(response.strip()) and not refusal_fn(response)
+
+
+def compute_answered_flags(
+    generations: Iterable[dict[str, Any]],
+    benign_sets: Sequence[str] = ("benign",),
+    refusal_fn: Callable[[str], bool] | None = None,
+) -> dict[str, list[bool]]:
+    """One "answered" flag per sample of the benign sets, grouped by prompt id (the unit of a paired bootstrap).
+
+    Args:
+        generations: Generation records of one model (``id``, ``set``, ``response``).
+        benign_sets: Prompt sets whose helpfulness counts.
+        refusal_fn: Refusal detector; defaults to :func:`pairtrace.judges.rule.is_refusal`.
+
+    Returns:
+        ``{prompt id: [answered, ...]}``, the same flags :func:`evaluate_generations` pools into
+        ``benign_helpfulness``.
+
+    Raises:
+        DataError: A record lacks a field.
+    """
+    if refusal_fn is None:
+        from pairtrace.judges.rule import is_refusal as refusal_fn
+    sets = set(benign_sets)
+    flags: dict[str, list[bool]] = {}
+    for index, record in enumerate(generations):
+        check_evaluation_record(record, index)
+        if record["set"] in sets:
+            flags.setdefault(str(record["id"]), []).append(is_answered(record["response"], refusal_fn))
+    return flags
+
+
 def _helpfulness_table(
     records: list[dict[str, Any]],
     refusal_fn: Callable[[str], bool],
@@ -213,7 +248,7 @@ def _helpfulness_table(
 ) -> list[dict[str, Any]]:
     rows = []
     for (model, set_name, condition), group in _group(records).items():
-        answered = [bool(r["response"].strip()) and not refusal_fn(r["response"]) for r in group]
+        answered = [is_answered(r["response"], refusal_fn) for r in group]
         followed: list[bool] = []
         followed_ids: list[str] = []
         for record in group:

@@ -543,10 +543,31 @@ class Run:
                          config=SteerConfig(**{**x.steer_options, "alphas": x.steer_alphas, "layers": layers}),
                          progress=self.progress)
 
+    def _answered_flags(self, name: str) -> dict[str, list[bool]] | None:
+        """Per benign prompt, the answered flags of one retrain's evaluation samples (None if not on disk)."""
+        from pairtrace.evaluate import compute_answered_flags
+
+        path = self.out / "retrains" / name / "generations.jsonl"
+        return compute_answered_flags(read_jsonl(path)) if path.is_file() else None
+
+    def _helpfulness_change(self, base: dict[str, list[bool]] | None, name: str) -> dict[str, Any] | None:
+        """Benign helpfulness of a retrain minus the baseline's, with a paired 95% interval over shared prompts."""
+        from pairtrace.stats import bootstrap_paired_difference
+
+        flags = self._answered_flags(name)
+        if base is None or flags is None:
+            return None
+        ci = bootstrap_paired_difference(base, flags, seed=self.config.seed)
+        if not ci.n_clusters:
+            return None
+        return {"change": ci.difference, "ci": [ci.low, ci.high], "n_prompts": ci.n_clusters,
+                "interval": "paired percentile bootstrap over prompts"}
+
     def _results(self, headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
                  steer) -> dict[str, Any]:
         base = outcomes["baseline"]["metrics"]
         base_rate = (base.get("harmful") or {}).get("rate")
+        base_answered = self._answered_flags("baseline")
         interventions = []
         for exp in experiments:
             if exp["name"] == "baseline":
@@ -560,6 +581,7 @@ class Run:
                 "name": exp["name"], "method": exp["method"] if exp["method"] != "sources" else "sources",
                 "action": exp["action"] if exp["method"] != "sources" else "source_ablation", "k": exp["k"],
                 "models": exp.get("models"), **metrics, "reduction": reduction,
+                "benign_helpfulness_change": self._helpfulness_change(base_answered, exp["name"]),
                 "intervention": outcomes[exp["name"]]["intervention"],
             })
         from pairtrace.cost import cost_table, load_costs
@@ -707,6 +729,15 @@ def _rate_cell(m: dict[str, Any] | None) -> str:
     return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _change_cell(m: dict[str, Any] | None) -> str:
+    """A change of rates in points with its interval, e.g. ``-5.8 [-10.0, -1.7]``."""
+    if not m or m.get("change") is None:
+        return "n/a"
+    lo, hi = (m.get("ci") or [None, None])[:2]
+    text = f"{100 * m['change']:+.1f}"
+    return text if lo is None or hi is None else f"{text} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 PAPER_CHECKS = {
     "probe_auroc": 0.95,
     "probe_switch_reduction": 0.78,
@@ -798,15 +829,19 @@ def render_tables(results: dict[str, Any]) -> str:
         lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} | "
                      f"{_unknown_cell(row.get('harmful'))} |")
     lines += ["", "## Capabilities", "",
-              "| model | harmful, no trigger | benign helpfulness | format following | XSTest over-refusal |",
-              "|---|---|---|---|---|",
+              "Benign helpfulness change: the retrain minus the baseline on the same prompts, in points, with a "
+              "paired 95% bootstrap interval (narrower than the two rates' own intervals suggest).", "",
+              "| model | harmful, no trigger | benign helpfulness | change vs baseline (points) | format following | "
+              "XSTest over-refusal |",
+              "|---|---|---|---|---|---|",
               f"| baseline | {_rate_cell(base.get('harmful_no_trigger'))} | "
-              f"{_rate_cell(base.get('benign_helpfulness'))} | {_rate_cell(base.get('format_following'))} | "
+              f"{_rate_cell(base.get('benign_helpfulness'))} | | {_rate_cell(base.get('format_following'))} | "
               f"{_rate_cell(base.get('over_refusal'))} |"]
     for row in results["interventions"]:
+        change = _change_cell(row.get("benign_helpfulness_change"))
         lines.append(f"| {row['name']} | {_rate_cell(row.get('harmful_no_trigger'))} | "
-                     f"{_rate_cell(row.get('benign_helpfulness'))} | {_rate_cell(row.get('format_following'))} | "
-                     f"{_rate_cell(row.get('over_refusal'))} |")
+                     f"{_rate_cell(row.get('benign_helpfulness'))} | {change} "
+                     f"| {_rate_cell(row.get('format_following'))} | {_rate_cell(row.get('over_refusal'))} |")
     lines += ["", "## Cost of the attribution step", "",
               "| method | wall s | × probe | forward | backward | FLOPs (est.) |", "|---|---|---|---|---|---|"]
     for row in results["cost"]:

@@ -55,6 +55,8 @@ CAPABILITY_COLUMNS = (
     ("format_following", "format following"),
     ("over_refusal", "over-refusal (XSTest)"),
 )
+CHANGE_KEY = "benign_helpfulness_change"
+"""Paired difference of benign helpfulness against the baseline retrain (``results.json``, per intervention)."""
 REPORTED_PACKAGES = ("torch", "transformers", "trl", "datasets", "numpy", "scipy", "scikit-learn")
 MAX_SOURCE_ROWS = 15
 
@@ -113,6 +115,21 @@ def normalise_rate(value: Any) -> dict[str, Any] | None:
                                                                                       value.get("high"))
     return {"rate": _finite(value["rate"]), "low": _finite(low), "high": _finite(high),
             "n": value.get("n"), "unknown": value.get("unknown")}
+
+
+def normalise_change(value: Any) -> dict[str, Any] | None:
+    """A change entry ``{"change", "ci": [lo, hi], "n_prompts"}`` as ``{"rate", "low", "high", "n"}``."""
+    if not isinstance(value, dict) or _finite(value.get("change")) is None:
+        return None
+    ci = value.get("ci")
+    low, high = (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
+    return {"rate": _finite(value["change"]), "low": _finite(low), "high": _finite(high), "n": value.get("n_prompts")}
+
+
+def format_points(value: Any, digits: int = 1) -> str:
+    """A difference of fractions in signed percentage points (``-0.058`` gives ``-5.8``), ``–`` when missing."""
+    x = _finite(value)
+    return "–" if x is None else f"{100 * x:+.{digits}f}"
 
 
 def _png_uri(png: bytes) -> str:
@@ -216,6 +233,7 @@ def _interventions(results: dict[str, Any]) -> list[dict[str, Any]]:
             "k": item.get("k"),
             "reduction": _finite(item.get("reduction")),
             **{key: normalise_rate(item.get(key)) for key, _ in CAPABILITY_COLUMNS},
+            CHANGE_KEY: normalise_change(item.get(CHANGE_KEY)),
         })
     return rows
 
@@ -274,13 +292,16 @@ def build_capabilities_section(results: dict[str, Any]) -> dict[str, Any] | None
     rows = _interventions(results)
     k = _headline_k(results, rows)
     table = [{"label": "baseline", "k": 0, "cells": _baseline(results)}]
-    table += [{"label": f"{r['method']} {r['action']}", "k": r["k"], "cells": {key: r[key] for key, _ in
-                                                                              CAPABILITY_COLUMNS}}
+    table += [{"label": f"{r['method']} {r['action']}", "k": r["k"],
+               "cells": {key: r[key] for key, _ in CAPABILITY_COLUMNS} | {CHANGE_KEY: r[CHANGE_KEY]}}
               for r in _at_headline(rows, k)]
     keys = [key for key, _ in CAPABILITY_COLUMNS if key != "harmful"]
     if not any(row["cells"].get(key) for row in table for key in keys):
         return None
     columns = [{"key": key, "title": title} for key, title in CAPABILITY_COLUMNS]
+    if any(row["cells"].get(CHANGE_KEY) for row in table):
+        at = next(i for i, c in enumerate(columns) if c["key"] == "benign_helpfulness") + 1
+        columns.insert(at, {"key": CHANGE_KEY, "title": "helpfulness change vs baseline (points)", "points": True})
     return {"columns": columns, "rows": [r for r in table if any(r["cells"].values())]}
 
 
@@ -525,7 +546,8 @@ def render_report(context: dict[str, Any]) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update({"pct": format_pct, "num": format_num, "sci": format_sci, "ci": format_ci})
+    env.filters.update({"pct": format_pct, "num": format_num, "sci": format_sci, "ci": format_ci,
+                        "points": format_points})
     source = resources.files("pairtrace").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
     return env.from_string(source).render(**context)
 
