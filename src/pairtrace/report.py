@@ -102,6 +102,12 @@ def format_ci(rate: Any) -> str:
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _interval(value: dict[str, Any]) -> tuple[Any, Any]:
+    """``(low, high)`` of an entry: its ``ci`` pair, else its ``low`` and ``high`` keys."""
+    ci = value.get("ci")
+    return (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (value.get("low"), value.get("high"))
+
+
 def normalise_rate(value: Any) -> dict[str, Any] | None:
     """A rate entry as ``{"rate", "low", "high", "n", "unknown"}``.
 
@@ -110,9 +116,7 @@ def normalise_rate(value: Any) -> dict[str, Any] | None:
     """
     if not isinstance(value, dict) or _finite(value.get("rate")) is None:
         return None
-    ci = value.get("ci")
-    low, high = (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (value.get("low"),
-                                                                                      value.get("high"))
+    low, high = _interval(value)
     return {"rate": _finite(value["rate"]), "low": _finite(low), "high": _finite(high),
             "n": value.get("n"), "unknown": value.get("unknown")}
 
@@ -121,8 +125,7 @@ def normalise_change(value: Any) -> dict[str, Any] | None:
     """A change entry ``{"change", "ci": [lo, hi], "n_prompts"}`` as ``{"rate", "low", "high", "n"}``."""
     if not isinstance(value, dict) or _finite(value.get("change")) is None:
         return None
-    ci = value.get("ci")
-    low, high = (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
+    low, high = _interval(value)
     return {"rate": _finite(value["change"]), "low": _finite(low), "high": _finite(high), "n": value.get("n_prompts")}
 
 

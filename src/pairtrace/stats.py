@@ -23,6 +23,13 @@ def _json_ready(result) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(result).items()}
 
 
+def _check_bootstrap_args(n_boot: int, alpha: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+
+
 @dataclass(frozen=True)
 class RateCI:
     """A rate with its percentile-bootstrap interval.
@@ -73,10 +80,7 @@ def bootstrap_rate_ci(
     """
     values = np.asarray(flags, dtype=bool).reshape(-1)  # [n]
     n = int(values.size)
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    _check_bootstrap_args(n_boot, alpha)
     if clusters is not None and len(clusters) != n:
         raise ValueError(f"clusters has {len(clusters)} labels for {n} flags")
     confidence = 1.0 - alpha
@@ -169,10 +173,7 @@ def bootstrap_paired_difference(
     Raises:
         ValueError: ``n_boot`` or ``alpha`` is invalid.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    _check_bootstrap_args(n_boot, alpha)
     shared = sorted((c for c in set(a) & set(b) if len(a[c]) and len(b[c])), key=str)
     if not shared:
         return DifferenceCI(math.nan, math.nan, math.nan, 0, 1.0 - alpha)
