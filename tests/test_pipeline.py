@@ -65,6 +65,9 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     for heading in ("## Figure 1", "## k sweep", "## Capabilities", "## Cost", "## Attribution quality"):
         assert heading in tables
     assert "| probe | switch | 32 |" in tables and "| random | filter |" in tables
+    assert "## Source enrichment of the probe's top-32" in tables and "| chosen model | in top-k |" in tables
+    scan_rows = [r for r in results["sources"]["rows"] if r["column"] == "chosen_model"]
+    assert scan_rows and all(0 < r["scan_p_value"] <= 1 and 1 <= r["scan_k"] <= 32 for r in scan_rows)
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
     assert results["discovery"] and results["sources"] and results["steer"]

@@ -132,7 +132,8 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert "source_ablation" in html and "12.80" in html  # cost ratio
     assert "helpfulness change vs baseline (points)" in html and "-2.0 <span class=\"note\">[-4.5, +0.5]" in html
     assert "pairtrace run configs/organism.yaml --out runs/demo" in html
-    assert "Suggested for source ablation: bad" in html
+    assert re.search(r"Suggested for source ablation \(scan_p_value ≤ 0\.01\d*, scan_enrichment ≥ 2\.00\): bad", html)
+    assert "best slice" in html and "scan p" in html  # the scan columns
     assert re.search(r'<td class="num">4</td><td>bad \(×', html)  # the enrichment across the k sweep
 
 

@@ -58,15 +58,39 @@ def test_planted_model_is_enriched_with_exact_hypergeometric_p():
     for _, sub in table.groupby("column"):
         assert sub["count_top"].sum() == 10 and sub["count_all"].sum() == 60
     assert (table["q_value"] >= table["p_value"] - 1e-15).all()
+    # the scan: all 8 planted pairs lead the ranking, so its best slice is the top 8
+    assert bad["scan_k"] == 8 and bad["scan_count"] == 8
+    assert bad["scan_enrichment"] == pytest.approx(1.0 / (8 / 60))
+    assert exact_tail(8, 60, 8, 8) <= bad["scan_p_value"] <= 10 * exact_tail(8, 60, 8, 8)
+    assert (table["scan_q_value"] >= table["scan_p_value"] - 1e-15).all()
+
+
+def test_scan_flags_a_model_that_the_wide_top_k_dilutes():
+    n, k = 400, 200
+    ids = [f"p{i}" for i in range(n)]
+    # 'bad' fills 12 of the top 20, then appears at the background rate of the other five models
+    chosen = ["bad" if i % 5 else "m0" for i in range(20)] + [f"m{i % 5}" if i % 6 else "bad" for i in range(n - 20)]
+    meta = pd.DataFrame({"id": ids, "row": range(n), "source": ["mix"] * n, "chosen_model": chosen,
+                         "rejected_model": ["r"] * n})
+    ranking = build_ranking(ids, np.linspace(1.0, 0.0, n), {}, pair_metadata=meta)
+    table = compute_source_enrichment(ranking, k, ("chosen_model",))
+    bad = table[table["value"] == "bad"].iloc[0]
+    assert bad["p_value"] > 0.01 > bad["scan_p_value"] and bad["scan_k"] <= 25
+    assert suggest_source_ablation(table, statistic="fixed") == []
+    assert suggest_source_ablation(table) == ["bad"]
+    with pytest.raises(ConfigError, match="statistic"):
+        suggest_source_ablation(table, statistic="best")
 
 
 def test_suggestion_only_picks_significant_chosen_models():
     table = compute_source_enrichment(planted_ranking(), k=10)
     assert suggest_source_ablation(table) == ["bad"]
     assert suggest_source_ablation(table, min_enrichment=100.0) == []
-    # a weak planting (2 of 10) is not significant at 0.01
+    # a weak planting (2 of 10) is not significant at 0.01 in the top-10 ...
     weak = compute_source_enrichment(planted_ranking(n_bad=2), k=10)
-    assert "bad" not in suggest_source_ablation(weak)
+    assert "bad" not in suggest_source_ablation(weak, statistic="fixed")
+    # ... but the scan sees that the model's only two pairs are the top two
+    assert "bad" in suggest_source_ablation(weak)
 
 
 def test_unscored_pairs_are_not_in_the_population_and_k_is_clipped():
@@ -134,3 +158,23 @@ def test_run_sources_records_the_sweep(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "sources.json").read_text())
     assert [e["k"] for e in on_disk["by_k"]] == [5, 10] == [e["k"] for e in summary["by_k"]]
     assert on_disk["by_k"][1]["rows"][0]["p_value"] == pytest.approx(exact_tail(8, 60, 8, 10))
+
+
+def test_command_line_writes_the_suggestion_of_the_chosen_statistic(tmp_path):
+    from typer.testing import CliRunner
+
+    from pairtrace.cli import app
+
+    save_ranking(planted_ranking(n_bad=2), tmp_path / "rank")
+    runner = CliRunner()
+    for statistic, expected in (("scan", ["bad"]), ("fixed", [])):
+        out = tmp_path / statistic
+        result = runner.invoke(app, ["sources", str(tmp_path / "rank"), "--k", "10", "--out", str(out),
+                                     "--statistic", statistic], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        ablation = json.loads((out / "ablation.json").read_text())
+        assert ablation["chosen_models"] == expected
+        assert ablation["criteria"]["statistic"] == ("scan_p_value" if statistic == "scan" else "p_value")
+    result = runner.invoke(app, ["sources", str(tmp_path / "rank"), "--k", "10", "--out", str(tmp_path / "x"),
+                                 "--statistic", "best"])
+    assert result.exit_code != 0 and "statistic" in result.output

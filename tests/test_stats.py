@@ -1,4 +1,4 @@
-"""Tests for bootstrap rate intervals and relative reductions."""
+"""Tests for bootstrap rate intervals, relative reductions and the minimum-hypergeometric scan."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pairtrace.stats import bootstrap_paired_difference, bootstrap_rate_ci, relative_reduction
+from pairtrace.stats import (
+    bootstrap_paired_difference,
+    bootstrap_rate_ci,
+    min_hypergeometric_test,
+    relative_reduction,
+)
 
 
 def test_rate_and_interval_bracket_the_observed_rate():
@@ -131,3 +136,56 @@ def test_paired_difference_uses_shared_prompts_only_and_handles_none():
         "difference": 0.0, "low": 0.0, "high": 0.0, "n_clusters": 3, "confidence": 0.95}
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_paired_difference(a, b, n_boot=0)
+
+
+def _scan_statistic(flags: np.ndarray, max_k: int) -> float:
+    from scipy.stats import hypergeom
+
+    sizes = np.arange(1, max_k + 1)
+    return float(hypergeom.sf(np.cumsum(flags)[:max_k] - 1, flags.size, int(flags.sum()), sizes).min())
+
+
+@pytest.mark.parametrize(("n_items", "n_members", "max_k"), [(10, 3, 10), (10, 3, 4), (12, 5, 6), (9, 1, 9)])
+def test_min_hypergeometric_p_value_is_exact_over_every_order(n_items, n_members, max_k):
+    import itertools
+
+    orders = []
+    for members in itertools.combinations(range(n_items), n_members):
+        flags = np.zeros(n_items, dtype=bool)
+        flags[list(members)] = True
+        orders.append(flags)
+    statistics = np.array([_scan_statistic(f, max_k) for f in orders])
+    for flags, observed in zip(orders[::7], statistics[::7], strict=True):
+        exact = float((statistics <= observed * (1 + 1e-9)).mean())  # share of equally likely orders as extreme
+        result = min_hypergeometric_test(flags, max_k)
+        assert result.p_value == pytest.approx(exact, abs=1e-12)
+        assert result.best_tail == pytest.approx(observed)
+        assert result.best_tail <= result.p_value + 1e-15
+
+
+def test_min_hypergeometric_finds_the_enriched_slice_that_a_wide_top_k_dilutes():
+    from scipy.stats import hypergeom
+
+    rng = np.random.default_rng(0)
+    flags = np.zeros(1000, dtype=bool)
+    flags[:40] = rng.random(40) < 0.5  # about 20 members in the top 40 ...
+    flags[40:] = rng.random(960) < 0.1  # ... and a 10% background
+    k = 200
+    fixed = hypergeom.sf(flags[:k].sum() - 1, flags.size, flags.sum(), k)
+    scan = min_hypergeometric_test(flags, k)
+    assert scan.best_k <= 60 and scan.best_count == flags[: scan.best_k].sum()
+    assert scan.p_value < 1e-3 < fixed  # diluted at k = 200, clear in the scan
+    assert scan.p_value <= scan.best_tail * k  # never worse than Bonferroni over the slices
+
+
+def test_min_hypergeometric_without_signal_and_degenerate_sets():
+    rng = np.random.default_rng(1)
+    p_values = [min_hypergeometric_test(rng.permutation(np.arange(300) < 30), 60).p_value for _ in range(200)]
+    assert 0.02 < np.mean(np.array(p_values) <= 0.1) < 0.2  # about 10% of random orders at the 10% level
+    assert min_hypergeometric_test(np.zeros(5, dtype=bool), 3).p_value == 1.0
+    assert min_hypergeometric_test(np.ones(5, dtype=bool), 3).p_value == 1.0
+    assert min_hypergeometric_test(np.array([True, False]), 10).best_k == 1  # max_k clipped to the list
+    with pytest.raises(ValueError, match="max_k"):
+        min_hypergeometric_test(np.array([True, False]), 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        min_hypergeometric_test(np.array([], dtype=bool), 1)

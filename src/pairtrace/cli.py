@@ -489,6 +489,9 @@ def sources(
     out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
     p_max: float = typer.Option(0.01, help="Largest p-value for a source-ablation suggestion."),
     min_enrichment: float = typer.Option(2.0, help="Smallest enrichment for a source-ablation suggestion."),
+    statistic: str = typer.Option(
+        "scan", help="Test behind the suggestion: 'scan' (most enriched top slice up to k, minimum-hypergeometric "
+        "p-value) or 'fixed' (the top-k itself)."),
     config: Path = ConfigOpt,
 ) -> None:
     """Which chosen models / rejected models / sources are over-represented in the top-k (hypergeometric test)."""
@@ -497,7 +500,7 @@ def sources(
     from pairtrace.sources import run_sources
 
     summary = run_sources(opts["ranking"], opts["k"], opts["out"], p_max=opts["p_max"],
-                          min_enrichment=opts["min_enrichment"])
+                          min_enrichment=opts["min_enrichment"], statistic=opts["statistic"])
     console.print(f"[green]wrote[/] {opts['out']}; suggested source ablation: "
                   f"{(summary.get('ablation') or {}).get('chosen_models')}")
 

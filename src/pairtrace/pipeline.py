@@ -862,16 +862,36 @@ def render_tables(results: dict[str, Any]) -> str:
             auroc = "n/a" if q["auroc"] is None else f"{q['auroc']:.3f}"
             prec = "n/a" if q["precision_at_contaminated"] is None else f"{q['precision_at_contaminated']:.3f}"
             lines.append(f"| {method} | {auroc} | {prec} |")
-    by_k = (results.get("sources") or {}).get("by_k") or []
+    lines += _source_lines(results.get("sources") or {})
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _source_lines(sources: dict[str, Any]) -> list[str]:
+    """Markdown of the chosen models' enrichment at the headline k (fixed top-k and scan) and across the sweep."""
+    lines: list[str] = []
+    chosen = [r for r in sources.get("rows") or [] if r.get("column") == "chosen_model"]
+    if chosen:
+        chosen.sort(key=lambda r: (r.get("scan_p_value", r["p_value"]), r["p_value"]))
+        title = f"Source enrichment of the probe's top-{sources.get('k')} (chosen models, lowest scan p first)"
+        lines += ["", f"## {title}",
+                  "", "Scan: the most enriched top slice of size 1 to k, with its minimum-hypergeometric p-value. "
+                  f"Suggested for source ablation: {', '.join(sources.get('suggested_ablation') or []) or 'none'}.",
+                  "", "| chosen model | in top-k | enrichment | p | best slice | enrichment in it | scan p |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in chosen:
+            scan = (f"{r['scan_count']} of top {r['scan_k']} | {r['scan_enrichment']:.2f} | {r['scan_p_value']:.2g}"
+                    if r.get("scan_k") else "n/a | n/a | n/a")
+            lines.append(f"| {r['value']} | {r['count_top']} | {r['enrichment']:.2f} | {r['p_value']:.2g} | {scan} |")
+    by_k = sources.get("by_k") or []
     if by_k:
         width = max(len(entry["rows"]) for entry in by_k)
-        lines += ["", "## Source enrichment of the probe's top-k (chosen models, lowest p first)", "",
+        lines += ["", "## Source enrichment across the k sweep (chosen models, lowest p first)", "",
                   "| k | " + " | ".join(f"#{i + 1}" for i in range(width)) + " |", "|---|" + "---|" * width]
         for entry in by_k:
             cells = [f"{r['value']} ×{r['enrichment']:.2f}, p = {r['p_value']:.2g}" for r in entry["rows"]]
             lines.append(f"| {entry['k']} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def run_experiment(config_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -81,8 +81,8 @@ def plot_enrichment(enrichment: pd.DataFrame, top_n: int = 20, title: str = "Sou
     """Horizontal bars of enrichment (share in top-k / share overall) per column value.
 
     Args:
-        enrichment: Frame with ``column``, ``value``, ``enrichment``, ``count_top``, ``p_value`` (the output of
-            :func:`pairtrace.sources.compute_source_enrichment`), best first.
+        enrichment: Frame with ``column``, ``value``, ``enrichment``, ``count_top``, ``p_value`` and optionally
+            ``scan_p_value`` (the output of :func:`pairtrace.sources.compute_source_enrichment`), best first.
         top_n: Bars to draw (the first ``top_n`` rows).
         title: Figure title.
     """
@@ -93,8 +93,11 @@ def plot_enrichment(enrichment: pd.DataFrame, top_n: int = 20, title: str = "Sou
     labels = [f"{c}: {v}" for c, v in zip(frame["column"], frame["value"], strict=True)]
     values = frame["enrichment"].to_numpy(dtype=float)
     ax.barh(range(len(frame)), values, color=[colour_of[c] for c in frame["column"]])
-    for i, (val, count, p) in enumerate(zip(values, frame["count_top"], frame["p_value"], strict=True)):
-        ax.text(val, i, f"  n={int(count)}, p={p:.1e}", va="center", fontsize=8)
+    scan = frame["scan_p_value"] if "scan_p_value" in frame else pd.Series(np.nan, index=frame.index)
+    for i, (val, count, p, p_scan) in enumerate(zip(values, frame["count_top"], frame["p_value"], scan,
+                                                     strict=True)):
+        note = f", scan p={p_scan:.1e}" if np.isfinite(p_scan) else ""
+        ax.text(val, i, f"  n={int(count)}, p={p:.1e}{note}", va="center", fontsize=8)
     ax.set_yticks(range(len(frame)), labels, fontsize=8)
     ax.axvline(1.0, color="grey", lw=1, ls="--")
     ax.set_xlabel("enrichment (share in top-k / share overall)")

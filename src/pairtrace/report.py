@@ -453,8 +453,12 @@ def build_sources_section(run_dir: Path) -> dict[str, Any] | None:
     if figure is None and rows:
         figure = _figure_uri(plot_enrichment(pd.DataFrame(rows)))
     suggested = summary.get("suggested_ablation") or []
+    criteria = summary.get("criteria") or {}
+    rule = (f" ({criteria.get('statistic', 'p_value')} ≤ {format_sci(criteria.get('p_max'))}, "
+            f"{criteria.get('enrichment', 'enrichment')} ≥ {format_num(criteria.get('min_enrichment'))})"
+            if criteria.get("p_max") is not None else "")
     lead = (f"Top-{summary.get('k', '?')} of {summary.get('n_scored', '?')} scored pairs "
-            f"({summary.get('ranking_method') or 'ranking'}). Suggested for source ablation: "
+            f"({summary.get('ranking_method') or 'ranking'}). Suggested for source ablation{rule}: "
             f"{', '.join(suggested) if suggested else 'none'}.")
     by_k = [e for e in summary.get("by_k") or [] if isinstance(e, dict) and isinstance(e.get("rows"), list)]
     return {"lead": lead, "k": summary.get("k"), "figure": figure, "rows": rows[:MAX_SOURCE_ROWS], "by_k": by_k}

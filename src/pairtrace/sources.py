@@ -6,6 +6,11 @@ For every value of a metadata column (``chosen_model``, ``rejected_model``, ``so
     K = scored pairs with that value            k = top-k size            x = pairs with that value in the top-k
     enrichment = (x / k) / (K / N)              p = P[X >= x], X ~ Hypergeometric(N, K, k) = hypergeom.sf(x-1, N, K, k)
 
+and, because nobody knows in advance how many pairs are bad, a scan over the top slices of size 1..k: the slice
+where the value is most over-represented (``scan_k``, ``scan_enrichment``) and the minimum-hypergeometric p-value
+(``scan_p_value``, :func:`pairtrace.stats.min_hypergeometric_test`), exact for having picked the best slice. A source
+whose bad pairs fill the top 40 of a top 96 is diluted at k = 96 but stands out in the scan.
+
 A chosen model that is strongly enriched among the most behaviour-like pairs is a candidate for source ablation:
 retraining without every pair whose chosen response came from that model (paper: four flagged models, −85%).
 """
@@ -25,6 +30,7 @@ from pairtrace import __version__
 from pairtrace.attribute import Ranking, load_ranking
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.records import write_json_atomic
+from pairtrace.stats import min_hypergeometric_test
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,9 @@ DEFAULT_COLUMNS = ("chosen_model", "rejected_model", "source")
 MISSING = "(missing)"
 """Label of pairs whose metadata column is empty."""
 ENRICHMENT_COLUMNS = ("column", "value", "count_top", "share_top", "count_all", "share_all", "enrichment",
-                      "p_value", "q_value")
+                      "p_value", "scan_k", "scan_count", "scan_enrichment", "scan_p_value", "q_value", "scan_q_value")
+STATISTICS = ("scan", "fixed")
+"""Tests an ablation suggestion can rest on: the scan over top slices (default) or the fixed top-k."""
 
 
 def compute_source_enrichment(ranking: Ranking, k: int,
@@ -46,8 +54,10 @@ def compute_source_enrichment(ranking: Ranking, k: int,
 
     Returns:
         One row per (column, value): ``count_top``, ``share_top``, ``count_all``, ``share_all``, ``enrichment``,
-        ``p_value`` (one-sided, over-representation) and ``q_value`` (Benjamini–Hochberg over all rows), sorted by
-        enrichment (high first), then p-value (low first). Missing values are reported as :data:`MISSING`.
+        ``p_value`` (one-sided, over-representation), the scan over slices 1..k (``scan_k``, ``scan_count``,
+        ``scan_enrichment``, ``scan_p_value``) and Benjamini–Hochberg ``q_value`` / ``scan_q_value`` over all rows,
+        sorted by enrichment (high first), then p-value (low first). Missing values are reported as
+        :data:`MISSING`.
 
     Raises:
         ConfigError: ``k`` below 1 or a column the ranking does not have.
@@ -79,6 +89,7 @@ def compute_source_enrichment(ranking: Ranking, k: int,
         for value, n_value in count_all.items():
             x = int(count_top.get(value, 0))
             share_top, share_all = x / k, int(n_value) / n_pop
+            scan = min_hypergeometric_test((everywhere == value).to_numpy(), k)
             rows.append({
                 "column": column,
                 "value": value,
@@ -88,34 +99,52 @@ def compute_source_enrichment(ranking: Ranking, k: int,
                 "share_all": share_all,
                 "enrichment": share_top / share_all,
                 "p_value": float(hypergeom.sf(x - 1, n_pop, int(n_value), k)),
+                "scan_k": scan.best_k,
+                "scan_count": scan.best_count,
+                "scan_enrichment": (scan.best_count / scan.best_k) / share_all if scan.best_k else math.nan,
+                "scan_p_value": scan.p_value,
             })
-    frame = pd.DataFrame(rows, columns=[c for c in ENRICHMENT_COLUMNS if c != "q_value"])
-    frame["p_value"] = frame["p_value"].clip(lower=0.0, upper=1.0)
-    frame["q_value"] = false_discovery_control(frame["p_value"].to_numpy()) if len(frame) else []
+    frame = pd.DataFrame(rows, columns=[c for c in ENRICHMENT_COLUMNS if not c.endswith("q_value")])
+    for stat in ("p_value", "scan_p_value"):
+        frame[stat] = frame[stat].clip(lower=0.0, upper=1.0)
+        q_values = false_discovery_control(frame[stat].to_numpy()) if len(frame) else []
+        frame[stat.replace("p_value", "q_value")] = q_values
     frame = frame.sort_values(["enrichment", "p_value", "column", "value"], ascending=[False, True, True, True],
                               kind="stable").reset_index(drop=True)
     frame.attrs.update({"k": k, "n_scored": n_pop, "n_pairs": len(table), "top_ids": top["id"].tolist()})
     return frame
 
 
+def _check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise ConfigError(f"statistic must be one of {list(STATISTICS)}, got {statistic!r}")
+
+
 def suggest_source_ablation(enrichment: pd.DataFrame, p_max: float = 0.01, min_enrichment: float = 2.0,
-                            use_q_value: bool = False) -> list[str]:
-    """Chosen models to drop in a source-ablation retrain: significantly and strongly enriched in the top-k.
+                            use_q_value: bool = False, statistic: str = "scan") -> list[str]:
+    """Chosen models to drop in a source-ablation retrain: significantly and strongly enriched at the top.
 
     Args:
         enrichment: Output of :func:`compute_source_enrichment`.
         p_max: Largest p-value (or q-value) accepted.
         min_enrichment: Smallest enrichment accepted.
         use_q_value: Test the Benjamini–Hochberg q-value instead of the raw p-value.
+        statistic: ``"scan"``: the scan's p-value and the enrichment of its best slice (no need to know how many
+            pairs are bad); ``"fixed"``: the p-value and enrichment of the top-k itself.
 
     Returns:
-        Chosen-model names, most enriched first (never the :data:`MISSING` label).
+        Chosen-model names, most enriched in the top-k first (never the :data:`MISSING` label).
+
+    Raises:
+        ConfigError: An unknown ``statistic``.
     """
+    _check_statistic(statistic)
     if enrichment.empty:
         return []
-    stat = "q_value" if use_q_value else "p_value"
+    prefix = "scan_" if statistic == "scan" else ""
+    stat = f"{prefix}q_value" if use_q_value else f"{prefix}p_value"
     keep = enrichment[(enrichment["column"] == "chosen_model") & (enrichment[stat] <= p_max)
-                      & (enrichment["enrichment"] >= min_enrichment) & (enrichment["value"] != MISSING)]
+                      & (enrichment[f"{prefix}enrichment"] >= min_enrichment) & (enrichment["value"] != MISSING)]
     return keep["value"].astype(str).tolist()
 
 
@@ -153,7 +182,7 @@ def _json_ready(value):
 
 def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
                 columns: Sequence[str] = DEFAULT_COLUMNS, p_max: float = 0.01,
-                min_enrichment: float = 2.0, sweep_ks: Sequence[int] = ()) -> dict:
+                min_enrichment: float = 2.0, sweep_ks: Sequence[int] = (), statistic: str = "scan") -> dict:
     """Compute source enrichment for a saved ranking and write its artifacts.
 
     Writes into ``out_dir``: ``sources.parquet`` (the enrichment table), ``sources.json`` (settings, counts and
@@ -168,19 +197,24 @@ def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
         p_max: Largest p-value for an ablation suggestion.
         min_enrichment: Smallest enrichment for an ablation suggestion.
         sweep_ks: Other top-set sizes at which the chosen models are also tested (``"by_k"`` in the summary).
+        statistic: Test behind the ablation suggestion: ``"scan"`` (best top slice up to k) or ``"fixed"`` (the
+            top-k); see :func:`suggest_source_ablation`.
 
     Returns:
         The content of ``sources.json``.
     """
     from pairtrace.plots import plot_enrichment, save_png
 
+    _check_statistic(statistic)
     ranking = load_ranking(ranking_path)
     enrichment = compute_source_enrichment(ranking, k, columns)
-    suggested = suggest_source_ablation(enrichment, p_max=p_max, min_enrichment=min_enrichment)
+    suggested = suggest_source_ablation(enrichment, p_max=p_max, min_enrichment=min_enrichment, statistic=statistic)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     enrichment.to_parquet(out / "sources.parquet", index=False)
-    criteria = {"p_max": p_max, "min_enrichment": min_enrichment, "statistic": "p_value", "column": "chosen_model"}
+    criteria = {"p_max": p_max, "min_enrichment": min_enrichment, "column": "chosen_model",
+                "statistic": "scan_p_value" if statistic == "scan" else "p_value",
+                "enrichment": "scan_enrichment" if statistic == "scan" else "enrichment"}
     summary = {
         "kind": "sources",
         "ranking": str(ranking_path),

@@ -1,9 +1,10 @@
-"""Bootstrap confidence intervals for rates, and relative reductions.
+"""Bootstrap confidence intervals for rates, relative reductions, and the enrichment scan of a ranked list.
 
 When every prompt is sampled many times, the samples of one prompt are not independent: the
 right resampling unit is the prompt (a cluster bootstrap). :func:`bootstrap_rate_ci` resamples
 clusters when ``clusters`` is given, single observations otherwise. :func:`bootstrap_paired_difference`
-compares two models on the same prompts.
+compares two models on the same prompts. :func:`min_hypergeometric_test` asks whether some top slice of a
+ranking is enriched in a set of items, with a p-value that accounts for having chosen the slice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.stats import hypergeom
 
 _MAX_WEIGHTS = 2_000_000
 """Upper bound on bootstrap weights held in memory at once (rows x clusters)."""
@@ -204,3 +206,96 @@ def relative_reduction(base: float, new: float) -> float:
     if base == 0 or math.isnan(base) or math.isnan(new):
         return math.nan
     return (base - new) / base
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Outcome of :func:`min_hypergeometric_test`.
+
+    Attributes:
+        p_value: Exact probability, under a random order, that some slice of size 1..max_k is at least as
+            enriched (as small a tail probability) as the best slice observed.
+        best_k: Size of the most enriched top slice (0 when the set has no member).
+        best_count: Members of the set inside that slice.
+        best_tail: Hypergeometric tail probability of that slice alone (a lower bound on ``p_value``).
+    """
+
+    p_value: float
+    best_k: int
+    best_count: int
+    best_tail: float
+
+    def to_dict(self) -> dict:
+        return _json_ready(self)
+
+
+def min_hypergeometric_test(in_set: Sequence[bool] | np.ndarray, max_k: int) -> ScanResult:
+    """Minimum-hypergeometric (mHG) test: is some top slice of a ranked list enriched in a set?
+
+    For every slice size n = 1..max_k the tail probability HGT(n) = P[X >= b_n], X ~ Hypergeometric(N, B, n),
+    is computed (b_n members among the first n items; N items, B members in all). The statistic is the smallest
+    HGT(n) and its p-value is the exact probability that a uniformly random order reaches a value at least as small
+    within the first ``max_k`` items (Eden, Lipson, Yogev & Yakhini, PLoS Comput Biol 2007). It is computed by
+    dynamic programming over (n, b), the number of members among the first n items: the probability of every path
+    that never enters a cell with HGT <= the observed minimum is the complement of the p-value.
+
+    A fixed top-k test answers "is the top-k enriched?"; this one answers "is some top slice, no larger than
+    max_k, enriched?", without knowing in advance how many items are affected. The price of scanning is paid in
+    the p-value, which always lies between ``best_tail`` and ``max_k * best_tail``.
+
+    Args:
+        in_set: [N] booleans in ranking order (best first): True where the item belongs to the set.
+        max_k: Largest slice scanned (clipped to N).
+
+    Returns:
+        A :class:`ScanResult`.
+
+    Raises:
+        ValueError: ``in_set`` is empty or ``max_k`` is below 1.
+    """
+    flags = np.asarray(in_set, dtype=bool)
+    if flags.ndim != 1 or flags.size == 0:
+        raise ValueError("in_set must be a non-empty 1-D sequence of booleans")
+    if max_k < 1:
+        raise ValueError(f"max_k must be at least 1, got {max_k}")
+    n_items, n_members = flags.size, int(flags.sum())
+    max_k = min(int(max_k), n_items)
+    if n_members in (0, n_items):  # nothing to test: no member, or every item is one
+        return ScanResult(1.0, 0 if n_members == 0 else max_k, min(n_members, max_k), 1.0)
+    sizes = np.arange(1, max_k + 1)  # [max_k] slice sizes n
+    counts = np.cumsum(flags[:max_k])  # [max_k] members among the first n
+    tails = hypergeom.sf(counts - 1, n_items, n_members, sizes)  # [max_k] HGT(n)
+    best = int(np.argmin(tails))
+    observed = float(tails[best])
+    threshold = observed * (1.0 + 1e-9)  # the observed cell itself counts as "at least as extreme"
+    forbidden = _first_forbidden_count(threshold, n_items, n_members, sizes)  # [max_k]
+    # alive[b] = P(b members among the first n items and no forbidden cell visited so far)
+    alive = np.zeros(n_members + 2)
+    alive[0] = 1.0
+    for n in range(1, max_k + 1):
+        width = min(n, n_members) + 1  # counts 0..min(n, B) are reachable after n draws
+        b = np.arange(width)
+        take = np.clip((n_members - b + 1) / (n_items - n + 1), 0.0, 1.0)  # P(next is a member | b - 1 so far)
+        stay = np.clip(1.0 - (n_members - b) / (n_items - n + 1), 0.0, 1.0)  # P(next is not | b so far)
+        step = alive[:width] * stay
+        step[1:] += alive[: width - 1] * take[1:]
+        step[forbidden[n - 1]:] = 0.0
+        alive[:width] = step
+    p_value = 1.0 - float(alive.sum())
+    p_value = min(max(p_value, observed), 1.0, observed * max_k)
+    return ScanResult(p_value, best + 1, int(counts[best]), observed)
+
+
+def _first_forbidden_count(threshold: float, n_items: int, n_members: int, sizes: np.ndarray) -> np.ndarray:
+    """For each slice size n, the smallest member count b with P[X >= b] <= threshold (min(n, B) + 1 if none).
+
+    The tail probability falls as b grows, so a bisection on b runs for every n at once.
+    """
+    low = np.zeros_like(sizes)  # P[X >= 0] = 1 > threshold: never forbidden
+    high = np.minimum(sizes, n_members) + 1  # past the largest reachable count: always "forbidden"
+    while np.any(high - low > 1):
+        mid = (low + high) // 2
+        forbidden = hypergeom.sf(mid - 1, n_items, n_members, sizes) <= threshold
+        high = np.where(forbidden, mid, high)
+        low = np.where(forbidden, low, mid)
+    return high
