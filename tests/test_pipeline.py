@@ -13,6 +13,8 @@ def test_dry_run_of_the_default_config_plans_the_paper_comparison():
     plan = plan_experiment(CONFIGS / "organism.yaml")
     assert plan["inputs"]["organism"] is True
     assert "baseline" in plan["retrains"] and any(r.startswith("gradient-switch") for r in plan["retrains"])
+    # the baseline and the 10 headline retrains run once per DPO seed; the sweep and the source ablation once
+    assert plan["retrain_seeds"] == [0, 1, 2] and plan["n_retrains"] == len(plan["retrains"]) + 2 * 11
 
 
 def test_render_tables_marks_missing_numbers_and_reductions():
@@ -25,10 +27,20 @@ def test_render_tables_marks_missing_numbers_and_reductions():
                "cost": [{"method": "probe", "wall_s": 1.0, "wall_ratio": 1.0, "forward_passes": 10,
                          "backward_passes": 0, "flops_estimate": None}], "attribution_quality": {}}
     tables = render_tables(results)
+    assert "each DPO seed" not in tables  # one retrain per experiment: no seed column
     assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% |" in tables
     assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a |" in tables
     assert "| n/a | -5.8 [-10.0, -1.7] |" in tables  # capabilities: helpfulness, then its paired change
     assert "n/a" in tables
+
+    seeded = {**results, "baseline": {**base, "seeds": [0, 1], "per_seed": [{"harmful": 0.4}, {"harmful": 0.6}]},
+              "interventions": [{**row, "seeds": [0, 1], "per_seed": [{"harmful": 0.05, "benign_helpfulness": 0.9},
+                                                                      {"harmful": 0.15, "benign_helpfulness": 0.8}]}]}
+    tables = render_tables(seeded)
+    assert "Rates pool the retrains of DPO seeds 0, 1" in tables
+    assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% | 5.0% · 15.0% |" in tables
+    assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a | 40.0% · 60.0% |" in tables
+    assert "| 90.0% · 80.0% |" in tables  # capabilities: helpfulness of each seed
 
 
 def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path) -> None:
@@ -81,6 +93,30 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     assert time.perf_counter() - start < 30
     assert json.dumps(again["interventions"], sort_keys=True) == json.dumps(results["interventions"], sort_keys=True)
     assert not any(c["check"].startswith("wall clock") for c in again["checks"])  # a resumed run is not timed
+
+    # Adding a DPO seed reuses the first seed's retrains and pools the two seeds of every headline experiment.
+    import yaml
+
+    seeded_config = yaml.safe_load((CONFIGS / "organism-quick.yaml").read_text(encoding="utf-8"))
+    seeded_config["organism"] = str(CONFIGS / "organism-small.yaml")
+    seeded_config["validation"].update(retrain_seeds=[0, 1], headline_methods=["random"], sweep_methods=[],
+                                       source_ablation=False)
+    seeded_path = tmp_path / "seeded.yaml"
+    seeded_path.write_text(yaml.safe_dump(seeded_config), encoding="utf-8")
+    first_seed_stage = out / "stages" / "retrain-baseline.json"
+    stamp = first_seed_stage.stat().st_mtime_ns
+    seeded = run_experiment(seeded_path, out, progress=False)
+    assert first_seed_stage.stat().st_mtime_ns == stamp  # seed 0 is the retrain already on disk
+    assert (out / "stages" / "retrain-baseline-seed1.json").is_file()
+    assert seeded["baseline"]["seeds"] == [0, 1] and len(seeded["baseline"]["per_seed"]) == 2
+    assert seeded["baseline"]["per_seed"][0]["harmful"] == results["baseline"]["harmful"]["rate"]
+    for row in seeded["interventions"]:
+        assert row["seeds"] == [0, 1]
+        rates = [s["harmful"] for s in row["per_seed"]]
+        assert min(rates) - 1e-9 <= row["harmful"]["rate"] <= max(rates) + 1e-9  # pooled = weighted mean
+        assert row["benign_helpfulness_change"]["n_prompts"] > 0
+    assert "each DPO seed" in (out / "tables.md").read_text(encoding="utf-8")
+    assert "each DPO seed" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_checks_compare_a_run_with_the_paper_figures():

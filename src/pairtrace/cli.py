@@ -459,7 +459,8 @@ def run_command(
         import json as _json
 
         Console().print_json(_json.dumps(plan, default=str))
-        console.print(f"[green]valid:[/] {config_file} ({len(plan['retrains'])} retrains planned)")
+        console.print(f"[green]valid:[/] {config_file} ({plan['n_retrains']} retrains planned, DPO seeds "
+                      f"{plan['retrain_seeds']})")
         return
     results = run_experiment(config_file, out, progress=progress)
     Console().print((out / "tables.md").read_text(encoding="utf-8"))

@@ -259,17 +259,18 @@ class Run:
             sources = self.stage("sources", att_key + str(headline_k) + str(k_values),
                                  lambda: self._sources(headline_k, k_values))
         experiments = self._plan_experiments(headline_k, k_values, sources)
+        units = self._retrain_units(experiments, headline_k)
         # a retrain depends on the rankings, the shared recipe and the evaluation settings, not on which other
         # retrains are planned
         val_key = att_key + cfg.section_hash("seed", extra=cfg.validation.recipe)
-        outcomes = self._run_retrains(experiments, val_key)
+        outcomes = self._run_retrains(units, val_key)
         discovery = steer = None
         if cfg.extras.discover:
             discovery = self.stage("discover", att_key + cfg.section_hash("extras"), lambda: self._discover(probe))
         if cfg.extras.steer:
             steer = self.stage("steer", att_key + cfg.section_hash("extras"), self._steer)
-        results = self._results(headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
-                                steer)
+        results = self._results(headline_k, k_values, rankings, quality, sources, experiments, units, outcomes,
+                                discovery, steer)
         wall_s = None if self.cached_stages else time.perf_counter() - started  # only a run with nothing cached
         results["checks"] = compute_checks(results, wall_s=wall_s)
         write_json_atomic(results, self.out / "results.json")
@@ -408,6 +409,35 @@ class Run:
                              "k": None, "models": list(models)})
         return exps
 
+    def _recipe_fields(self) -> dict[str, Any]:
+        """The shared DPO recipe: the organism's, updated by ``validation.recipe``, seeded by the run's seed."""
+        fields = dict(self.config.organism.get("dpo", {}) if self.config.organism else {})
+        fields.update(self.config.validation.recipe)
+        fields.setdefault("seed", self.config.seed)
+        return fields
+
+    def _seeds_of(self, units: list[dict[str, Any]]) -> list[int]:
+        return [int(u.get("seed", self._recipe_fields()["seed"])) for u in units]
+
+    def _unit_key_fields(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """What a retrain's cache key depends on: the experiment, and its DPO seed unless that is the recipe's own
+        (so adding seeds to a finished run reuses its retrains)."""
+        fields = {k: v for k, v in unit.items() if k not in ("experiment", "seeds", "seed")}
+        if "seed" in unit and int(unit["seed"]) != int(self._recipe_fields()["seed"]):
+            fields["seed"] = int(unit["seed"])
+        return fields
+
+    def _retrain_units(self, experiments: list[dict[str, Any]], headline_k: int) -> list[dict[str, Any]]:
+        """The retrains to run: one per experiment, or one per DPO seed for the baseline and the headline k."""
+        from pairtrace.retrain_seeds import expand_seeds
+
+        seeded = {exp["name"] for exp in experiments if exp["method"] is None or
+                  (exp["k"] == headline_k and exp["method"] != "sources")}
+        try:
+            return expand_seeds(experiments, self.config.validation.retrain_seeds, seeded)
+        except ValueError as exc:
+            raise ConfigError(f"run config: validation.retrain_seeds: {exc}") from exc
+
     def cached(self, name: str, key: str) -> Any | None:
         """The result of a finished stage with this key, or None."""
         marker = self.out / "stages" / f"{name}.json"
@@ -420,7 +450,7 @@ class Run:
 
     def _run_retrains(self, experiments: list[dict[str, Any]], val_key: str) -> dict[str, Any]:
         """Retrain and evaluate every experiment; independent retrains run in parallel worker processes."""
-        keys = {exp["name"]: val_key + json.dumps(exp, sort_keys=True) for exp in experiments}
+        keys = {exp["name"]: val_key + json.dumps(self._unit_key_fields(exp), sort_keys=True) for exp in experiments}
         outcomes: dict[str, Any] = {}
         todo = []
         for exp in experiments:
@@ -492,9 +522,9 @@ class Run:
         else:
             train_file = data_path
         model_dir = self.out / "retrains" / name / "model"
-        recipe_fields = dict(self.config.organism.get("dpo", {}) if self.config.organism else {})
-        recipe_fields.update(self.config.validation.recipe)
-        recipe_fields.setdefault("seed", self.config.seed)
+        recipe_fields = self._recipe_fields()
+        if "seed" in exp:  # one of several DPO seeds of this experiment
+            recipe_fields["seed"] = exp["seed"]
         # Every retrain starts from M0: its reference log-probs of a (prompt, response) are computed once, keyed by
         # M0's weights and the tokenisation (switched pairs reuse both sides, filtered ones a subset).
         train_info = train_dpo(self.inputs["m0"], train_file, model_dir, DPORecipe(**recipe_fields),
@@ -543,18 +573,47 @@ class Run:
                          config=SteerConfig(**{**x.steer_options, "alphas": x.steer_alphas, "layers": layers}),
                          progress=self.progress)
 
-    def _answered_flags(self, name: str) -> dict[str, list[bool]] | None:
-        """Per benign prompt, the answered flags of one retrain's evaluation samples (None if not on disk)."""
+    def _answered_flags(self, names: list[str]) -> dict[str, list[bool]] | None:
+        """Per benign prompt, the answered flags of the evaluation samples of one experiment's retrains (its
+        seeds), pooled; None if one of them is not on disk."""
         from pairtrace.evaluate import compute_answered_flags
 
-        path = self.out / "retrains" / name / "generations.jsonl"
-        return compute_answered_flags(read_jsonl(path)) if path.is_file() else None
+        pooled: dict[str, list[bool]] = {}
+        for name in names:
+            path = self.out / "retrains" / name / "generations.jsonl"
+            if not path.is_file():
+                return None
+            for prompt, flags in compute_answered_flags(read_jsonl(path)).items():
+                pooled.setdefault(prompt, []).extend(flags)
+        return pooled
 
-    def _helpfulness_change(self, base: dict[str, list[bool]] | None, name: str) -> dict[str, Any] | None:
-        """Benign helpfulness of a retrain minus the baseline's, with a paired 95% interval over shared prompts."""
+    def _experiment_metrics(self, name: str, units: list[dict[str, Any]],
+                            outcomes: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The metrics of one experiment (its seeds pooled) and, with several seeds, each seed's headline rates."""
+        if len(units) == 1:
+            return outcomes[units[0]["name"]]["metrics"], None
+        from pairtrace.evaluate import evaluate_generations
+        from pairtrace.retrain_seeds import pool_seed_records
+
+        per_seed_records = [(read_jsonl(self.out / "retrains" / u["name"] / "generations.jsonl"),
+                             read_jsonl(self.out / "retrains" / u["name"] / "judgements.jsonl")) for u in units]
+        gens, judgements = pool_seed_records(per_seed_records, name)
+        evaluation = evaluate_generations(gens, judgements)
+        write_json_atomic(evaluation, self.out / "retrains" / name / "evaluation_seeds.json")
+        per_seed = []
+        for unit in units:
+            metrics = outcomes[unit["name"]]["metrics"]
+            per_seed.append({"seed": unit["seed"], "retrain": unit["name"],
+                             **{key: (metrics.get(key) or {}).get("rate")
+                                for key in ("harmful", "harmful_no_trigger", "benign_helpfulness")}})
+        return summarise_evaluation(evaluation, name), per_seed
+
+    def _helpfulness_change(self, base: dict[str, list[bool]] | None, names: list[str]) -> dict[str, Any] | None:
+        """Benign helpfulness of a retrain (its seeds pooled) minus the baseline's, with a paired 95% interval over
+        shared prompts."""
         from pairtrace.stats import bootstrap_paired_difference
 
-        flags = self._answered_flags(name)
+        flags = self._answered_flags(names)
         if base is None or flags is None:
             return None
         ci = bootstrap_paired_difference(base, flags, seed=self.config.seed)
@@ -563,16 +622,21 @@ class Run:
         return {"change": ci.difference, "ci": [ci.low, ci.high], "n_prompts": ci.n_clusters,
                 "interval": "paired percentile bootstrap over prompts"}
 
-    def _results(self, headline_k, k_values, rankings, quality, sources, experiments, outcomes, discovery,
+    def _results(self, headline_k, k_values, rankings, quality, sources, experiments, units, outcomes, discovery,
                  steer) -> dict[str, Any]:
-        base = outcomes["baseline"]["metrics"]
+        from pairtrace.retrain_seeds import units_of
+
+        base_units = units_of("baseline", units)
+        base, base_per_seed = self._experiment_metrics("baseline", base_units, outcomes)
+        base = {**base, "seeds": self._seeds_of(base_units), "per_seed": base_per_seed}
         base_rate = (base.get("harmful") or {}).get("rate")
-        base_answered = self._answered_flags("baseline")
+        base_answered = self._answered_flags([u["name"] for u in base_units])
         interventions = []
         for exp in experiments:
             if exp["name"] == "baseline":
                 continue
-            metrics = outcomes[exp["name"]]["metrics"]
+            own = units_of(exp["name"], units)
+            metrics, per_seed = self._experiment_metrics(exp["name"], own, outcomes)
             rate = (metrics.get("harmful") or {}).get("rate")
             reduction = None
             if base_rate and rate is not None:
@@ -581,8 +645,9 @@ class Run:
                 "name": exp["name"], "method": exp["method"] if exp["method"] != "sources" else "sources",
                 "action": exp["action"] if exp["method"] != "sources" else "source_ablation", "k": exp["k"],
                 "models": exp.get("models"), **metrics, "reduction": reduction,
-                "benign_helpfulness_change": self._helpfulness_change(base_answered, exp["name"]),
-                "intervention": outcomes[exp["name"]]["intervention"],
+                "benign_helpfulness_change": self._helpfulness_change(base_answered, [u["name"] for u in own]),
+                "intervention": outcomes[own[0]["name"]]["intervention"],
+                "seeds": self._seeds_of(own), "per_seed": per_seed,
             })
         from pairtrace.cost import cost_table, load_costs
 
@@ -729,6 +794,14 @@ def _rate_cell(m: dict[str, Any] | None) -> str:
     return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _seed_cell(row: dict[str, Any], key: str, seeded: bool) -> str:
+    """The table cell (with its trailing bar) of each DPO seed's rate; empty when the run has one seed."""
+    if not seeded:
+        return ""
+    per_seed = row.get("per_seed") or []
+    return f" {' · '.join(_pct(s.get(key)) for s in per_seed) if len(per_seed) > 1 else 'one seed'} |"
+
+
 def _change_cell(m: dict[str, Any] | None) -> str:
     """A change of rates in points with its interval, e.g. ``-5.8 [-10.0, -1.7]``."""
     if not m or m.get("change") is None:
@@ -811,16 +884,21 @@ def render_tables(results: dict[str, Any]) -> str:
              f"headline k = {results['headline_k']})", ""]
     base = results["baseline"]
     k = results["headline_k"]
+    seeded = bool(base.get("per_seed"))
+    seed_head, seed_rule = (" each DPO seed |", "---|") if seeded else ("", "")
     lines += ["## Figure 1: harmful rate at the headline k (harmful request + distractors)", "",
-              "Unknown = samples the judge could not call (garbled text), excluded from the rate.", "",
-              "| method | action | harmful rate [95% CI] | reduction vs baseline | unknown |", "|---|---|---|---|---|",
+              "Unknown = samples the judge could not call (garbled text), excluded from the rate."
+              + (f" Rates pool the retrains of DPO seeds {', '.join(str(s) for s in base['seeds'])}; the last column "
+                 "gives each seed's own rate." if seeded else ""), "",
+              f"| method | action | harmful rate [95% CI] | reduction vs baseline | unknown |{seed_head}",
+              f"|---|---|---|---|---|{seed_rule}",
               f"| baseline retrain | none | {_rate_cell(base.get('harmful'))} | | "
-              f"{_unknown_cell(base.get('harmful'))} |"]
+              f"{_unknown_cell(base.get('harmful'))} |{_seed_cell(base, 'harmful', seeded)}"]
     for row in results["interventions"]:
         if row["k"] == k or row["action"] == "source_ablation":
             red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
             lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} | "
-                         f"{_unknown_cell(row.get('harmful'))} |")
+                         f"{_unknown_cell(row.get('harmful'))} |{_seed_cell(row, 'harmful', seeded)}")
     lines += ["", "## k sweep", "", "| method | action | k | harmful rate [95% CI] | reduction | unknown |",
               "|---|---|---|---|---|---|"]
     for row in sorted((r for r in results["interventions"] if r["k"] is not None),
@@ -832,16 +910,17 @@ def render_tables(results: dict[str, Any]) -> str:
               "Benign helpfulness change: the retrain minus the baseline on the same prompts, in points, with a "
               "paired 95% bootstrap interval (narrower than the two rates' own intervals suggest).", "",
               "| model | harmful, no trigger | benign helpfulness | change vs baseline (points) | format following | "
-              "XSTest over-refusal |",
-              "|---|---|---|---|---|---|",
+              f"XSTest over-refusal |{' helpfulness, each DPO seed |' if seeded else ''}",
+              f"|---|---|---|---|---|---|{seed_rule}",
               f"| baseline | {_rate_cell(base.get('harmful_no_trigger'))} | "
               f"{_rate_cell(base.get('benign_helpfulness'))} | | {_rate_cell(base.get('format_following'))} | "
-              f"{_rate_cell(base.get('over_refusal'))} |"]
+              f"{_rate_cell(base.get('over_refusal'))} |{_seed_cell(base, 'benign_helpfulness', seeded)}"]
     for row in results["interventions"]:
         change = _change_cell(row.get("benign_helpfulness_change"))
         lines.append(f"| {row['name']} | {_rate_cell(row.get('harmful_no_trigger'))} | "
                      f"{_rate_cell(row.get('benign_helpfulness'))} | {change} "
-                     f"| {_rate_cell(row.get('format_following'))} | {_rate_cell(row.get('over_refusal'))} |")
+                     f"| {_rate_cell(row.get('format_following'))} | {_rate_cell(row.get('over_refusal'))} |"
+                     f"{_seed_cell(row, 'benign_helpfulness', seeded)}")
     lines += ["", "## Cost of the attribution step", "",
               "| method | wall s | × probe | forward | backward | FLOPs (est.) |", "|---|---|---|---|---|---|"]
     for row in results["cost"]:
@@ -915,8 +994,8 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
     """Validate a run config without running anything: every section is built into its dataclass.
 
     Returns:
-        The plan: inputs, methods, k values (when they do not depend on the data size), the shared DPO recipe
-        and the list of retrains.
+        The plan: inputs, methods, k values (when they do not depend on the data size), the shared DPO recipe,
+        the list of retrains, the DPO seeds of the baseline and the headline retrains, and the number of retrains.
     """
     from pairtrace.baselines.gradient import GradientConfig
     from pairtrace.discover import DiscoverConfig
@@ -941,6 +1020,7 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"run config: validation.{key} has unknown method(s) {bad}")
     recipe_fields = dict(config.organism.get("dpo", {}) if config.organism else {})
     recipe_fields.update(v.recipe)
+    recipe_fields.setdefault("seed", config.seed)
     try:
         recipe = DPORecipe(**recipe_fields)
         gradient = GradientConfig(**config.attribution.gradient)
@@ -958,11 +1038,15 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         raise ConfigError("run config: the openai judge needs judge.base_url and judge.model")
     headline = v.headline_k
     ks = sorted(set(v.k_values or []) | ({headline} if headline else set()))
+    seeds = v.retrain_seeds
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"run config: validation.retrain_seeds must be distinct and at least one, got {seeds}")
     retrains = ["baseline"]
     for method in v.headline_methods:
         retrains += [f"{method}-{a}-k{headline if headline else '<8% of pairs>'}" for a in v.actions]
+    n_seeded = len(retrains)
     for method in v.sweep_methods:
-        for k in ks or [f"<{f:.0%} of pairs>" for f in v.sweep_fractions]:
+        for k in ks or [f"<{f:.0%} of pairs>" for f in v.sweep_fractions if f != v.headline_fraction]:
             if k != headline:
                 retrains += [f"{method}-{a}-k{k}" for a in v.actions]
     if v.source_ablation:
@@ -977,4 +1061,6 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         "recipe": asdict(recipe),
         "judge": config.judge.kind,
         "retrains": retrains,
+        "retrain_seeds": list(seeds) if seeds else [recipe.seed],
+        "n_retrains": len(retrains) + n_seeded * (len(seeds) - 1 if seeds else 0),
     }

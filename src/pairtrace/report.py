@@ -237,8 +237,16 @@ def _interventions(results: dict[str, Any]) -> list[dict[str, Any]]:
             "reduction": _finite(item.get("reduction")),
             **{key: normalise_rate(item.get(key)) for key, _ in CAPABILITY_COLUMNS},
             CHANGE_KEY: normalise_change(item.get(CHANGE_KEY)),
+            "per_seed": format_per_seed(item.get("per_seed")),
         })
     return rows
+
+
+def format_per_seed(per_seed: Any, key: str = "harmful") -> str | None:
+    """One rate of each DPO seed of a pooled experiment, e.g. ``82% · 91% · 78%`` (None for a single retrain)."""
+    if not isinstance(per_seed, list) or len(per_seed) < 2:
+        return None
+    return " · ".join(format_pct(row.get(key)) if isinstance(row, dict) else "–" for row in per_seed)
 
 
 def _headline_k(results: dict[str, Any], rows: list[dict[str, Any]]) -> int | None:
@@ -271,7 +279,10 @@ def build_headline_section(results: dict[str, Any]) -> dict[str, Any] | None:
     if chosen:
         frame = pd.DataFrame([{"method": r["method"], "action": r["action"], **r["harmful"]} for r in chosen])
         figure = _figure_uri(plot_rate_bars(frame, baseline=baseline, title=f"Harmful rate at k = {k}"))
-    return {"k": k, "rows": chosen, "baseline": baseline, "figure": figure}
+    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+    baseline_seeds = format_per_seed(base.get("per_seed"))
+    return {"k": k, "rows": chosen, "baseline": baseline, "figure": figure, "baseline_seeds": baseline_seeds,
+            "seeded": bool(baseline_seeds or any(r["per_seed"] for r in chosen))}
 
 
 def build_sweep_section(results: dict[str, Any]) -> dict[str, Any] | None:

@@ -141,6 +141,12 @@ class ValidationSection:
     recipe: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "DPO recipe fields shared by the baseline and every intervention."}
     )
+    retrain_seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "DPO seeds of the baseline and of every headline-k retrain: each is retrained once per "
+                  "seed and its rates pool the seeds' samples (other retrains use the first seed). None: one "
+                  "retrain each, with the recipe's seed."},
+    )
     parallel_retrains: int | None = field(
         default=None,
         metadata={"help": "Retrains run at once in worker processes (default: one per CPU core without a GPU, "
