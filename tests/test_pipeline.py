@@ -41,6 +41,7 @@ def test_render_tables_marks_missing_numbers_and_reductions():
     assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% | 5.0% · 15.0% |" in tables
     assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a | 40.0% · 60.0% |" in tables
     assert "| 90.0% · 80.0% |" in tables  # capabilities: helpfulness of each seed
+    assert "| probe | filter | 8 | 10.0% [0.0%, 20.0%] | 80% | 20% | 2 |" in tables  # k sweep: how many seeds
 
 
 def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path) -> None:

@@ -899,13 +899,14 @@ def render_tables(results: dict[str, Any]) -> str:
             red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
             lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} | "
                          f"{_unknown_cell(row.get('harmful'))} |{_seed_cell(row, 'harmful', seeded)}")
-    lines += ["", "## k sweep", "", "| method | action | k | harmful rate [95% CI] | reduction | unknown |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## k sweep", "", f"| method | action | k | harmful rate [95% CI] | reduction | unknown |"
+              f"{' DPO seeds |' if seeded else ''}", f"|---|---|---|---|---|---|{seed_rule}"]
     for row in sorted((r for r in results["interventions"] if r["k"] is not None),
                       key=lambda r: (r["method"], r["action"], r["k"])):
         red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
+        seeds = f" {len(row.get('seeds') or [None])} |" if seeded else ""
         lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} | "
-                     f"{_unknown_cell(row.get('harmful'))} |")
+                     f"{_unknown_cell(row.get('harmful'))} |{seeds}")
     lines += ["", "## Capabilities", "",
               "Benign helpfulness change: the retrain minus the baseline on the same prompts, in points, with a "
               "paired 95% bootstrap interval (narrower than the two rates' own intervals suggest).", "",
