@@ -410,11 +410,7 @@ class Run:
         return exps
 
     def _recipe_fields(self) -> dict[str, Any]:
-        """The shared DPO recipe: the organism's, updated by ``validation.recipe``, seeded by the run's seed."""
-        fields = dict(self.config.organism.get("dpo", {}) if self.config.organism else {})
-        fields.update(self.config.validation.recipe)
-        fields.setdefault("seed", self.config.seed)
-        return fields
+        return shared_recipe_fields(self.config)
 
     def _seeds_of(self, units: list[dict[str, Any]]) -> list[int]:
         return [int(u.get("seed", self._recipe_fields()["seed"])) for u in units]
@@ -676,6 +672,15 @@ class Run:
         }
 
     config_path: str | None = None
+
+
+def shared_recipe_fields(config: Any) -> dict[str, Any]:
+    """The DPO recipe shared by every retrain of a run: the organism's, updated by ``validation.recipe``, seeded by
+    the run's seed unless the recipe names one."""
+    fields = dict(config.organism.get("dpo", {}) if config.organism else {})
+    fields.update(config.validation.recipe)
+    fields.setdefault("seed", config.seed)
+    return fields
 
 
 def library_versions() -> dict[str, str]:
@@ -1019,11 +1024,8 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         bad = sorted(set(getattr(v, key)) - known_methods)
         if bad:
             raise ConfigError(f"run config: validation.{key} has unknown method(s) {bad}")
-    recipe_fields = dict(config.organism.get("dpo", {}) if config.organism else {})
-    recipe_fields.update(v.recipe)
-    recipe_fields.setdefault("seed", config.seed)
     try:
-        recipe = DPORecipe(**recipe_fields)
+        recipe = DPORecipe(**shared_recipe_fields(config))
         gradient = GradientConfig(**config.attribution.gradient)
         DiscoverConfig(**config.extras.discover_options)
         SteerConfig(**config.extras.steer_options)
