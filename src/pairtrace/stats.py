@@ -267,20 +267,23 @@ def min_hypergeometric_test(in_set: Sequence[bool] | np.ndarray, max_k: int) -> 
     tails = hypergeom.sf(counts - 1, n_items, n_members, sizes)  # [max_k] HGT(n)
     best = int(np.argmin(tails))
     observed = float(tails[best])
+    if observed >= 1.0:  # no slice holds even one member more than certain: nothing is enriched
+        return ScanResult(1.0, best + 1, int(counts[best]), 1.0)
     threshold = observed * (1.0 + 1e-9)  # the observed cell itself counts as "at least as extreme"
     forbidden = _first_forbidden_count(threshold, n_items, n_members, sizes)  # [max_k]
     # alive[b] = P(b members among the first n items and no forbidden cell visited so far)
     alive = np.zeros(n_members + 2)
     alive[0] = 1.0
     for n in range(1, max_k + 1):
-        width = min(n, n_members) + 1  # counts 0..min(n, B) are reachable after n draws
+        # counts 0..min(n, B) are reachable after n draws, and those from forbidden[n-1] on are cut; the cut only
+        # moves up with n, so every count kept now was below the cut one draw ago
+        width = min(min(n, n_members) + 1, int(forbidden[n - 1]))
         b = np.arange(width)
         take = np.clip((n_members - b + 1) / (n_items - n + 1), 0.0, 1.0)  # P(next is a member | b - 1 so far)
         stay = np.clip(1.0 - (n_members - b) / (n_items - n + 1), 0.0, 1.0)  # P(next is not | b so far)
         step = alive[:width] * stay
         step[1:] += alive[: width - 1] * take[1:]
-        step[forbidden[n - 1]:] = 0.0
-        alive[:width] = step
+        alive[:width] = step  # what would land on the cut is the p-value's share
     p_value = 1.0 - float(alive.sum())
     p_value = min(max(p_value, observed), 1.0, observed * max_k)
     return ScanResult(p_value, best + 1, int(counts[best]), observed)
@@ -293,9 +296,9 @@ def _first_forbidden_count(threshold: float, n_items: int, n_members: int, sizes
     """
     low = np.zeros_like(sizes)  # P[X >= 0] = 1 > threshold: never forbidden
     high = np.minimum(sizes, n_members) + 1  # past the largest reachable count: always "forbidden"
-    while np.any(high - low > 1):
+    while np.any(unsettled := high - low > 1):
         mid = (low + high) // 2
         forbidden = hypergeom.sf(mid - 1, n_items, n_members, sizes) <= threshold
-        high = np.where(forbidden, mid, high)
-        low = np.where(forbidden, low, mid)
+        high = np.where(unsettled & forbidden, mid, high)
+        low = np.where(unsettled & ~forbidden, mid, low)
     return high
