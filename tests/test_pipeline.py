@@ -117,7 +117,8 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
         assert min(rates) - 1e-9 <= row["harmful"]["rate"] <= max(rates) + 1e-9  # pooled = weighted mean
         assert row["benign_helpfulness_change"]["n_prompts"] > 0
     assert "each DPO seed" in (out / "tables.md").read_text(encoding="utf-8")
-    assert "each DPO seed" in (out / "report.html").read_text(encoding="utf-8")
+    seeded_html = (out / "report.html").read_text(encoding="utf-8")
+    assert "each DPO seed" in seeded_html and "DPO seeds (baseline and headline retrains)" in seeded_html
 
 
 def test_checks_compare_a_run_with_the_paper_figures():

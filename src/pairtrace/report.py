@@ -198,6 +198,9 @@ def build_run_section(results: dict[str, Any], run_dir: Path) -> dict[str, Any] 
                for k in ("n_pairs", "headline_k") if results.get(k) is not None]
     if results.get("k_values"):
         summary.append(("k_values", ", ".join(str(k) for k in results["k_values"])))
+    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+    if isinstance(base.get("seeds"), list) and len(base["seeds"]) > 1:
+        summary.append(("DPO seeds (baseline and headline retrains)", ", ".join(str(s) for s in base["seeds"])))
     summary.append(("run directory", str(run_dir)))
     timings = []
     raw_timings = results.get("timings") or {}
