@@ -4,9 +4,9 @@ One DPO retrain of a small model is a noisy measurement: the same data and recip
 dropout) can move a harmful rate by tens of points and benign helpfulness by several. ``validation.retrain_seeds``
 retrains the baseline and every headline intervention once per seed; the evaluation of an experiment then pools
 the samples of all its seeds, so its rate is that of all their judged samples together (the mean over seeds when
-each seed has as many) and its bootstrap interval (which resamples
-prompts) sees every seed's answers to a drawn prompt. The interval does not resample seeds (a handful is too few),
-so each seed's own rate is reported beside the pooled one: their spread is what retraining adds.
+each seed has as many) and its bootstrap interval (which resamples prompts) sees every seed's answers to a drawn
+prompt. The interval does not resample seeds (a handful is too few), so each seed's own rate is reported beside the
+pooled one: their spread is what retraining adds.
 
 Naming: the first seed keeps the experiment's own name (``probe-switch-k96``), later ones add the seed
 (``probe-switch-k96-seed1``); each is a separate retrain folder and stage, cached and resumable like any other.
