@@ -17,6 +17,41 @@ def test_dry_run_of_the_default_config_plans_the_paper_comparison():
     assert plan["retrain_seeds"] == [0, 1, 2] and plan["n_retrains"] == len(plan["retrains"]) + 2 * 11
 
 
+def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
+    import pytest
+    import yaml
+
+    from pairtrace.errors import ConfigError
+
+    config = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
+    config["organism"] = str(CONFIGS / "organism-build.yaml")
+    for scope, seeded in (("headline", 11), ("all", 16)):
+        config["validation"]["seed_scope"] = scope
+        path = tmp_path / f"{scope}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        plan = plan_experiment(path)
+        assert len(plan["retrains"]) == 16 and plan["n_retrains"] == 16 + 2 * seeded
+    config["validation"]["seed_scope"] = "sweep"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match="seed_scope"):
+        plan_experiment(path)
+
+    # the run itself expands the same experiments into the same retrains
+    from pairtrace.pipeline import Run
+    from pairtrace.runconfig import load_run_config
+
+    experiments = [{"name": "baseline", "method": None, "action": None, "k": 0},
+                   {"name": "probe-switch-k96", "method": "probe", "action": "switch", "k": 96},
+                   {"name": "probe-switch-k24", "method": "probe", "action": "switch", "k": 24},
+                   {"name": "source-ablation", "method": "sources", "action": "filter", "k": None, "models": ["m"]}]
+    for scope, expected in (("headline", 2 * 3 + 2), ("all", 4 * 3)):
+        config["validation"]["seed_scope"] = scope
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        run = Run(load_run_config(path), tmp_path / "run", progress=False, write_config=False)
+        units = run._retrain_units(experiments, headline_k=96)
+        assert len(units) == expected and units[0]["name"] == "baseline" and units[1]["name"] == "baseline-seed1"
+
+
 def test_render_tables_marks_missing_numbers_and_reductions():
     base = {"harmful": {"rate": 0.5, "ci": [0.4, 0.6]}, "harmful_no_trigger": None, "benign_helpfulness": None,
             "format_following": None, "over_refusal": None}

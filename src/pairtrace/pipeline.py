@@ -424,10 +424,13 @@ class Run:
         return fields
 
     def _retrain_units(self, experiments: list[dict[str, Any]], headline_k: int) -> list[dict[str, Any]]:
-        """The retrains to run: one per experiment, or one per DPO seed for the baseline and the headline k."""
+        """The retrains to run: one per experiment, or one per DPO seed for the baseline and the headline k (or, with
+        ``seed_scope: all``, for every experiment)."""
         from pairtrace.retrain_seeds import expand_seeds
 
-        seeded = {exp["name"] for exp in experiments if exp["method"] is None or
+        v = self.config.validation
+        check_seed_scope(v.seed_scope)
+        seeded = {exp["name"] for exp in experiments if v.seed_scope == "all" or exp["method"] is None or
                   (exp["k"] == headline_k and exp["method"] != "sources")}
         try:
             return expand_seeds(experiments, self.config.validation.retrain_seeds, seeded)
@@ -672,6 +675,15 @@ class Run:
         }
 
     config_path: str | None = None
+
+
+SEED_SCOPES = ("headline", "all")
+
+
+def check_seed_scope(scope: str) -> None:
+    """Refuse an unknown ``validation.seed_scope``."""
+    if scope not in SEED_SCOPES:
+        raise ConfigError(f"run config: validation.seed_scope must be one of {list(SEED_SCOPES)}, got {scope!r}")
 
 
 def shared_recipe_fields(config: Any) -> dict[str, Any]:
@@ -1044,6 +1056,7 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
     seeds = v.retrain_seeds
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"run config: validation.retrain_seeds must be distinct and at least one, got {seeds}")
+    check_seed_scope(v.seed_scope)
     retrains = ["baseline"]
     for method in v.headline_methods:
         retrains += [f"{method}-{a}-k{headline if headline else '<8% of pairs>'}" for a in v.actions]
@@ -1065,5 +1078,6 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         "judge": config.judge.kind,
         "retrains": retrains,
         "retrain_seeds": list(seeds) if seeds else [recipe.seed],
-        "n_retrains": len(retrains) + n_seeded * (len(seeds) - 1 if seeds else 0),
+        "n_retrains": len(retrains) + (len(retrains) if v.seed_scope == "all" else n_seeded)
+        * (len(seeds) - 1 if seeds else 0),
     }

@@ -144,8 +144,13 @@ class ValidationSection:
     retrain_seeds: list[int] | None = field(
         default=None,
         metadata={"help": "DPO seeds of the baseline and of every headline-k retrain: each is retrained once per "
-                  "seed and its rates pool the seeds' samples (other retrains use the first seed). None: one "
-                  "retrain each, with the recipe's seed."},
+                  "seed and its rates pool the seeds' samples (other retrains use the first seed; see "
+                  "seed_scope). None: one retrain each, with the recipe's seed."},
+    )
+    seed_scope: str = field(
+        default="headline",
+        metadata={"help": "Which retrains run on every seed of retrain_seeds: 'headline' (the baseline and the "
+                  "headline k) or 'all' (also the rest of the k sweep and the source ablation)."},
     )
     parallel_retrains: int | None = field(
         default=None,
