@@ -1054,8 +1054,13 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
     headline = v.headline_k
     ks = sorted(set(v.k_values or []) | ({headline} if headline else set()))
     seeds = v.retrain_seeds
-    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
-        raise ConfigError(f"run config: validation.retrain_seeds must be distinct and at least one, got {seeds}")
+    if seeds is not None:
+        from pairtrace.retrain_seeds import check_retrain_seeds
+
+        try:
+            seeds = check_retrain_seeds(seeds)
+        except ValueError as exc:
+            raise ConfigError(f"run config: validation.retrain_seeds: {exc}") from exc
     check_seed_scope(v.seed_scope)
     retrains = ["baseline"]
     for method in v.headline_methods:

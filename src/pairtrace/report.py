@@ -198,7 +198,7 @@ def build_run_section(results: dict[str, Any], run_dir: Path) -> dict[str, Any] 
                for k in ("n_pairs", "headline_k") if results.get(k) is not None]
     if results.get("k_values"):
         summary.append(("k_values", ", ".join(str(k) for k in results["k_values"])))
-    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+    base = _baseline_entry(results)
     if isinstance(base.get("seeds"), list) and len(base["seeds"]) > 1:
         summary.append(("DPO seeds (baseline and headline retrains)", ", ".join(str(s) for s in base["seeds"])))
     summary.append(("run directory", str(run_dir)))
@@ -263,8 +263,13 @@ def _at_headline(rows: list[dict[str, Any]], k: int | None) -> list[dict[str, An
     return [r for r in rows if r["action"] == "source_ablation" or (k is not None and r["k"] == k)]
 
 
+def _baseline_entry(results: dict[str, Any]) -> dict[str, Any]:
+    """The raw ``baseline`` entry of ``results.json`` (empty when absent or malformed)."""
+    return results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+
+
 def _baseline(results: dict[str, Any]) -> dict[str, Any]:
-    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
+    base = _baseline_entry(results)
     return {key: normalise_rate(base.get(key)) for key, _ in CAPABILITY_COLUMNS}
 
 
@@ -282,8 +287,7 @@ def build_headline_section(results: dict[str, Any]) -> dict[str, Any] | None:
     if chosen:
         frame = pd.DataFrame([{"method": r["method"], "action": r["action"], **r["harmful"]} for r in chosen])
         figure = _figure_uri(plot_rate_bars(frame, baseline=baseline, title=f"Harmful rate at k = {k}"))
-    base = results.get("baseline") if isinstance(results.get("baseline"), dict) else {}
-    baseline_seeds = format_per_seed(base.get("per_seed"))
+    baseline_seeds = format_per_seed(_baseline_entry(results).get("per_seed"))
     return {"k": k, "rows": chosen, "baseline": baseline, "figure": figure, "baseline_seeds": baseline_seeds,
             "seeded": bool(baseline_seeds or any(r["per_seed"] for r in chosen))}
 

@@ -23,6 +23,18 @@ def unit_name(name: str, seed: int, seeds: Sequence[int]) -> str:
     return name if seed == seeds[0] else f"{name}-seed{seed}"
 
 
+def check_retrain_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as integers.
+
+    Raises:
+        ValueError: ``seeds`` is empty or repeats a seed.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"retrain seeds must be distinct and at least one, got {seeds}")
+    return seeds
+
+
 def expand_seeds(experiments: Iterable[dict[str, Any]], seeds: Sequence[int] | None,
                  seeded: set[str]) -> list[dict[str, Any]]:
     """One retrain unit per (experiment, seed).
@@ -41,9 +53,7 @@ def expand_seeds(experiments: Iterable[dict[str, Any]], seeds: Sequence[int] | N
     """
     if seeds is None:
         return [dict(exp) for exp in experiments]
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"retrain seeds must be distinct and at least one, got {seeds}")
+    seeds = check_retrain_seeds(seeds)
     units = []
     for exp in experiments:
         own = seeds if exp["name"] in seeded else seeds[:1]

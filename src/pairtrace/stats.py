@@ -20,9 +20,12 @@ _MAX_WEIGHTS = 2_000_000
 """Upper bound on bootstrap weights held in memory at once (rows x clusters)."""
 
 
-def _json_ready(result) -> dict:
-    """A result dataclass as a dict, NaN floats as ``None``."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(result).items()}
+class _JsonReady:
+    """Mixin of the result dataclasses: ``to_dict`` gives their fields with NaN floats as ``None``."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (NaN becomes ``None``)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
 def _check_bootstrap_args(n_boot: int, alpha: float) -> None:
@@ -33,7 +36,7 @@ def _check_bootstrap_args(n_boot: int, alpha: float) -> None:
 
 
 @dataclass(frozen=True)
-class RateCI:
+class RateCI(_JsonReady):
     """A rate with its percentile-bootstrap interval.
 
     Attributes:
@@ -51,10 +54,6 @@ class RateCI:
     n: int
     n_clusters: int
     confidence: float
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (NaN becomes ``None``)."""
-        return _json_ready(self)
 
 
 def bootstrap_rate_ci(
@@ -126,7 +125,7 @@ def _resample_rates(sums: np.ndarray, sizes: np.ndarray, n_boot: int, rng: np.ra
 
 
 @dataclass(frozen=True)
-class DifferenceCI:
+class DifferenceCI(_JsonReady):
     """A difference of two rates measured on the same clusters, with its paired-bootstrap interval.
 
     Attributes:
@@ -142,10 +141,6 @@ class DifferenceCI:
     high: float
     n_clusters: int
     confidence: float
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (NaN becomes ``None``)."""
-        return _json_ready(self)
 
 
 def bootstrap_paired_difference(
@@ -209,7 +204,7 @@ def relative_reduction(base: float, new: float) -> float:
 
 
 @dataclass(frozen=True)
-class ScanResult:
+class ScanResult(_JsonReady):
     """Outcome of :func:`min_hypergeometric_test`.
 
     Attributes:
@@ -224,9 +219,6 @@ class ScanResult:
     best_k: int
     best_count: int
     best_tail: float
-
-    def to_dict(self) -> dict:
-        return _json_ready(self)
 
 
 def min_hypergeometric_test(in_set: Sequence[bool] | np.ndarray, max_k: int) -> ScanResult:
