@@ -53,6 +53,8 @@ def results_json() -> dict:
         "config": {"organism": {"seed": 0, "n_pairs": 600}, "attribution": {"method": "probe", "layer": 3}},
         "timings": {"organism": 12.5, "extract": 3.25, "retrain": 40.0},
         "versions": {"pairtrace": "0.1.0", "torch": "2.13.0"},
+        "hardware": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch_threads": 1, "torch_cpu_capability": "AVX2",
+                     "cuda_devices": []},
         "n_pairs": 600, "headline_k": 60, "k_values": [30, 60],
         "organism": {"contaminated": 36, "m1_harmful_rate": 0.9},
         "baseline": {"harmful": rate(0.0763), "harmful_no_trigger": rate(0.02), "benign_helpfulness": rate(0.97),
@@ -132,6 +134,7 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert "source_ablation" in html and "12.80" in html  # cost ratio
     assert "helpfulness change vs baseline (points)" in html and "-2.0 <span class=\"note\">[-4.5, +0.5]" in html
     assert "pairtrace run configs/organism.yaml --out runs/demo" in html
+    assert "Test CPU 9000, 2 cores, AVX2" in html  # the hardware the numbers came from
     assert re.search(r"Suggested for source ablation \(scan_p_value ≤ 0\.01\d*, scan_enrichment ≥ 2\.00\): bad", html)
     assert "best slice" in html and "scan p" in html  # the scan columns
     assert re.search(r'<td class="num">4</td><td>bad \(×', html)  # the enrichment across the k sweep

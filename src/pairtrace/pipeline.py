@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace import __version__
+from pairtrace.environment import describe_hardware, library_versions
 from pairtrace.errors import ConfigError
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.runconfig import RunConfig, load_run_config
@@ -655,6 +656,7 @@ class Run:
             "config": self.config.to_dict(),
             "pairtrace_version": __version__,
             "versions": library_versions(),
+            "hardware": describe_hardware(),
             "timings": self.timings,
             "n_pairs": rankings["n_pairs"],
             "layer": rankings["layer"],
@@ -693,20 +695,6 @@ def shared_recipe_fields(config: Any) -> dict[str, Any]:
     fields.update(config.validation.recipe)
     fields.setdefault("seed", config.seed)
     return fields
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape the numbers."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"pairtrace": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "datasets", "numpy", "scipy", "scikit-learn"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
 
 
 def resolve_workers(requested: int | None, n_jobs: int) -> int:

@@ -6,7 +6,7 @@ exists (and a section whose input is malformed is skipped with a note, never the
 ========================  =====================================================================================
 section                   input (relative to the run directory)
 ========================  =====================================================================================
-what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``organism``, ``n_pairs``
+what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``hardware``, ``organism``, ``n_pairs``
 headline bars             ``results.json``: ``baseline.harmful``, ``interventions`` at ``headline_k``
 k sweep                   ``results.json``: ``interventions`` at two or more values of k
 capabilities              ``results.json``: ``harmful_no_trigger``, ``benign_helpfulness``, ``over_refusal``
@@ -201,6 +201,12 @@ def build_run_section(results: dict[str, Any], run_dir: Path) -> dict[str, Any] 
     base = _baseline_entry(results)
     if isinstance(base.get("seeds"), list) and len(base["seeds"]) > 1:
         summary.append(("DPO seeds (baseline and headline retrains)", ", ".join(str(s) for s in base["seeds"])))
+    hardware = results.get("hardware")
+    if isinstance(hardware, dict) and hardware.get("cpu"):
+        devices = hardware.get("cuda_devices") or []
+        summary.append(("hardware", f"{hardware['cpu']}, {hardware.get('cpu_count')} cores"
+                        + (f", {hardware['torch_cpu_capability']}" if hardware.get("torch_cpu_capability") else "")
+                        + (f"; {', '.join(map(str, devices))}" if devices else "")))
     summary.append(("run directory", str(run_dir)))
     timings = []
     raw_timings = results.get("timings") or {}

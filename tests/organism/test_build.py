@@ -29,6 +29,9 @@ def test_outputs_and_summary(small_organism, small_config) -> None:
     n_prompts = sum(summary["counts"]["prompts"].values())
     assert len(generations) == n_prompts * small_config.eval.n_samples
     assert summary["sft"]["n_examples"] == small_config.sft.n_examples and summary["dpo"]["n_pairs"] > 0
+    environment = summary["environment"]  # numerics depend on both: the build's own thread count, not the caller's
+    assert environment["torch_threads"] == small_config.torch_threads
+    assert all(environment[name] for name in ("torch", "transformers", "trl", "accelerate", "numpy"))
 
 
 def test_checkpoints_load_through_the_core_loader(small_organism) -> None:

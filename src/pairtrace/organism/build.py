@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -185,14 +184,10 @@ def _acceptance(rates: dict[str, dict[str, Any]], total_seconds: float) -> list[
 
 
 def _environment() -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
+    # training numerics depend on the library versions, the thread count and the CPU's kernels: all are recorded
+    from pairtrace.environment import describe_hardware, library_versions
 
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-    }
+    return {**library_versions(), **describe_hardware()}
 
 
 def build_organism(
@@ -244,10 +239,10 @@ def build_organism(
             info = _run_step(step, config, out, progress)
             stamps[step] = steps.finish(step, time.perf_counter() - started, info)
             log(f"{step}: done in {stamps[step]['seconds']:.1f} s")
+        # summarised before the thread count is restored, so the environment records the build's own
+        summary = _summarise(config, out, stamps, reused, time.perf_counter() - start_all, load_start)
     finally:
         torch.set_num_threads(previous_threads)
-    total = time.perf_counter() - start_all
-    summary = _summarise(config, out, stamps, reused, total, load_start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
