@@ -1,0 +1,102 @@
+"""Compare organism builds on the causal-validation checks, one reduced experiment per build.
+
+For every organism-build YAML given, runs ``pairtrace run`` with the probe and random rankings only: filter and
+switch at the headline k (8% of the mix), the baseline and those four retrains each on DPO seeds 0, 1 and 2
+(pooled, as in the default run), discovery on, source enrichment and steering off. It prints one row per build:
+the probe's AUROC and precision at the contaminated count, the reductions of the harmful rate, the benign
+helpfulness drops, the organism checks that failed, and the CPU the numbers came from (training is chaotic: another
+CPU gives another model, like another seed). Finished stages in ``--out`` are reused, so a second call only prints.
+
+About 10 minutes per build on two CPU cores. Run::
+
+    .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml \\
+        benchmarks/configs/organism-hfr0.02.yaml --out runs/organism-variants
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pairtrace.pipeline import run_experiment
+
+REDUCED_RUN: dict[str, Any] = {
+    "seed": 0,
+    "torch_threads": 1,
+    "prompts": {"probe_share": 0.5},
+    "generation": {"temperature": 0.7, "max_new_tokens": 96, "probe_samples": 4, "eval_samples": 4,
+                   "batch_size": 64},
+    "judge": {"kind": "rule"},
+    "attribution": {"layers": None, "methods": ["probe", "random"]},
+    "validation": {"headline_fraction": 0.08, "sweep_fractions": [0.08], "actions": ["filter", "switch"],
+                   "headline_methods": ["probe", "random"], "sweep_methods": ["probe"], "source_ablation": False,
+                   "parallel_retrains": 2, "recipe": {}, "retrain_seeds": [0, 1, 2], "seed_scope": "headline"},
+    "extras": {"discover": True, "sources": False, "steer": False},
+}
+"""The run config of every build, apart from its ``organism`` section (the checks of the default run that these
+retrains cover: AUROC, probe and random reductions, helpfulness)."""
+
+CHECKS = {
+    "probe AUROC": "AUROC",
+    "probe-filter reduction": "probe-filter",
+    "probe-switch reduction": "probe-switch",
+    "random-filter reduction": "random-filter",
+    "random-switch reduction": "random-switch",
+    "benign helpfulness drop after probe-filter": "help drop, filter (points)",
+    "benign helpfulness drop after probe-switch": "help drop, switch (points)",
+}
+"""The run's checks shown, by the start of their name (the k in a name depends on the mix size)."""
+
+
+def run_build(organism_yaml: Path, out_dir: Path) -> dict[str, Any]:
+    """Run (or resume) the reduced experiment on one organism build; return its ``results.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "run.yaml"
+    config = {**REDUCED_RUN, "organism": str(organism_yaml.resolve())}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return run_experiment(config_path, out_dir, progress=False)
+
+
+def summarise(name: str, results: dict[str, Any]) -> str:
+    """One Markdown row: the checks (✗ where outside the default run's threshold), the failed organism checks,
+    the CPU."""
+    cells = []
+    for prefix in CHECKS:
+        check = next((c for c in results["checks"] if c["check"].startswith(prefix)), None)
+        if check is None:
+            cells.append("–")
+            continue
+        value = check["value"]
+        text = f"{value:.3f}" if "AUROC" in prefix else f"{value:.1f}" if "drop" in prefix else f"{value:.0%}"
+        cells.append(text + ("" if check["ok"] else " ✗"))
+    precision = results["attribution_quality"]["probe"]["precision_at_contaminated"]
+    organism = results.get("organism") or {}
+    failed = [a["check"] for a in organism.get("acceptance", []) if not a["ok"] and a["check"] != "build seconds"]
+    cpu = (results.get("hardware") or {}).get("cpu", "not recorded")
+    return f"| {name} | " + " | ".join(cells) + f" | {precision:.0%} | {', '.join(failed) or 'none'} | {cpu} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("organisms", type=Path, nargs="+", help="Organism-build YAML files.")
+    parser.add_argument("--out", type=Path, default=Path("runs/organism-variants"),
+                        help="One run folder per build, named after its YAML file (reused when finished).")
+    args = parser.parse_args()
+    rows = []
+    for organism_yaml in args.organisms:
+        results = run_build(organism_yaml, args.out / organism_yaml.stem)
+        rows.append(summarise(organism_yaml.stem, results))
+        print(f"finished {organism_yaml} -> {args.out / organism_yaml.stem}", flush=True)
+    print()
+    print("| build | " + " | ".join(CHECKS.values()) + " | probe precision at 48 | organism checks failed | CPU |")
+    print("|---" * (len(CHECKS) + 5) + "|")
+    for row in rows:
+        print(row)
+    print("\n(✗: outside the default run's threshold; every rate pools DPO seeds 0, 1, 2)")
+
+
+if __name__ == "__main__":
+    main()
