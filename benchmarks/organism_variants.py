@@ -2,10 +2,11 @@
 
 For every organism-build YAML given, runs ``pairtrace run`` with the probe and random rankings only: filter and
 switch at the headline k (8% of the mix), the baseline and those four retrains each on DPO seeds 0, 1 and 2
-(pooled, as in the default run), discovery on, source enrichment and steering off. It prints one row per build:
-the probe's AUROC and precision at the contaminated count, the reductions of the harmful rate, the benign
-helpfulness drops, the organism checks that failed, and the CPU the numbers came from (training is chaotic: another
-CPU gives another model, like another seed). Finished stages in ``--out`` are reused, so a second call only prints.
+(pooled, as in the default run; ``--seeds`` for others), discovery on, source enrichment and steering off. It
+prints one row per build: the probe's AUROC and precision at the contaminated count, the reductions of the harmful
+rate, the benign helpfulness drops, the organism checks that failed, and the CPU the numbers came from (training
+is chaotic: another CPU gives another model, like another seed). Finished stages in ``--out`` are reused, so a
+second call only prints.
 
 About 10 minutes per build on two CPU cores. Run::
 
@@ -51,11 +52,12 @@ CHECKS = {
 """The run's checks shown, by the start of their name (the k in a name depends on the mix size)."""
 
 
-def run_build(organism_yaml: Path, out_dir: Path) -> dict[str, Any]:
+def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int]) -> dict[str, Any]:
     """Run (or resume) the reduced experiment on one organism build; return its ``results.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "run.yaml"
-    config = {**REDUCED_RUN, "organism": str(organism_yaml.resolve())}
+    validation = {**REDUCED_RUN["validation"], "retrain_seeds": seeds}
+    config = {**REDUCED_RUN, "validation": validation, "organism": str(organism_yaml.resolve())}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return run_experiment(config_path, out_dir, progress=False)
 
@@ -84,18 +86,20 @@ def main() -> None:
     parser.add_argument("organisms", type=Path, nargs="+", help="Organism-build YAML files.")
     parser.add_argument("--out", type=Path, default=Path("runs/organism-variants"),
                         help="One run folder per build, named after its YAML file (reused when finished).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="DPO seeds of the retrains, pooled (retrains of seeds already run are reused).")
     args = parser.parse_args()
     rows = []
     for organism_yaml in args.organisms:
-        results = run_build(organism_yaml, args.out / organism_yaml.stem)
+        results = run_build(organism_yaml, args.out / organism_yaml.stem, args.seeds)
         rows.append(summarise(organism_yaml.stem, results))
         print(f"finished {organism_yaml} -> {args.out / organism_yaml.stem}", flush=True)
     print()
     print("| build | " + " | ".join(CHECKS.values()) + " | probe precision at 48 | organism checks failed | CPU |")
-    print("|---" * (len(CHECKS) + 5) + "|")
+    print("|---" * (len(CHECKS) + 4) + "|")
     for row in rows:
         print(row)
-    print("\n(✗: outside the default run's threshold; every rate pools DPO seeds 0, 1, 2)")
+    print(f"\n(✗: outside the default run's threshold; every rate pools DPO seeds {', '.join(map(str, args.seeds))})")
 
 
 if __name__ == "__main__":
