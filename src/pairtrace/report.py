@@ -6,7 +6,7 @@ exists (and a section whose input is malformed is skipped with a note, never the
 ========================  =====================================================================================
 section                   input (relative to the run directory)
 ========================  =====================================================================================
-what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``hardware``, ``organism``, ``n_pairs``
+what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``hardware``, ``organism``, …
 headline bars             ``results.json``: ``baseline.harmful``, ``interventions`` at ``headline_k``
 k sweep                   ``results.json``: ``interventions`` at two or more values of k
 capabilities              ``results.json``: ``harmful_no_trigger``, ``benign_helpfulness``, ``over_refusal``

@@ -123,18 +123,25 @@ def score_store(
         chunk_rows: Rows per chunk.
         device: Where the products run (``cpu``, ``cuda``...).
         engine: ``torch`` or ``faiss``.
-        row_ranges: Only these ``[start, end)`` ranges (default: every row).
+        row_ranges: Only these ``[start, end)`` ranges (default: every row, store shard by store shard).
         progress: Show a progress bar.
 
     Returns:
         ``[n]`` float64 scores in row order; NaN for rows without a direction and rows outside ``row_ranges``.
+
+    Chunks never cross a store shard: a BLAS product's rounding can depend on how many rows it multiplies at once,
+    so scoring the whole store and scoring it in parts (:func:`score_store_part`) must cut the same chunks to give
+    bit-identical scores.
     """
     _check_engine(engine, method)
     if chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be positive, got {chunk_rows}")
     device = torch.device(device)
     units = units.to(device=device, dtype=torch.float32)
-    ranges = list(row_ranges) if row_ranges is not None else [(0, store.n)]
+    if row_ranges is not None:
+        ranges = list(row_ranges)
+    else:
+        ranges = [store.manifest.shard_range(j) for j in range(store.manifest.n_shards)] or [(0, store.n)]
     spans = [(s, min(s + chunk_rows, e)) for a, e in ranges for s in range(a, e, chunk_rows)]
     scores = np.full(store.n, np.nan, dtype=np.float64)
     with torch.inference_mode():
