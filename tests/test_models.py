@@ -207,3 +207,17 @@ def test_teacher_forcing_truncation(tiny_loaded):
         build_teacher_forcing(tiny_loaded, [prompt], [response], max_length=1)
     with pytest.raises(ConfigError):
         build_teacher_forcing(tiny_loaded, [prompt, prompt], [response], max_length=10)
+
+
+def test_teacher_forcing_keeps_the_head_of_the_response(tiny_loaded):
+    from pairtrace.models import build_teacher_forcing
+
+    prompts, responses = ["Write a poem", "Hi"], ["Roses are red, violets are blue.", "Hello"]
+    full = build_teacher_forcing(tiny_loaded, prompts, responses, 2048)
+    head = build_teacher_forcing(tiny_loaded, prompts, responses, 2048, response_tokens=3)
+    for f, h in zip(full, head, strict=True):
+        assert h.response_start == f.response_start
+        assert h.n_response_tokens == min(3, f.n_response_tokens)
+        assert h.input_ids == f.input_ids[: h.response_end] and not h.truncated
+    with pytest.raises(ConfigError, match="response_tokens"):
+        build_teacher_forcing(tiny_loaded, prompts, responses, 2048, response_tokens=0)

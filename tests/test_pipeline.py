@@ -186,3 +186,31 @@ def test_checks_compare_a_run_with_the_paper_figures():
     results["cost"] = []
     names = {c["check"] for c in compute_checks(results)}
     assert not any("AUROC" in n or "gradient" in n or "wall" in n for n in names)
+
+
+def test_response_tokens_is_checked_and_leaves_stage_keys_alone_at_its_default():
+    import dataclasses
+
+    import pytest
+    import yaml
+
+    from pairtrace.errors import ConfigError
+    from pairtrace.runconfig import build_run_config
+
+    raw = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
+    base = build_run_config(raw, base_dir=CONFIGS)
+    assert base.attribution.response_tokens is None
+    # a run made before the field existed hashed the attribution section without it: its stages stay cached
+    data = base.to_dict()
+    data["attribution"].pop("response_tokens")
+    import hashlib
+    import json
+
+    legacy = hashlib.sha256(json.dumps({"attribution": data["attribution"], "_extra": None}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    assert base.section_hash("attribution") == legacy
+    head = dataclasses.replace(base, attribution=dataclasses.replace(base.attribution, response_tokens=2))
+    assert head.section_hash("attribution") != legacy
+    raw["attribution"]["response_tokens"] = 0
+    with pytest.raises(ConfigError, match="response_tokens"):
+        build_run_config(raw, base_dir=CONFIGS)

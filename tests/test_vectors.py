@@ -441,3 +441,44 @@ class _ChangingSource:
 def test_input_changed_between_reads_is_refused(tiny_loaded, tiny_pairs, tmp_path):
     with pytest.raises(DataError, match="changed since"):
         compute_datapoint_vectors(tiny_loaded, _ChangingSource(list(tiny_pairs)), tmp_path, layers=1, progress=False)
+
+
+def test_response_tokens_pool_the_head_of_each_response(tiny_loaded, tiny_pairs, tmp_path):
+    """With response_tokens = N every response mean covers its first N tokens: the same as reading the first N
+    response positions of the whole teacher-forced sequence (a causal model never looks ahead)."""
+    from pairtrace.attribute import AttributionConfig, compute_attribution
+    from pairtrace.errors import ConfigError
+    from pairtrace.models import build_teacher_forcing
+
+    store = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "head", layers=[1, 4], shard_size=3,
+                                      progress=False, response_tokens=2)
+    assert store.manifest.settings == {"max_length": 2048, "response_tokens": 2}
+    assert (store.n_response_tokens() <= 2).all()
+
+    def head_means(responses: list[str]) -> torch.Tensor:  # [n, 2 layers, d] from the full sequences
+        rows = []
+        for item in build_teacher_forcing(tiny_loaded, [p.prompt for p in tiny_pairs], responses, 2048):
+            with torch.inference_mode():
+                hidden = tiny_loaded.model(input_ids=torch.tensor([item.input_ids]), output_hidden_states=True)
+            head = slice(item.response_start, min(item.response_end, item.response_start + 2))
+            rows.append(torch.stack([hidden.hidden_states[k][0, head].float().mean(0) for k in (1, 4)]))
+        return torch.stack(rows)
+
+    expected = head_means([p.chosen for p in tiny_pairs]) - head_means([p.rejected for p in tiny_pairs])
+    for j, k in enumerate([1, 4]):
+        torch.testing.assert_close(store.load(k), expected[:, j], rtol=1e-5, atol=1e-5)
+    whole = compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "whole", layers=[1, 4], progress=False)
+    assert whole.manifest.settings == {"max_length": 2048}  # the default leaves the manifest as it always was
+    assert not torch.allclose(whole.load(4), store.load(4))
+    with pytest.raises(ManifestMismatchError):  # resuming with another pooling is refused
+        compute_datapoint_vectors(tiny_loaded, tiny_pairs, tmp_path / "head", layers=[1, 4], shard_size=3,
+                                  progress=False)
+
+    head_bv = compute_behaviour_vectors(tiny_loaded, _triples(), layers=[1, 4], progress=False, response_tokens=2)
+    assert head_bv.metadata["settings"]["response_tokens"] == 2
+    assert compute_attribution(store, head_bv, AttributionConfig(layer=4), progress=False).table.shape[0] == 8
+    with pytest.raises(ManifestMismatchError, match="response_tokens"):
+        compute_attribution(whole, head_bv, AttributionConfig(layer=4), progress=False)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="response_tokens"):
+            compute_behaviour_vectors(tiny_loaded, _triples(), layers=[1], progress=False, response_tokens=bad)

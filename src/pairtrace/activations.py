@@ -535,6 +535,7 @@ def compute_response_means(
     max_length: int = 2048,
     progress: bool = True,
     desc: str = "response means",
+    response_tokens: int | None = None,
 ) -> torch.Tensor:
     """Mean layer-k activation over the response tokens of each teacher-forced (prompt, response).
 
@@ -551,12 +552,13 @@ def compute_response_means(
         max_length: Maximum tokens per sequence (prompt cut from the left first, then the response's tail).
         progress: Show a progress bar.
         desc: Progress bar label.
+        response_tokens: Average each response's first this many tokens only (``None``: all).
 
     Returns:
         Float32 tensor ``[n, len(layers), d]`` on the CPU. Non-finite values are returned as they are (see
         :func:`nonfinite_rows`); a response with no tokens gives a NaN row.
     """
-    items = build_teacher_forcing(loaded, prompts, responses, max_length)
+    items = build_teacher_forcing(loaded, prompts, responses, max_length, response_tokens)
     return compute_means_from_teacher_forced(
         loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc
     )

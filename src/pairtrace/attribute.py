@@ -238,7 +238,7 @@ def pair_metadata_frame(pairs) -> pd.DataFrame:
 
 
 def check_behaviour_matches_store(store, behaviour) -> None:
-    """Refuse behaviour vectors made with another model or template than the datapoint vectors."""
+    """Refuse behaviour vectors made with another model, template or response pooling than the datapoint vectors."""
     store_model = dict(store.manifest.model or {})
     beh_meta = behaviour.metadata or {}
     beh_model = dict(beh_meta.get("model") or {})
@@ -256,6 +256,12 @@ def check_behaviour_matches_store(store, behaviour) -> None:
         a, b = store_tpl.get(key), beh_tpl.get(key)
         if a is not None and b is not None and a != b:
             problems.append(f"template {key}: datapoint vectors {a!r} vs behaviour vectors {b!r}")
+    # response means pooled over different parts of the responses live in different spaces (absent = all tokens)
+    store_head = (store.manifest.settings or {}).get("response_tokens")
+    beh_head = (beh_meta.get("settings") or {}).get("response_tokens")
+    if store_head != beh_head:
+        problems.append(f"response_tokens (tokens pooled per response; None = all): datapoint vectors "
+                        f"{store_head!r} vs behaviour vectors {beh_head!r}")
     if problems:
         raise ManifestMismatchError(
             "behaviour vectors and datapoint vectors come from different settings: " + "; ".join(problems)

@@ -149,6 +149,7 @@ def vectors(
     shard_size: int = typer.Option(1024, help="Pairs per shard (the unit of resumption)."),
     batch_tokens: int = typer.Option(None, help="Token budget per forward batch (default: 2048 CPU, 32768 GPU)."),
     max_length: int = typer.Option(2048, help="Maximum tokens per sequence; prompts are truncated from the left."),
+    response_tokens: int = typer.Option(None, help="Pool each response over its first N tokens (default: all)."),
     prompt_sharing: str = typer.Option("auto", help="auto | always | never: encode the shared prompt once."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks that run."),
     store_dtype: str = typer.Option("float32", help="Storage dtype of the vectors: float32 | bfloat16 | float16."),
@@ -165,7 +166,7 @@ def vectors(
 
     common = dict(layers=opts["layers"] or None, shard_size=opts["shard_size"], batch_tokens=opts["batch_tokens"],
                   max_length=opts["max_length"], prompt_sharing=opts["prompt_sharing"], compile=opts["compile"],
-                  dtype=opts["store_dtype"])
+                  dtype=opts["store_dtype"], response_tokens=opts["response_tokens"])
     if opts["backend"] not in ("local", "ray"):
         raise ConfigError(f"--backend must be local or ray, got {opts['backend']!r}")
     if opts["stream"] and opts["backend"] == "local":
@@ -229,6 +230,8 @@ def behaviour(
     layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s); default round(0.625 n)."),
     r1_model: str = typer.Option(None, help="Teacher-force r1 through this model (default: M0, as the paper)."),
     max_length: int = typer.Option(2048, help="Maximum tokens per sequence."),
+    response_tokens: int = typer.Option(None, help="Pool each response over its first N tokens (default: all; "
+                                        "as the datapoint vectors)."),
     revision: str = ModelOpts["revision"],
     dtype: str = ModelOpts["dtype"],
     device: str = ModelOpts["device"],
@@ -244,7 +247,7 @@ def behaviour(
     loaded = load_model_from_options(opts)
     r1_loaded = load_model_from_options(opts, "r1_model") if opts["r1_model"] else None
     bv = compute_behaviour_vectors(loaded, triple_list, layers=opts["layers"] or None, r1_model=r1_loaded,
-                                   max_length=opts["max_length"])
+                                   max_length=opts["max_length"], response_tokens=opts["response_tokens"])
     save_behaviour_vectors(bv, opts["out"])
     console.print(f"[green]wrote[/] probe + bank ({bv.bank.shape[0]} prompts, {len(triple_list)} triples) "
                   f"at layers {list(bv.layers)} to {opts['out']}")
@@ -631,7 +634,7 @@ def discover(
                            DiscoverConfig(linkage=opts["linkage"], n_clusters=opts["n_clusters"],
                                           top_k_per_prompt=opts["top_k_per_prompt"]),
                            labels_path=opts["labels"])
-    console.print(f"[green]wrote[/] {opts['out']}: {len(summary.get('clusters', []))} pair clusters")
+    console.print(f"[green]wrote[/] {opts['out']}: {len(summary.get('pair_clusters', []))} pair clusters")
 
 
 @app.command(

@@ -196,7 +196,7 @@ def select_differing_prompts(m0_records: Sequence[dict[str, Any]],
 
 def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses], layer: int, *,
                                      batch_tokens: int = 16384, max_length: int = 2048,
-                                     progress: bool = True) -> torch.Tensor:
+                                     progress: bool = True, response_tokens: int | None = None) -> torch.Tensor:
     """One behaviour vector per prompt (Def. 3.1): mean M1-response activation − mean M0-response activation.
 
     Every response is teacher-forced through ``loaded`` (M0); identical (prompt, response) texts are run once
@@ -210,6 +210,8 @@ def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses],
         batch_tokens: Token budget per forward pass.
         max_length: Maximum tokens per sequence.
         progress: Show a progress bar.
+        response_tokens: Average each response's first this many tokens only (``None``: all); the datapoint
+            store's setting, so that both kinds of vector live in one space.
 
     Returns:
         ``[P, d]`` float32 behaviour vectors.
@@ -223,7 +225,7 @@ def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses],
     keys = list(unique)
     means = compute_response_means(loaded, [k[0] for k in keys], [k[1] for k in keys], [layer],
                                    batch_tokens=batch_tokens, max_length=max_length, progress=progress,
-                                   desc="behaviour responses")[:, 0]  # [u, d]
+                                   desc="behaviour responses", response_tokens=response_tokens)[:, 0]  # [u, d]
     out = torch.empty(len(prompts), means.shape[1], dtype=torch.float32)  # [P, d]
     for i, item in enumerate(prompts):
         # a response without tokens has no mean (NaN row): it is left out, not allowed to poison the prompt
@@ -877,8 +879,9 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
     logger.info("%d of %d prompts answered differently by M0 and M1", counts["n_kept"], counts["n_prompts"])
     if not prompts:
         raise DataError("M0 and M1 answered every prompt identically: there is no behaviour difference to discover")
-    behaviour = compute_prompt_behaviour_vectors(loaded, prompts, layer, batch_tokens=config.batch_tokens,
-                                                 max_length=config.max_length, progress=progress)
+    behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
+        loaded, prompts, layer, batch_tokens=config.batch_tokens, max_length=config.max_length, progress=progress,
+        response_tokens=(store.manifest.settings or {}).get("response_tokens"))
     _, ok = unit_rows(behaviour)
     if not bool(ok.all()):
         keep = ok.numpy()

@@ -425,11 +425,24 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def check_response_tokens(response_tokens: int | None) -> None:
+    """Refuse a response head that is not a positive number of tokens.
+
+    ``response_tokens`` pools a response mean over the first N response tokens instead of all of them (the
+    paper's Def. 3.2 averages all). The choice a behaviour is about (answer or refuse, which opening) is often made
+    at the first tokens, while the rest of the response carries its topic and style.
+    """
+    if response_tokens is not None and (isinstance(response_tokens, bool) or not isinstance(response_tokens, int)
+                                        or response_tokens < 1):
+        raise ConfigError(f"response_tokens must be a positive number of tokens or None, got {response_tokens!r}")
+
+
 def build_teacher_forcing(
     loaded: LoadedModel,
     prompts: Sequence[str | Sequence[Message]],
     responses: Sequence[str],
     max_length: int,
+    response_tokens: int | None = None,
 ) -> list[TeacherForced]:
     """Tokenise prompt + response pairs for teacher forcing.
 
@@ -444,6 +457,9 @@ def build_teacher_forcing(
         prompts: Prompts (turns before the response; a string is one user turn).
         responses: One response text per prompt.
         max_length: Maximum number of tokens per sequence (at least 2).
+        response_tokens: Keep only the first this many response tokens (``None``: all). In a causal model those
+            positions never see the later tokens, so a response mean over the cut sequence is the mean over the
+            response's head (see :func:`check_response_tokens`).
 
     Returns:
         One :class:`TeacherForced` per input, in order.
@@ -453,6 +469,7 @@ def build_teacher_forcing(
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    check_response_tokens(response_tokens)
     if len(prompts) != len(responses):
         raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
     tok = loaded.tokenizer
@@ -462,7 +479,7 @@ def build_teacher_forcing(
     response_ids = tok(list(responses), add_special_tokens=False)["input_ids"] if texts else []
     out: list[TeacherForced] = []
     for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
-        p_ids, r_ids = list(p_ids), list(r_ids)
+        p_ids, r_ids = list(p_ids), list(r_ids[:response_tokens])
         if loaded.prepend_bos and p_ids[:1] != [bos]:
             p_ids = [bos, *p_ids]
         truncated = len(p_ids) + len(r_ids) > max_length

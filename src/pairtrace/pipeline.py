@@ -324,16 +324,17 @@ class Run:
             store = compute_datapoint_vectors(m0, pairs, vec_dir, layers=layers, shard_size=cfg.shard_size,
                                               batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
                                               prompt_sharing=cfg.prompt_sharing, progress=self.progress,
-                                              resume=False)
+                                              resume=False, response_tokens=cfg.response_tokens)
             bv = compute_behaviour_vectors(m0, triples, layers=layers, max_length=cfg.max_length,
-                                           progress=self.progress)
+                                           progress=self.progress, response_tokens=cfg.response_tokens)
         save_behaviour_vectors(bv, self.out / "behaviour")
         shared = meter.wall_s
         # token counts for the FLOPs estimate (not timed: bookkeeping only)
         prompts = [p.prompt for p in pairs] * 2 + [t.prompt for t in triples] * 2
         responses = ([p.chosen for p in pairs] + [p.rejected for p in pairs] + [t.r1 for t in triples]
                      + [t.r0 for t in triples])
-        n_tokens = sum(len(tf.input_ids) for tf in build_teacher_forcing(m0, prompts, responses, cfg.max_length))
+        n_tokens = sum(len(tf.input_ids) for tf in build_teacher_forcing(m0, prompts, responses, cfg.max_length,
+                                                                          cfg.response_tokens))
         meter.add_forward(n_tokens, passes=len(responses))
         meter.add_note(f"datapoint + behaviour vectors through layers 0..{deepest} ({shared:.1f} s), then cosine")
         for method in ("probe", "bank"):

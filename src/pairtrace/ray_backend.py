@@ -213,6 +213,7 @@ class ShardWorker:
             tensors = compute_shard_tensors(
                 self.loaded, pairs, self.manifest.layers, max_length=self.manifest.settings.get("max_length", 2048),
                 store_dtype=STORE_DTYPES[self.manifest.dtype], settings=self.settings,
+                response_tokens=self.manifest.settings.get("response_tokens"),
             )
             write_shard(self.out_dir, index, tensors)
             done.append(index)
@@ -249,6 +250,7 @@ def compute_datapoint_vectors_ray(
     inline_ids_max: int | None = None,
     options: RayOptions | None = None,
     progress: bool = True,
+    response_tokens: int | None = None,
 ) -> VectorStore:
     """:func:`pairtrace.vectors.compute_datapoint_vectors` with the shards computed by a pool of Ray actors.
 
@@ -269,6 +271,7 @@ def compute_datapoint_vectors_ray(
         inline_ids_max: Above this many pairs the ids live only in ``pairs.parquet`` (default as the local path).
         options: Cluster, pool size and resources per actor.
         progress: Show a progress bar over shards.
+        response_tokens: Average each response's first this many tokens only (``None``: all).
 
     Returns:
         The complete store.
@@ -302,7 +305,7 @@ def compute_datapoint_vectors_ray(
         manifest = prepare_datapoint_store(
             shell, as_pair_source(pairs), out_dir, layers=layers, shard_size=shard_size, max_length=max_length,
             resume=resume, dtype=dtype, inline_ids_max=INLINE_IDS_MAX if inline_ids_max is None else inline_ids_max,
-            settings=settings, on_pair=stager.add,
+            settings=settings, on_pair=stager.add, response_tokens=response_tokens,
         )
         stager.flush()
     except ManifestMismatchError:

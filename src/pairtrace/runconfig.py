@@ -107,10 +107,20 @@ class AttributionSection:
     prompt_sharing: str = field(default="auto", metadata={"help": "auto | always | never: encode prompts once."})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence in tokens."})
     shard_size: int = field(default=1024, metadata={"help": "Pairs per vector shard."})
+    response_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Pool each response mean over its first N tokens (datapoint vectors, behaviour vectors "
+                  "and discovery alike); None: every response token, the paper's mean. See docs/discovery.md."},
+    )
     gradient: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "GradientConfig fields of the gradient (LESS) baseline."}
     )
     random_seed: int = field(default=0, metadata={"help": "Seed of the random ranking."})
+
+    def __post_init__(self) -> None:
+        from pairtrace.models import check_response_tokens
+
+        check_response_tokens(self.response_tokens)
 
 
 @dataclass
@@ -210,14 +220,24 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str, extra: Any = None) -> str:
-        """SHA-256 of some sections: identifies a stage's inputs for caching."""
+        """SHA-256 of some sections: identifies a stage's inputs for caching.
+
+        Fields added to a section after runs were made (:data:`ADDED_FIELDS`) count only when they differ from
+        their default, so a finished run stays cached across the upgrade.
+        """
         data = self.to_dict()
+        for section, name, default in ADDED_FIELDS:
+            if isinstance(data.get(section), dict) and data[section].get(name, default) == default:
+                data[section].pop(name, None)
         picked = {n: data[n] for n in names}
         picked["_extra"] = extra
         return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (("attribution", "response_tokens", None),)
+"""(section, field, default) of fields left out of stage keys while at their default."""
 
 
 def _build_section(cls: type, raw: Any, name: str) -> Any:
