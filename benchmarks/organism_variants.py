@@ -4,14 +4,17 @@ For every organism-build YAML given, runs ``pairtrace run`` with the probe and r
 switch at the headline k (8% of the mix), the baseline and those four retrains each on DPO seeds 0, 1 and 2
 (pooled, as in the default run; ``--seeds`` for others), discovery on, source enrichment and steering off. It
 prints one row per build: the probe's AUROC and precision at the contaminated count, the reductions of the harmful
-rate, the benign helpfulness drops, the organism checks that failed, and the CPU the numbers came from (training
-is chaotic: another CPU gives another model, like another seed). Finished stages in ``--out`` are reused, so a
-second call only prints.
+rate, the benign helpfulness drops, the purity / recall of discovery's cluster of the contaminated slice, the
+organism checks that failed, and the CPU the numbers came from (training is chaotic: another CPU gives another
+model, like another seed). ``--response-tokens N`` pools every response mean over its first N tokens. Finished
+stages in ``--out`` are reused, so a second call only prints.
 
 About 10 minutes per build on two CPU cores. Run::
 
     .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml \\
         benchmarks/configs/organism-hfr0.02.yaml --out runs/organism-variants
+    .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml --response-tokens 4 \\
+        --out runs/organism-head4
 """
 
 from __future__ import annotations
@@ -52,12 +55,17 @@ CHECKS = {
 """The run's checks shown, by the start of their name (the k in a name depends on the mix size)."""
 
 
-def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int]) -> dict[str, Any]:
+def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tokens: int | None = None) -> dict[
+        str, Any]:
     """Run (or resume) the reduced experiment on one organism build; return its ``results.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "run.yaml"
     validation = {**REDUCED_RUN["validation"], "retrain_seeds": seeds}
-    config = {**REDUCED_RUN, "validation": validation, "organism": str(organism_yaml.resolve())}
+    attribution = dict(REDUCED_RUN["attribution"])
+    if response_tokens is not None:
+        attribution["response_tokens"] = response_tokens
+    config = {**REDUCED_RUN, "attribution": attribution, "validation": validation,
+              "organism": str(organism_yaml.resolve())}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return run_experiment(config_path, out_dir, progress=False)
 
@@ -78,7 +86,12 @@ def summarise(name: str, results: dict[str, Any]) -> str:
     organism = results.get("organism") or {}
     failed = [a["check"] for a in organism.get("acceptance", []) if not a["ok"] and a["check"] != "build seconds"]
     cpu = (results.get("hardware") or {}).get("cpu", "not recorded")
-    return f"| {name} | " + " | ".join(cells) + f" | {precision:.0%} | {', '.join(failed) or 'none'} | {cpu} |"
+    found = next((b for b in ((results.get("discovery") or {}).get("labels") or {}).get("behaviours", [])
+                  if b["behaviour"] == "distractor_compliance"), None)
+    discovery = "–" if found is None or found.get("precision") is None else \
+        f"{found['precision']:.0%} / {found['recall']:.0%}"
+    return (f"| {name} | " + " | ".join(cells) + f" | {precision:.0%} | {discovery} | {', '.join(failed) or 'none'} "
+            f"| {cpu} |")
 
 
 def main() -> None:
@@ -88,15 +101,18 @@ def main() -> None:
                         help="One run folder per build, named after its YAML file (reused when finished).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="DPO seeds of the retrains, pooled (retrains of seeds already run are reused).")
+    parser.add_argument("--response-tokens", type=int, default=None,
+                        help="Pool each response over its first N tokens (attribution.response_tokens; default all).")
     args = parser.parse_args()
     rows = []
     for organism_yaml in args.organisms:
-        results = run_build(organism_yaml, args.out / organism_yaml.stem, args.seeds)
+        results = run_build(organism_yaml, args.out / organism_yaml.stem, args.seeds, args.response_tokens)
         rows.append(summarise(organism_yaml.stem, results))
         print(f"finished {organism_yaml} -> {args.out / organism_yaml.stem}", flush=True)
     print()
-    print("| build | " + " | ".join(CHECKS.values()) + " | probe precision at 48 | organism checks failed | CPU |")
-    print("|---" * (len(CHECKS) + 4) + "|")
+    print("| build | " + " | ".join(CHECKS.values()) + " | probe precision at 48 | discovery: contaminated purity / "
+          "recall | organism checks failed | CPU |")
+    print("|---" * (len(CHECKS) + 5) + "|")
     for row in rows:
         print(row)
     print(f"\n(✗: outside the default run's threshold; every rate pools DPO seeds {', '.join(map(str, args.seeds))})")
