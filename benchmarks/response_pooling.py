@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.metrics import roc_auc_score
 
+from discovery_grid import best_cluster  # same folder: the script's directory is on sys.path
 from pairtrace.activations import compute_means_from_teacher_forced
 from pairtrace.data.pairs import load_pairs
 from pairtrace.models import TeacherForced, build_teacher_forcing, load_model
@@ -43,13 +43,6 @@ def keep_head(items: list[TeacherForced], n_tokens: int | None) -> list[TeacherF
         end = min(it.response_end, it.response_start + n_tokens)
         out.append(replace(it, input_ids=it.input_ids[:end], response_end=end))
     return out
-
-
-def best_cluster(clusters: np.ndarray, members: np.ndarray) -> tuple[float, float, int]:
-    """(purity, recall, size) of the cluster holding most of ``members``."""
-    cluster, hits = Counter(clusters[members]).most_common(1)[0]
-    size = int((clusters == cluster).sum())
-    return hits / size, hits / int(members.sum()), size
 
 
 def main() -> None:

@@ -257,7 +257,7 @@ def check_behaviour_matches_store(store, behaviour) -> None:
         if a is not None and b is not None and a != b:
             problems.append(f"template {key}: datapoint vectors {a!r} vs behaviour vectors {b!r}")
     # response means pooled over different parts of the responses live in different spaces (absent = all tokens)
-    store_head = (getattr(store.manifest, "settings", None) or {}).get("response_tokens")
+    store_head = getattr(store.manifest, "response_tokens", None)
     beh_head = (beh_meta.get("settings") or {}).get("response_tokens")
     if store_head != beh_head:
         problems.append(f"response_tokens (tokens pooled per response; None = all): datapoint vectors "

@@ -881,7 +881,7 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
         raise DataError("M0 and M1 answered every prompt identically: there is no behaviour difference to discover")
     behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
         loaded, prompts, layer, batch_tokens=config.batch_tokens, max_length=config.max_length, progress=progress,
-        response_tokens=(store.manifest.settings or {}).get("response_tokens"))
+        response_tokens=store.manifest.response_tokens)
     _, ok = unit_rows(behaviour)
     if not bool(ok.all()):
         keep = ok.numpy()

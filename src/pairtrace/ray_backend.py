@@ -213,7 +213,7 @@ class ShardWorker:
             tensors = compute_shard_tensors(
                 self.loaded, pairs, self.manifest.layers, max_length=self.manifest.settings.get("max_length", 2048),
                 store_dtype=STORE_DTYPES[self.manifest.dtype], settings=self.settings,
-                response_tokens=self.manifest.settings.get("response_tokens"),
+                response_tokens=self.manifest.response_tokens,
             )
             write_shard(self.out_dir, index, tensors)
             done.append(index)

@@ -93,6 +93,11 @@ class Manifest:
             return int(self.n_rows or 0)
         return len(self.ids)
 
+    @property
+    def response_tokens(self) -> int | None:
+        """Tokens pooled per response mean (``None``: every response token; stores made before the option)."""
+        return (self.settings or {}).get("response_tokens")
+
     def shard_range(self, index: int) -> tuple[int, int]:
         """Row range ``[start, end)`` of shard ``index``."""
         start = index * self.shard_size

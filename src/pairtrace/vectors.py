@@ -387,7 +387,7 @@ def extract_datapoint_shards(
                 continue
             tensors = compute_shard_tensors(
                 loaded, chunk, layers, max_length=manifest.settings.get("max_length", 2048),
-                store_dtype=store_dtype, settings=settings, response_tokens=manifest.settings.get("response_tokens"),
+                store_dtype=store_dtype, settings=settings, response_tokens=manifest.response_tokens,
             )
             write_shard(out_dir, index, tensors)
             written.append(index)
