@@ -38,7 +38,8 @@ REDUCED_RUN: dict[str, Any] = {
     "validation": {"headline_fraction": 0.08, "sweep_fractions": [0.08], "actions": ["filter", "switch"],
                    "headline_methods": ["probe", "random"], "sweep_methods": ["probe"], "source_ablation": False,
                    "parallel_retrains": 2, "recipe": {}, "retrain_seeds": [0, 1, 2], "seed_scope": "headline"},
-    "extras": {"discover": True, "sources": False, "steer": False},
+    "extras": {"discover": True, "discover_options": {"also_response_tokens": [4]}, "sources": False,
+               "steer": False},
 }
 """The run config of every build, apart from its ``organism`` section (the checks of the default run that these
 retrains cover: AUROC, probe and random reductions, helpfulness)."""
@@ -62,9 +63,11 @@ def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tok
     config_path = out_dir / "run.yaml"
     validation = {**REDUCED_RUN["validation"], "retrain_seeds": seeds}
     attribution = dict(REDUCED_RUN["attribution"])
+    extras = dict(REDUCED_RUN["extras"])
     if response_tokens is not None:
         attribution["response_tokens"] = response_tokens
-    config = {**REDUCED_RUN, "attribution": attribution, "validation": validation,
+        extras["discover_options"] = {"also_response_tokens": [None]}  # the second view: every token
+    config = {**REDUCED_RUN, "attribution": attribution, "validation": validation, "extras": extras,
               "organism": str(organism_yaml.resolve())}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return run_experiment(config_path, out_dir, progress=False)
@@ -86,12 +89,24 @@ def summarise(name: str, results: dict[str, Any]) -> str:
     organism = results.get("organism") or {}
     failed = [a["check"] for a in organism.get("acceptance", []) if not a["ok"] and a["check"] != "build seconds"]
     cpu = (results.get("hardware") or {}).get("cpu", "not recorded")
-    found = next((b for b in ((results.get("discovery") or {}).get("labels") or {}).get("behaviours", [])
-                  if b["behaviour"] == "distractor_compliance"), None)
-    discovery = "–" if found is None or found.get("precision") is None else \
-        f"{found['precision']:.0%} / {found['recall']:.0%}"
+    discovery = " | ".join(best_discovery_cluster(results.get("discovery") or {}, b)
+                           for b in ("distractor_compliance", "sign_off"))
     return (f"| {name} | " + " | ".join(cells) + f" | {precision:.0%} | {discovery} | {', '.join(failed) or 'none'} "
             f"| {cpu} |")
+
+
+def best_discovery_cluster(discovery: dict[str, Any], behaviour: str) -> str:
+    """Purity / recall of a planted behaviour's best cluster over discovery's views (by the smaller of the two)."""
+    found = []
+    for view in [discovery, *(discovery.get("views") or [])]:
+        for b in (view.get("labels") or {}).get("behaviours", []):
+            if b["behaviour"] == behaviour and b.get("precision") is not None:
+                tokens = view.get("response_tokens")
+                found.append((min(b["precision"], b["recall"]), b, "all" if tokens is None else f"first {tokens}"))
+    if not found:
+        return "–"
+    _, b, view = max(found, key=lambda f: f[0])
+    return f"{b['precision']:.0%} / {b['recall']:.0%} ({view})"
 
 
 def main() -> None:
@@ -111,8 +126,8 @@ def main() -> None:
         print(f"finished {organism_yaml} -> {args.out / organism_yaml.stem}", flush=True)
     print()
     print("| build | " + " | ".join(CHECKS.values()) + " | probe precision at 48 | discovery: contaminated purity / "
-          "recall | organism checks failed | CPU |")
-    print("|---" * (len(CHECKS) + 5) + "|")
+          "recall (view) | discovery: sign-off purity / recall (view) | organism checks failed | CPU |")
+    print("|---" * (len(CHECKS) + 6) + "|")
     for row in rows:
         print(row)
     print(f"\n(✗: outside the default run's threshold; every rate pools DPO seeds {', '.join(map(str, args.seeds))})")

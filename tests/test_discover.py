@@ -155,7 +155,7 @@ def test_cluster_features_finds_separated_blobs_and_handles_small_inputs():
     from sklearn.metrics import adjusted_rand_score
 
     for method in ("ward", "average"):
-        for auto_k in ("gap", "calinski_harabasz", "silhouette"):
+        for auto_k in ("stability", "gap", "calinski_harabasz", "silhouette"):
             result = cluster_features(x, method=method, auto_k=auto_k, max_clusters=6)
             assert result.n_clusters == 3 and result.criterion == auto_k
             assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
@@ -202,6 +202,15 @@ def test_discover_clusters_block_means_and_input_checks():
 
 
 def test_config_validation():
+    with pytest.raises(ConfigError, match="response_tokens"):
+        DiscoverConfig(also_response_tokens=[0])
+    with pytest.raises(ConfigError, match="repeated"):
+        DiscoverConfig(also_response_tokens=[4, 4])
+    with pytest.raises(ConfigError, match="min_cluster_size"):
+        DiscoverConfig(min_cluster_size=0)
+    with pytest.raises(ConfigError, match="auto_k"):
+        DiscoverConfig(auto_k="elbow")
+    assert DiscoverConfig(also_response_tokens=[None, 4]).also_response_tokens == [None, 4]
     with pytest.raises(ConfigError, match="linkage"):
         DiscoverConfig(linkage="single")
     with pytest.raises(ConfigError, match="not both"):
@@ -323,7 +332,7 @@ def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, 
 
     out = tmp_path / "discover"
     summary = run_discover(tiny_model_dir, tmp_path / "vectors", tmp_path / "m0.jsonl", tmp_path / "m1.jsonl",
-                           tmp_path / "pairs.jsonl", out, DiscoverConfig(), progress=False,
+                           tmp_path / "pairs.jsonl", out, DiscoverConfig(also_response_tokens=[2]), progress=False,
                            labels_path=tmp_path / "labels.jsonl")
     assert summary["prompts"]["n_kept"] == 6 and summary["prompts"]["n_same"] == 1
     assert summary["n_columns"] == 20 and summary["layer"] == 3
@@ -344,3 +353,20 @@ def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, 
     assert len(matrix) == 6 * 20 and set(matrix.columns) == {"prompt_id", "pair_id", "cosine"}
     assert np.load(out / "col_linkage.npy", allow_pickle=False).shape == (19, 4)
     assert json.loads((out / "summary.json").read_text())["n_columns"] == 20
+    # a second view: the same prompts and columns, every response mean over its first 2 tokens
+    (view,) = summary["views"]
+    assert view["name"] == "first-2-tokens" and view["response_tokens"] == 2 and summary["response_tokens"] is None
+    view_dir = out / view["dir"]
+    from pairtrace.store import VectorStore
+
+    view_store = VectorStore.open(view_dir / "vectors")
+    assert view_store.manifest.response_tokens == 2 and set(view_store.ids) == set(matrix["pair_id"])
+    wide = matrix.pivot(index="prompt_id", columns="pair_id", values="cosine")
+    view_wide = pd.read_parquet(view_dir / "matrix.parquet").pivot(index="prompt_id", columns="pair_id",
+                                                                    values="cosine")
+    assert not np.allclose(view_wide, wide.loc[view_wide.index, view_wide.columns])  # another pooling, other cosines
+    assert json.loads((view_dir / "summary.json").read_text())["n_columns"] == view["n_columns"] <= 20
+    view_recall = {b["behaviour"]: b for b in view["labels"]["behaviours"]}
+    assert view_recall["comply"]["recall"] == 1.0  # "Sure" against "I'm sorry": decided at the first tokens
+    for name in ("matrix.parquet", "col_linkage.npy", "heatmap.png", "pairs.parquet"):
+        assert (view_dir / name).is_file(), name

@@ -70,8 +70,15 @@ def results_json() -> dict:
 
 
 def planted_discovery(out: Path) -> None:
-    """A real (model-free) discovery of planted vectors, written where the report looks for it."""
-    rng = np.random.default_rng(0)
+    """A real (model-free) discovery of planted vectors, written where the report looks for it, with one view."""
+    summary = planted_view(out, seed=0)
+    summary["views"] = [{**planted_view(out / "views" / "first-2-tokens", seed=1), "name": "first-2-tokens",
+                         "dir": "views/first-2-tokens", "response_tokens": 2}]
+    (out / "summary.json").write_text(json.dumps(summary))
+
+
+def planted_view(out: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
     dirs = rng.normal(size=(2, 32))
     behaviour = torch.tensor(np.repeat(dirs, 3, axis=0) + 0.1 * rng.normal(size=(6, 32)), dtype=torch.float32)
     x = torch.tensor(np.repeat(dirs, 8, axis=0) + 0.5 * rng.normal(size=(16, 32)), dtype=torch.float32)
@@ -79,13 +86,13 @@ def planted_discovery(out: Path) -> None:
     config = DiscoverConfig(n_clusters=2)
     found = discover_clusters(prompts, behaviour, [f"p{j}" for j in range(16)], x, config)
     files = save_discovery(found, out, {}, np.arange(16), config)
-    summary = {"prompts": {"n_prompts": 8, "n_kept": 6}, "n_columns": 16, "n_pairs_total": 16,
-               "pair_clustering": {"features": "profile", "n_clusters": 2, "criterion": "fixed", "silhouette": 0.4},
-               **summarise_clusters(found, {}, config), "files": files,
-               "labels": {"clusters": [{"cluster": 1, "dominant": "comply", "purity": 1.0}],
-                          "behaviours": [{"behaviour": "comply", "n_total": 8, "n_in_matrix": 8, "best_cluster": 1,
-                                          "recall": 1.0, "precision": 1.0}]}}
-    (out / "summary.json").write_text(json.dumps(summary))
+    return {"prompts": {"n_prompts": 8, "n_kept": 6}, "n_columns": 16, "n_pairs_total": 16,
+            "response_tokens": None,
+            "pair_clustering": {"features": "profile", "n_clusters": 2, "criterion": "fixed", "silhouette": 0.4},
+            **summarise_clusters(found, {}, config), "files": files,
+            "labels": {"clusters": [{"cluster": 1, "dominant": "comply", "purity": 1.0}],
+                       "behaviours": [{"behaviour": "comply", "n_total": 8, "n_in_matrix": 8, "best_cluster": 1,
+                                       "recall": 1.0, "precision": 1.0}]}}
 
 
 @pytest.fixture
@@ -125,7 +132,9 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//|file:)""", html)
     assert not re.search(r"url\(", html)
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
-    assert len(images) == 6  # headline, sweep, ROC, heatmap, sources, steering (redrawn from steer.json)
+    assert len(images) == 7  # headline, sweep, ROC, two heatmaps, sources, steering (redrawn from steer.json)
+    assert "View: response means over every token" in html
+    assert "View: response means over the first 2 tokens" in html
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
@@ -202,5 +211,5 @@ def test_report_renders_in_headless_chromium_without_console_errors(full_run, tm
     assert messages == []
     assert section_ids(dom) == set(ALL_SECTIONS)
     assert "Harmful rate after intervention (k = 60)" in dom
-    assert dom.count("data:image/png;base64,") == 6
+    assert dom.count("data:image/png;base64,") == 7
 

@@ -621,6 +621,10 @@ def discover(
     linkage: str = typer.Option("ward", help="ward (on L2-normalised profiles) | average (cosine distance)."),
     n_clusters: int = typer.Option(None, help="Fixed number of pair clusters (default: automatic)."),
     top_k_per_prompt: int = typer.Option(None, help="Score only the union of each prompt's top-K pairs."),
+    auto_k: str = typer.Option("stability", help="Automatic cut: stability (a height per branch) | gap | "
+                                                 "calinski_harabasz | silhouette."),
+    also_response_tokens: list[str] = typer.Option(
+        None, help="A further view per value: response means over the first N tokens ('all': every token)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
     config: Path = ConfigOpt,
 ) -> None:
@@ -632,9 +636,28 @@ def discover(
     summary = run_discover(opts["m0"], opts["vectors_dir"], opts["generations_m0"], opts["generations_m1"],
                            opts["pairs"], opts["out"],
                            DiscoverConfig(linkage=opts["linkage"], n_clusters=opts["n_clusters"],
-                                          top_k_per_prompt=opts["top_k_per_prompt"]),
+                                          top_k_per_prompt=opts["top_k_per_prompt"], auto_k=opts["auto_k"],
+                                          also_response_tokens=parse_response_token_views(
+                                              opts["also_response_tokens"] or [])),
                            labels_path=opts["labels"])
     console.print(f"[green]wrote[/] {opts['out']}: {len(summary.get('pair_clusters', []))} pair clusters")
+    for view in summary.get("views", []):
+        console.print(f"  view {view['name']}: {len(view.get('pair_clusters', []))} pair clusters "
+                      f"({opts['out']}/{view['dir']})")
+
+
+def parse_response_token_views(values: list[Any]) -> list[int | None]:
+    """``["all", "4"]`` → ``[None, 4]`` (ints and None pass through, from a YAML config)."""
+    out: list[int | None] = []
+    for value in values:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("all", "none", "null")):
+            out.append(None)
+            continue
+        try:
+            out.append(int(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--also-response-tokens: {value!r} is neither a number of tokens nor 'all'") from None
+    return out
 
 
 @app.command(

@@ -46,12 +46,13 @@ from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.records import iter_jsonl
+from pairtrace.tree_cut import compute_stability_cut
 
 logger = logging.getLogger(__name__)
 
 LINKAGES = ("ward", "average")
 PAIR_FEATURES = ("profile", "vector")
-AUTO_K = ("gap", "calinski_harabasz", "silhouette")
+AUTO_K = ("stability", "gap", "calinski_harabasz", "silhouette")
 UNPLANTED = ("(none)", "clean", "none", "")
 """Behaviour labels that mean "no planted behaviour" (never scored for recall)."""
 _REQUIRED_GENERATION_FIELDS = ("id", "prompt", "response")
@@ -64,14 +65,17 @@ class DiscoverConfig:
     linkage: str = field(default="ward", metadata={
         "help": "ward: Ward linkage on L2-normalised features; average: average linkage on cosine distance."})
     n_clusters: int | None = field(default=None, metadata={
-        "help": "Clusters of pairs and of behaviour vectors; default: chosen by silhouette."})
+        "help": "Clusters of pairs and of behaviour vectors; default: chosen automatically (auto_k)."})
     distance_threshold: float | None = field(default=None, metadata={
         "help": "Cut the dendrograms at this linkage height instead of a cluster count."})
     max_clusters: int = field(default=10, metadata={
-        "help": "Automatic choice: the k in 2..max_clusters with the best auto_k score."})
-    auto_k: str = field(default="gap", metadata={
-        "help": "Automatic choice of k: gap (largest jump between merge heights; default), calinski_harabasz "
+        "help": "auto_k gap, calinski_harabasz, silhouette: the k in 2..max_clusters with the best score."})
+    auto_k: str = field(default="stability", metadata={
+        "help": "Automatic cut: stability (default: each branch of the tree cut at its own height, see "
+                "pairtrace.tree_cut), gap (one cut at the largest jump between merge heights), calinski_harabasz "
                 "or silhouette."})
+    min_cluster_size: int | None = field(default=None, metadata={
+        "help": "auto_k=stability: smallest cluster; default 1% of the items, at least 2 and at most 10."})
     top_k_per_prompt: int | None = field(default=None, metadata={
         "help": "Keep the union of each prompt's top-K pairs as columns; default: all pairs (see max_columns)."})
     max_columns: int = field(default=5000, metadata={
@@ -80,6 +84,11 @@ class DiscoverConfig:
         "help": "profile: each pair's cosines across behaviour vectors; vector: the datapoint vectors."})
     layer: int | None = field(default=None, metadata={
         "help": "Layer; default: the vector store's layer (the model's default layer if the store has several)."})
+    also_response_tokens: list[int | None] = field(default_factory=list, metadata={
+        "help": "Further views: discover again with every response mean over its first N tokens, once per N "
+                "(null: every token), on the same prompts and the first view's columns; their datapoint vectors "
+                "are extracted anew (views/<name>/vectors). Head pooling sees what a response decides at its "
+                "start (refuse or comply), the full mean what it adds later (a sign-off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the silhouette subsample and the heatmap subsample."})
     heatmap_max_columns: int = field(default=400, metadata={
         "help": "Columns drawn in the heatmap (a stratified subsample, in dendrogram order, beyond this)."})
@@ -101,6 +110,17 @@ class DiscoverConfig:
             raise ConfigError("DiscoverConfig: give n_clusters or distance_threshold, not both")
         if self.n_clusters is not None and self.n_clusters < 1:
             raise ConfigError(f"DiscoverConfig field 'n_clusters': must be at least 1, got {self.n_clusters}")
+        from pairtrace.models import check_response_tokens
+
+        self.also_response_tokens = list(self.also_response_tokens or [])
+        for tokens in self.also_response_tokens:
+            check_response_tokens(tokens)
+        if len(set(self.also_response_tokens)) != len(self.also_response_tokens):
+            raise ConfigError(f"DiscoverConfig field 'also_response_tokens': repeated values in "
+                              f"{self.also_response_tokens}")
+        if self.min_cluster_size is not None and self.min_cluster_size < 1:
+            raise ConfigError(f"DiscoverConfig field 'min_cluster_size': must be at least 1, got "
+                              f"{self.min_cluster_size}")
         if self.max_clusters < 2:
             raise ConfigError(f"DiscoverConfig field 'max_clusters': must be at least 2, got {self.max_clusters}")
         if self.top_k_per_prompt is not None and self.top_k_per_prompt < 1:
@@ -246,10 +266,11 @@ class Clustering:
         linkage: SciPy linkage matrix ``[n-1, 4]`` (``None`` for fewer than two items).
         labels: Cluster per item, ``1..n_clusters``.
         n_clusters: Number of clusters.
-        criterion: ``"fixed"``, ``"distance_threshold"``, ``"gap"``, ``"calinski_harabasz"``, ``"silhouette"``
-            or ``"trivial"``.
+        criterion: ``"fixed"``, ``"distance_threshold"``, ``"stability"``, ``"gap"``, ``"calinski_harabasz"``,
+            ``"silhouette"`` or ``"trivial"``.
         silhouette: Silhouette score of the chosen cut (``None`` for a single cluster), reported in every case.
-        scores: Score of each candidate k (automatic choice only).
+        scores: Score of each candidate k (automatic choice only; for the stability cut, the chosen k's total
+            stability).
     """
 
     linkage: np.ndarray | None
@@ -275,10 +296,14 @@ def _cosine_distance(units: np.ndarray) -> np.ndarray:
 
 def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None = None,
                      distance_threshold: float | None = None, max_clusters: int = 10, seed: int = 0,
-                     auto_k: str = "gap", silhouette_sample: int = 3000) -> Clustering:
+                     auto_k: str = "stability", silhouette_sample: int = 3000,
+                     min_cluster_size: int | None = None) -> Clustering:
     """Hierarchical clustering of rows, with a fixed, thresholded or automatically chosen number of clusters.
 
-    The automatic choice considers every k in ``2..max_clusters`` and keeps the k with the best score:
+    ``auto_k="stability"`` cuts each branch of the tree at its own height (:mod:`pairtrace.tree_cut`): the
+    disjoint subtrees of at least ``min_cluster_size`` items that are tightest inside and farthest from the
+    rest, weighted by size; items in smaller groups join the cluster with the nearest centroid. It does not use
+    ``max_clusters``. The other rules consider every k in ``2..max_clusters`` and keep the k with the best score:
 
     - ``gap`` (default): the largest relative jump between consecutive merge heights, (h_{n-k+1} + δ) /
       (h_{n-k} + δ) with δ = 1% of the top merge height: cut where merging further would join groups that are
@@ -293,8 +318,9 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         distance_threshold: Cut height (``fcluster`` criterion ``distance``).
         max_clusters: Largest k tried by the automatic choice.
         seed: Seed of the silhouette subsample.
-        auto_k: ``gap``, ``calinski_harabasz`` or ``silhouette``.
+        auto_k: ``stability``, ``gap``, ``calinski_harabasz`` or ``silhouette``.
         silhouette_sample: Largest number of items the silhouette score is computed on.
+        min_cluster_size: Smallest cluster of the stability cut; default :func:`default_min_cluster_size`.
 
     Returns:
         The clustering (labels ``1..K`` in order of first appearance along the dendrogram's leaves).
@@ -318,6 +344,14 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         labels, criterion = fcluster(z, t=distance_threshold, criterion="distance"), "distance_threshold"
     elif n < 3:
         labels, criterion = np.ones(n, dtype=np.int64), "trivial"
+    elif auto_k == "stability":
+        size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
+        labels, total = compute_stability_cut(z, size)
+        if labels.max() < 1:
+            labels, criterion = np.ones(n, dtype=np.int64), "trivial"
+        else:
+            labels, criterion = _assign_to_nearest_centroid(units, labels), "stability"
+            scores[len(np.unique(labels))] = total
     else:
         best = None
         for k in range(2, min(max_clusters, n - 1) + 1):
@@ -339,6 +373,24 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
     k = len(np.unique(labels))
     sil = _silhouette(units, dist, labels, silhouette_sample, seed) if 1 < k < n else None
     return Clustering(z, labels, k, criterion, sil, scores)
+
+
+def default_min_cluster_size(n: int) -> int:
+    """Smallest cluster of the stability cut for ``n`` items: 1% of them, at least 2 and at most 10."""
+    return int(min(10, max(2, math.ceil(0.01 * n))))
+
+
+def _assign_to_nearest_centroid(units: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Give each item labelled 0 the label of the cluster whose mean unit feature is nearest (cosine)."""
+    orphans = labels == 0
+    if not orphans.any():
+        return labels
+    ids = np.unique(labels[~orphans])
+    centroids = np.stack([units[labels == c].mean(axis=0) for c in ids])  # [K, f]
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    out = labels.copy()
+    out[orphans] = ids[np.argmax(units[orphans] @ centroids.T, axis=1)]
+    return out
 
 
 def _height_gap(heights: np.ndarray, k: int) -> float:
@@ -548,7 +600,8 @@ def discover_clusters(prompts: Sequence[PromptResponses], behaviour: torch.Tenso
     sim = compute_similarity(behaviour, datapoints)  # [P, C]
     options = {"method": config.linkage, "n_clusters": config.n_clusters,
                "distance_threshold": config.distance_threshold, "max_clusters": config.max_clusters,
-               "seed": config.seed, "auto_k": config.auto_k}
+               "seed": config.seed, "auto_k": config.auto_k,
+               "min_cluster_size": config.min_cluster_size}
     rows = cluster_features(behaviour.numpy(), **options)
     pair_features = sim.T if config.cluster_pairs_on == "profile" else datapoints.numpy()
     columns = cluster_features(pair_features, **options)
@@ -853,7 +906,7 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
     from pairtrace.data.pairs import load_pairs
     from pairtrace.models import load_model
     from pairtrace.store import VectorStore, check_compatible
-    from pairtrace.vectors import build_expected
+    from pairtrace.vectors import build_expected, compute_datapoint_vectors
 
     config = config or DiscoverConfig()
     started = time.perf_counter()
@@ -879,9 +932,77 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
     logger.info("%d of %d prompts answered differently by M0 and M1", counts["n_kept"], counts["n_prompts"])
     if not prompts:
         raise DataError("M0 and M1 answered every prompt identically: there is no behaviour difference to discover")
+    labels = load_labels(labels_path) if labels_path is not None else None
+    out = Path(out_dir)
+    summary: dict[str, Any] = {
+        "kind": "discover",
+        "layer": layer,
+        "model": dict(loaded.identity),
+        "vectors": str(vectors_dir),
+        "pairs": str(pairs_path),
+        "generations": {"m0": str(generations_m0), "m1": str(generations_m1)},
+        "config": asdict(config),
+        **discover_view(loaded, store, layer, prompts, counts, pairs_by_id, out, config, labels=labels,
+                        progress=progress),
+        "pairtrace_version": __version__,
+    }
+    if labels_path is not None:
+        summary["labels"] = {"path": str(labels_path), **summary["labels"]}
+    columns = [str(pid) for pid in pd.read_parquet(out / "pairs.parquet", columns=["pair_id"])["pair_id"]]
+    views = []
+    for tokens in config.also_response_tokens:
+        if tokens == store.manifest.response_tokens:
+            continue
+        view_dir = out / "views" / view_name(tokens)
+        logger.info("view %s: datapoint vectors of the %d columns pooled over %s", view_name(tokens),
+                    len(columns), "every response token" if tokens is None else f"the first {tokens} tokens")
+        view_store = compute_datapoint_vectors(
+            loaded, [pairs_by_id[pid] for pid in columns], view_dir / "vectors", layers=[layer],
+            batch_tokens=config.batch_tokens, max_length=config.max_length, resume=False, progress=progress,
+            response_tokens=tokens)
+        view = {"name": view_name(tokens), "response_tokens": tokens, "dir": str(view_dir.relative_to(out)),
+                **discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
+                                labels=labels, progress=progress)}
+        (view_dir / "summary.json").write_text(json.dumps(_json_safe(view), indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
+        views.append(view)
+    summary["views"] = views
+    summary["wall_s"] = round(time.perf_counter() - started, 3)
+    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False),
+                                      encoding="utf-8")
+    return _json_safe(summary)
+
+
+def view_name(response_tokens: int | None) -> str:
+    """Directory name of a discovery view: ``all-tokens`` or ``first-N-tokens``."""
+    return "all-tokens" if response_tokens is None else f"first-{response_tokens}-tokens"
+
+
+def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses], counts: dict[str, int],
+                  pairs_by_id: dict[str, Any], out_dir: Path, config: DiscoverConfig, *,
+                  labels: pd.DataFrame | None = None, progress: bool = True) -> dict[str, Any]:
+    """One discovery on one vector store: behaviour vectors pooled like the store, columns, clusters, files.
+
+    Args:
+        loaded: M0.
+        store: Datapoint vector store (its manifest's response pooling is used for the behaviour vectors too).
+        layer: Layer of the store to use.
+        prompts: Prompts answered differently by M0 and M1.
+        counts: Prompt counts (updated with ``n_zero_behaviour`` when vectors are dropped).
+        pairs_by_id: Pairs by id (texts, sources, models).
+        out_dir: Where the matrix, linkages, parquet files and heatmap go.
+        config: Settings.
+        labels: Optional ground truth, read only for purity and recall.
+        progress: Show progress bars.
+
+    Returns:
+        The view's part of ``summary.json`` (pooling, prompt counts, columns, clusterings, cluster summaries,
+        files, and ``labels`` when given).
+    """
+    pooling = store.manifest.response_tokens
     behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
         loaded, prompts, layer, batch_tokens=config.batch_tokens, max_length=config.max_length, progress=progress,
-        response_tokens=store.manifest.response_tokens)
+        response_tokens=pooling)
     _, ok = unit_rows(behaviour)
     if not bool(ok.all()):
         keep = ok.numpy()
@@ -893,16 +1014,9 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
                                                    config.max_columns)
     pair_ids = [store.ids[r] for r in rows]
     discovery = discover_clusters(prompts, behaviour, pair_ids, datapoints, config)
-    out = Path(out_dir)
-    files = save_discovery(discovery, out, pairs_by_id, rows, config)
-    summary: dict[str, Any] = {
-        "kind": "discover",
-        "layer": layer,
-        "model": dict(loaded.identity),
-        "vectors": str(vectors_dir),
-        "pairs": str(pairs_path),
-        "generations": {"m0": str(generations_m0), "m1": str(generations_m1)},
-        "config": asdict(config),
+    files = save_discovery(discovery, out_dir, pairs_by_id, rows, config)
+    view: dict[str, Any] = {
+        "response_tokens": pooling,
         "prompts": counts,
         "n_pairs_total": store.n,
         "n_columns": len(pair_ids),
@@ -911,14 +1025,10 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
         "pair_clustering": {**_clustering_info(discovery.columns), "features": config.cluster_pairs_on},
         **summarise_clusters(discovery, pairs_by_id, config),
         "files": files,
-        "pairtrace_version": __version__,
     }
-    if labels_path is not None:
-        summary["labels"] = {"path": str(labels_path), **evaluate_clusters(discovery, load_labels(labels_path))}
-    summary["wall_s"] = round(time.perf_counter() - started, 3)
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False),
-                                      encoding="utf-8")
-    return _json_safe(summary)
+    if labels is not None:
+        view["labels"] = evaluate_clusters(discovery, labels)
+    return view
 
 
 def _json_safe(value):

@@ -948,9 +948,35 @@ def render_tables(results: dict[str, Any]) -> str:
             auroc = "n/a" if q["auroc"] is None else f"{q['auroc']:.3f}"
             prec = "n/a" if q["precision_at_contaminated"] is None else f"{q['precision_at_contaminated']:.3f}"
             lines.append(f"| {method} | {auroc} | {prec} |")
+    lines += _discovery_lines(results.get("discovery") or {})
     lines += _source_lines(results.get("sources") or {})
     lines.append("")
     return "\n".join(lines)
+
+
+def _discovery_lines(discovery: dict[str, Any]) -> list[str]:
+    """Markdown of each discovery view's best cluster per planted behaviour (ground truth read after clustering)."""
+    rows = []
+    for view in [discovery, *(discovery.get("views") or [])]:
+        clustering = view.get("pair_clustering") or {}
+        sizes = clustering.get("sizes") or []
+        tokens = view.get("response_tokens")
+        pooling = "every token" if tokens is None else f"first {tokens} tokens"
+        for b in (view.get("labels") or {}).get("behaviours") or []:
+            if not b.get("n_in_matrix"):
+                rows.append(f"| {pooling} | {b['behaviour']} | {b['n_total']} | 0 (no direction) | | | |")
+                continue
+            size = sizes[b["best_cluster"] - 1] if 0 < b["best_cluster"] <= len(sizes) else "?"
+            rows.append(f"| {pooling} | {b['behaviour']} | {b['n_total']} | {b['n_in_matrix']} | "
+                        f"{b['best_cluster']} of {clustering.get('n_clusters', '?')} ({size} pairs) | "
+                        f"{b['precision']:.0%} | {b['recall']:.0%} |")
+    if not rows:
+        return []
+    return ["", "## Discovery against the organism's ground truth", "",
+            "Each view clusters the pairs without labels; the labels are read afterwards. Best cluster: the one "
+            "holding the most pairs of the behaviour; purity: its share of them; recall: the behaviour's share in it.",
+            "", "| view (response means over) | planted behaviour | pairs | in the matrix | best cluster | purity | "
+            "recall |", "|---|---|---|---|---|---|---|", *rows]
 
 
 def _source_lines(sources: dict[str, Any]) -> list[str]:

@@ -429,13 +429,26 @@ def _counts_text(counts: Any, limit: int = 3) -> str:
 
 
 def build_discovery_section(run_dir: Path) -> dict[str, Any] | None:
-    """Heatmap and per-cluster table from ``discover/``."""
+    """Heatmap and per-cluster table from ``discover/``, one block per view (pooling of the response means)."""
     directory = run_dir / "discover"
     summary = _read_json(directory / "summary.json")
-    figure = _file_uri(directory / "heatmap.png")
-    if summary is None and figure is None:
+    if summary is None and _file_uri(directory / "heatmap.png") is None:
         return None
     summary = summary or {}
+    views = [_discovery_view(summary, directory)]
+    for view in summary.get("views") or []:
+        if isinstance(view, dict) and isinstance(view.get("dir"), str):
+            views.append(_discovery_view(view, directory / view["dir"]))
+    return {"views": views, "several": len(views) > 1}
+
+
+def _pooling_text(response_tokens: Any) -> str:
+    if response_tokens is None:
+        return "response means over every token"
+    return f"response means over the first {response_tokens} tokens"
+
+
+def _discovery_view(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
     labels = summary.get("labels") if isinstance(summary.get("labels"), dict) else {}
     by_cluster = {c.get("cluster"): c for c in labels.get("clusters", []) if isinstance(c, dict)}
     clusters = []
@@ -455,12 +468,14 @@ def build_discovery_section(run_dir: Path) -> dict[str, Any] | None:
         })
     prompts = summary.get("prompts") if isinstance(summary.get("prompts"), dict) else {}
     pair_info = summary.get("pair_clustering") if isinstance(summary.get("pair_clustering"), dict) else {}
+    zero = prompts.get("n_zero_behaviour")
     lead = (f"{prompts.get('n_kept', '?')} of {prompts.get('n_prompts', '?')} prompts were answered differently by "
-            f"M0 and M1 and give one behaviour vector each; {summary.get('n_columns', '?')} of "
-            f"{summary.get('n_pairs_total', '?')} pairs are columns; pairs were clustered on their "
-            f"{pair_info.get('features', '?')} into {pair_info.get('n_clusters', '?')} clusters "
-            f"({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}).")
-    return {"lead": lead, "figure": figure, "clusters": clusters, "has_labels": bool(by_cluster),
+            f"M0 and M1 and give one behaviour vector each{f' ({zero} without a direction, dropped)' if zero else ''}"
+            f"; {summary.get('n_columns', '?')} of {summary.get('n_pairs_total', '?')} pairs are columns; pairs "
+            f"were clustered on their {pair_info.get('features', '?')} into {pair_info.get('n_clusters', '?')} "
+            f"clusters ({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}).")
+    return {"title": _pooling_text(summary.get("response_tokens")), "lead": lead,
+            "figure": _file_uri(directory / "heatmap.png"), "clusters": clusters, "has_labels": bool(by_cluster),
             "behaviours": [b for b in labels.get("behaviours", []) if isinstance(b, dict)]}
 
 
