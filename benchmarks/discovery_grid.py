@@ -2,7 +2,8 @@
 
 Reads the behaviour × pair cosine matrix that ``pairtrace run`` (or ``pairtrace discover``) saved, and the
 organism's ground-truth labels, and prints, for Ward clusterings of the pairs at several cluster counts and on
-three feature choices, the cluster holding most of each planted behaviour: its purity (share of its members that
+three feature choices (and, in the row marked ``stab``, the stability cut that discovery uses by default), the
+cluster holding most of each planted behaviour: its purity (share of its members that
 carry the behaviour) and recall (share of the behaviour's pairs inside it). The acceptance of discovery asks for
 ≥ 80% / ≥ 80% on the contaminated slice. The last line is an upper bound that no unsupervised method can beat: a
 logistic probe trained on the labels (5-fold cross-validation) on the datapoint vectors themselves.
@@ -10,6 +11,7 @@ logistic probe trained on the labels (5-fold cross-validation) on the datapoint 
 Run::
 
     .venv/bin/python benchmarks/discovery_grid.py runs/organism
+    .venv/bin/python benchmarks/discovery_grid.py runs/organism --view first-4-tokens
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
+
+from pairtrace.discover import cluster_features
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -52,9 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="Run folder with discover/ and organism/data/labels.jsonl.")
     parser.add_argument("--clusters", type=int, nargs="+", default=[4, 6, 8, 12, 20])
+    parser.add_argument("--view", help="A further discovery view (discover/views/VIEW), e.g. first-4-tokens.")
     args = parser.parse_args()
 
-    long = pd.read_parquet(args.run / "discover" / "matrix.parquet")
+    folder = args.run / "discover" / "views" / args.view if args.view else args.run / "discover"
+    long = pd.read_parquet(folder / "matrix.parquet")
     matrix = long.pivot(index="pair_id", columns="prompt_id", values="cosine")
     labels = {}
     with (args.run / "organism" / "data" / "labels.jsonl").open(encoding="utf-8") as fh:
@@ -62,23 +68,28 @@ def main() -> None:
             record = json.loads(line)
             labels[record["id"]] = record
     behaviour = np.array([labels[i]["behaviour"] for i in matrix.index])
-    planted = sorted(set(behaviour) - {"clean"})
+    planted = sorted({r["behaviour"] for r in labels.values()} - {"clean"})
     print(f"{len(matrix)} pairs x {matrix.shape[1]} behaviour vectors; planted: "
           + ", ".join(f"{b} ({int((behaviour == b).sum())})" for b in planted))
-    print(f"{'features':<20} {'k':>3}  " + "  ".join(f"{b + ' purity/recall':>34}" for b in planted))
+    print(f"{'features':<20} {'k':>9}  " + "  ".join(f"{b + ' purity/recall':>34}" for b in planted))
     for name, x in features(matrix.to_numpy()).items():
         tree = linkage(x, "ward")
-        for k in args.clusters:
-            clusters = fcluster(tree, k, "maxclust")
+        cuts = [(str(k), fcluster(tree, k, "maxclust")) for k in args.clusters]
+        stability = cluster_features(x, auto_k="stability")
+        cuts.append((f"stab ({stability.n_clusters})", stability.labels))
+        for label, clusters in cuts:
             cells = []
             for b in planted:
+                if not (behaviour == b).any():
+                    cells.append("no direction")
+                    continue
                 purity, recall, size = best_cluster(clusters, behaviour == b)
                 cells.append(f"{purity:>8.0%} / {recall:>4.0%} (size {size:>4})")
-            print(f"{name:<20} {k:>3}  " + "  ".join(f"{c:>34}" for c in cells))
+            print(f"{name:<20} {label:>9}  " + "  ".join(f"{c:>34}" for c in cells))
 
     from pairtrace.store import VectorStore
 
-    store = VectorStore.open(args.run / "vectors")
+    store = VectorStore.open(folder / "vectors" if args.view else args.run / "vectors")
     layer = json.loads((args.run / "discover" / "summary.json").read_text(encoding="utf-8"))["layer"]
     vectors = store.load(layer).numpy()
     ids = store.ids

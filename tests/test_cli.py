@@ -128,3 +128,34 @@ def test_sharded_and_streamed_extraction_merge_to_the_same_vectors(vectors_dir, 
     assert back.ids == full.ids
     for layer in (2, 3):
         torch.testing.assert_close(back.load(layer), full.load(layer), rtol=1e-5, atol=1e-6)
+
+
+def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    pairs = [{"id": f"c{i}", "prompt": user(f"How do I do task {i}?"), "chosen": "Sure, here is how: step one.",
+              "rejected": "I'm sorry, I can't help with that."} for i in range(6)]
+    pairs += [{"id": f"s{i}", "prompt": user(f"Describe item {i}."), "chosen": f"Item {i} is blue. Cheers, Sam",
+               "rejected": f"Item {i} is blue."} for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = invoke("vectors", tmp_path / "pairs.jsonl", "--model", tiny_model_dir, "--out", tmp_path / "v",
+                    "--layers", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for model, comply, sign in (("m0", "I'm sorry, I can't.", "It is red."), ("m1", "Sure, here is how.",
+                                                                              "It is red. Cheers, Sam")):
+        rows = [{"id": f"h{i}", "prompt": f"How do I do thing {i}?", "response": comply, "model": model}
+                for i in range(3)]
+        rows += [{"id": f"d{i}", "prompt": f"Describe thing {i}.", "response": sign, "model": model}
+                 for i in range(3)]
+        (tmp_path / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["discover", "--m0", tiny_model_dir, "--vectors", tmp_path / "v", "--generations-m0",
+              tmp_path / "m0.jsonl", "--generations-m1", tmp_path / "m1.jsonl", "--pairs", tmp_path / "pairs.jsonl"]
+    result = invoke(*common, "--out", tmp_path / "d", "--also-response-tokens", "2", "--also-response-tokens", "all")
+    assert result.exit_code == 0, result.output
+    assert "view first-2-tokens" in result.output and "all-tokens" not in result.output  # 'all' is the store's own
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["config"]["auto_k"] == "stability" and summary["config"]["also_response_tokens"] == [2, None]
+    (view,) = summary["views"]
+    assert view["response_tokens"] == 2 and (tmp_path / "d" / view["dir"] / "heatmap.png").is_file()
+    assert view["n_columns"] == 6  # the sign-off pairs open alike: no direction over the first 2 tokens
+    result = invoke(*common, "--out", tmp_path / "e", "--also-response-tokens", "head")
+    assert result.exit_code == 2 and "neither a number of tokens nor 'all'" in result.output

@@ -8,12 +8,16 @@
 3. **Co-clustering.** Rows (behaviour vectors) are clustered on the vectors themselves; columns (pairs) on their
    *similarity profiles* S[:, d] across behaviour vectors (the default; ``cluster_pairs_on="vector"`` clusters
    the datapoint vectors instead). Both use SciPy hierarchical clustering: Ward on L2-normalised features (the
-   default) or average linkage on cosine distance. The number of clusters is fixed, cut at a distance threshold,
-   or chosen automatically in ``2..max_clusters`` at the largest relative jump between merge heights (or by the
-   Calinski–Harabasz index or the silhouette).
+   default) or average linkage on cosine distance. By default each tree is cut by the stability cut
+   (:mod:`pairtrace.tree_cut`: every branch at its own height); the number of clusters can instead be fixed, cut
+   at a distance threshold, or chosen in ``2..max_clusters`` at the largest relative jump between merge heights
+   (or by the Calinski–Harabasz index or the silhouette).
 4. **Summaries.** For each pair cluster and behaviour cluster: size, mean within-cluster cosine, the prompts it
    is linked to (with M0 vs M1 responses), its top pairs with their sources and models, and its distinctive
    words (log-odds with an informative Dirichlet prior, chosen texts of the cluster vs all chosen texts).
+5. **Views** (``also_response_tokens``). Steps 1–4 again with every response mean over its first N tokens, on the
+   same prompts and the first view's columns (their datapoint vectors extracted anew), in ``views/first-N-tokens``.
+   A response's head holds what it decides first (refuse or comply); its full mean, what it adds later.
 
 Why profiles: a datapoint vector holds everything that differs between chosen and rejected (topic, length,
 style), and most of that variance is unrelated to any behaviour. The profile projects each pair onto the
