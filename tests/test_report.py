@@ -135,6 +135,11 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert len(images) == 7  # headline, sweep, ROC, two heatmaps, sources, steering (redrawn from steer.json)
     assert "View: response means over every token" in html
     assert "View: response means over the first 2 tokens" in html
+    from pairtrace.report import build_discovery_section
+
+    section = build_discovery_section(full_run)
+    links = [c["link"] for c in section["views"][0]["clusters"]]
+    assert len(links) == 2 and links == sorted(links, reverse=True)  # strongest link first
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")

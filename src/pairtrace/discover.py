@@ -661,6 +661,7 @@ def summarise_clusters(discovery: Discovery, pairs_by_id: dict[str, Any], config
             "size": len(members),
             "mean_within_similarity": _mean_pairwise_cosine(x_units[members], rng),
             "best_behaviour_cluster": best_rows,
+            "link": round(float(discovery.block_means[best_rows - 1, c - 1]), 4),
             "mean_similarity_to_behaviours": [round(float(v), 4) for v in discovery.block_means[:, c - 1]],
             "top_prompts": [_prompt_entry(discovery.prompts[i], prompt_scores[i], int(rows.labels[i]))
                             for i in top_prompts],

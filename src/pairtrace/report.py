@@ -466,6 +466,8 @@ def _discovery_view(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
             "label_text": (f"{label.get('dominant')} (purity {format_num(label.get('purity'))})"
                            if label.get("dominant") is not None else "–"),
         })
+    # strongest link first: the mean cosine between the cluster's pairs and its closest behaviour cluster
+    clusters.sort(key=lambda c: -c["link"] if isinstance(c.get("link"), int | float) else math.inf)
     prompts = summary.get("prompts") if isinstance(summary.get("prompts"), dict) else {}
     pair_info = summary.get("pair_clustering") if isinstance(summary.get("pair_clustering"), dict) else {}
     zero = prompts.get("n_zero_behaviour")
