@@ -623,6 +623,8 @@ def discover(
     top_k_per_prompt: int = typer.Option(None, help="Score only the union of each prompt's top-K pairs."),
     auto_k: str = typer.Option("stability", help="Automatic cut: stability (a height per branch) | gap | "
                                                  "calinski_harabasz | silhouette."),
+    min_cluster_size: int = typer.Option(None, help="Stability cut: smallest cluster (default: 1% of the items, "
+                                                    "2 to 10)."),
     also_response_tokens: list[str] = typer.Option(
         None, help="A further view per value: response means over the first N tokens ('all': every token)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
@@ -637,6 +639,7 @@ def discover(
                            opts["pairs"], opts["out"],
                            DiscoverConfig(linkage=opts["linkage"], n_clusters=opts["n_clusters"],
                                           top_k_per_prompt=opts["top_k_per_prompt"], auto_k=opts["auto_k"],
+                                          min_cluster_size=opts["min_cluster_size"],
                                           also_response_tokens=parse_response_token_views(
                                               opts["also_response_tokens"] or [])),
                            labels_path=opts["labels"])
