@@ -49,6 +49,7 @@ from scipy.spatial.distance import squareform
 from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.models import check_response_tokens, describe_response_pooling
 from pairtrace.records import iter_jsonl
 from pairtrace.tree_cut import compute_stability_cut
 
@@ -114,8 +115,6 @@ class DiscoverConfig:
             raise ConfigError("DiscoverConfig: give n_clusters or distance_threshold, not both")
         if self.n_clusters is not None and self.n_clusters < 1:
             raise ConfigError(f"DiscoverConfig field 'n_clusters': must be at least 1, got {self.n_clusters}")
-        from pairtrace.models import check_response_tokens
-
         self.also_response_tokens = list(self.also_response_tokens or [])
         for tokens in self.also_response_tokens:
             check_response_tokens(tokens)
@@ -939,6 +938,8 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
         raise DataError("M0 and M1 answered every prompt identically: there is no behaviour difference to discover")
     labels = load_labels(labels_path) if labels_path is not None else None
     out = Path(out_dir)
+    main_view, columns = discover_view(loaded, store, layer, prompts, counts, pairs_by_id, out, config, labels=labels,
+                                       progress=progress)
     summary: dict[str, Any] = {
         "kind": "discover",
         "layer": layer,
@@ -947,35 +948,36 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
         "pairs": str(pairs_path),
         "generations": {"m0": str(generations_m0), "m1": str(generations_m1)},
         "config": asdict(config),
-        **discover_view(loaded, store, layer, prompts, counts, pairs_by_id, out, config, labels=labels,
-                        progress=progress),
+        **main_view,
         "pairtrace_version": __version__,
     }
     if labels_path is not None:
         summary["labels"] = {"path": str(labels_path), **summary["labels"]}
-    columns = [str(pid) for pid in pd.read_parquet(out / "pairs.parquet", columns=["pair_id"])["pair_id"]]
     views = []
     for tokens in config.also_response_tokens:
         if tokens == store.manifest.response_tokens:
             continue
         view_dir = out / "views" / view_name(tokens)
         logger.info("view %s: datapoint vectors of the %d columns pooled over %s", view_name(tokens),
-                    len(columns), "every response token" if tokens is None else f"the first {tokens} tokens")
+                    len(columns), describe_response_pooling(tokens))
         view_store = compute_datapoint_vectors(
             loaded, [pairs_by_id[pid] for pid in columns], view_dir / "vectors", layers=[layer],
             batch_tokens=config.batch_tokens, max_length=config.max_length, resume=False, progress=progress,
             response_tokens=tokens)
-        view = {"name": view_name(tokens), "response_tokens": tokens, "dir": str(view_dir.relative_to(out)),
-                **discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
-                                labels=labels, progress=progress)}
-        (view_dir / "summary.json").write_text(json.dumps(_json_safe(view), indent=2, ensure_ascii=False),
-                                               encoding="utf-8")
-        views.append(view)
+        view, _ = discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
+                                labels=labels, progress=progress)
+        view = {"name": view_name(tokens), "response_tokens": tokens, "dir": str(view_dir.relative_to(out)), **view}
+        views.append(_write_summary(view, view_dir))
     summary["views"] = views
     summary["wall_s"] = round(time.perf_counter() - started, 3)
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False),
-                                      encoding="utf-8")
-    return _json_safe(summary)
+    return _write_summary(summary, out)
+
+
+def _write_summary(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write ``summary.json`` (JSON-safe) into ``out_dir`` and return what was written."""
+    summary = _json_safe(summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    return summary
 
 
 def view_name(response_tokens: int | None) -> str:
@@ -985,7 +987,7 @@ def view_name(response_tokens: int | None) -> str:
 
 def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses], counts: dict[str, int],
                   pairs_by_id: dict[str, Any], out_dir: Path, config: DiscoverConfig, *,
-                  labels: pd.DataFrame | None = None, progress: bool = True) -> dict[str, Any]:
+                  labels: pd.DataFrame | None = None, progress: bool = True) -> tuple[dict[str, Any], list[str]]:
     """One discovery on one vector store: behaviour vectors pooled like the store, columns, clusters, files.
 
     Args:
@@ -1002,7 +1004,7 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
 
     Returns:
         The view's part of ``summary.json`` (pooling, prompt counts, columns, clusterings, cluster summaries,
-        files, and ``labels`` when given).
+        files, and ``labels`` when given), and the ids of its column pairs.
     """
     pooling = store.manifest.response_tokens
     behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
@@ -1033,7 +1035,7 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
     }
     if labels is not None:
         view["labels"] = evaluate_clusters(discovery, labels)
-    return view
+    return view, pair_ids
 
 
 def _json_safe(value):

@@ -437,6 +437,11 @@ def check_response_tokens(response_tokens: int | None) -> None:
         raise ConfigError(f"response_tokens must be a positive number of tokens or None, got {response_tokens!r}")
 
 
+def describe_response_pooling(response_tokens: int | None) -> str:
+    """What a response mean covers, in words: ``every token`` or ``the first N tokens``."""
+    return "every token" if response_tokens is None else f"the first {response_tokens} tokens"
+
+
 def build_teacher_forcing(
     loaded: LoadedModel,
     prompts: Sequence[str | Sequence[Message]],

@@ -956,12 +956,13 @@ def render_tables(results: dict[str, Any]) -> str:
 
 def _discovery_lines(discovery: dict[str, Any]) -> list[str]:
     """Markdown of each discovery view's best cluster per planted behaviour (ground truth read after clustering)."""
+    from pairtrace.models import describe_response_pooling
+
     rows = []
     for view in [discovery, *(discovery.get("views") or [])]:
         clustering = view.get("pair_clustering") or {}
         sizes = clustering.get("sizes") or []
-        tokens = view.get("response_tokens")
-        pooling = "every token" if tokens is None else f"first {tokens} tokens"
+        pooling = describe_response_pooling(view.get("response_tokens"))
         for b in (view.get("labels") or {}).get("behaviours") or []:
             if not b.get("n_in_matrix"):
                 rows.append(f"| {pooling} | {b['behaviour']} | {b['n_total']} | 0 (no direction) | | | |")

@@ -442,12 +442,6 @@ def build_discovery_section(run_dir: Path) -> dict[str, Any] | None:
     return {"views": views, "several": len(views) > 1}
 
 
-def _pooling_text(response_tokens: Any) -> str:
-    if response_tokens is None:
-        return "response means over every token"
-    return f"response means over the first {response_tokens} tokens"
-
-
 def _discovery_view(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
     labels = summary.get("labels") if isinstance(summary.get("labels"), dict) else {}
     by_cluster = {c.get("cluster"): c for c in labels.get("clusters", []) if isinstance(c, dict)}
@@ -476,7 +470,9 @@ def _discovery_view(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
             f"; {summary.get('n_columns', '?')} of {summary.get('n_pairs_total', '?')} pairs are columns; pairs "
             f"were clustered on their {pair_info.get('features', '?')} into {pair_info.get('n_clusters', '?')} "
             f"clusters ({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}).")
-    return {"title": _pooling_text(summary.get("response_tokens")), "lead": lead,
+    from pairtrace.models import describe_response_pooling
+
+    return {"title": f"response means over {describe_response_pooling(summary.get('response_tokens'))}", "lead": lead,
             "figure": _file_uri(directory / "heatmap.png"), "clusters": clusters, "has_labels": bool(by_cluster),
             "behaviours": [b for b in labels.get("behaviours", []) if isinstance(b, dict)]}
 
