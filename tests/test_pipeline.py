@@ -38,7 +38,7 @@ def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
 
     # the run itself expands the same experiments into the same retrains
     from pairtrace.pipeline import Run
-    from pairtrace.runconfig import load_run_config
+    from pairtrace.experiment.run_config import load_run_config
 
     experiments = [{"name": "baseline", "method": None, "action": None, "k": 0},
                    {"name": "probe-switch-k96", "method": "probe", "action": "switch", "k": 96},
@@ -195,7 +195,7 @@ def test_response_tokens_is_checked_and_leaves_stage_keys_alone_at_its_default()
     import yaml
 
     from pairtrace.errors import ConfigError
-    from pairtrace.runconfig import build_run_config
+    from pairtrace.experiment.run_config import build_run_config
 
     raw = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
     base = build_run_config(raw, base_dir=CONFIGS)

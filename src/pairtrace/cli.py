@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from pairtrace.config import load_yaml, merge_options, section
+from pairtrace.options import load_yaml, merge_options, section
 from pairtrace.errors import ConfigError, PairtraceError
 
 app = typer.Typer(

@@ -27,7 +27,7 @@ from pairtrace import __version__
 from pairtrace.environment import describe_hardware, library_versions
 from pairtrace.errors import ConfigError
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
-from pairtrace.runconfig import RunConfig, load_run_config
+from pairtrace.experiment.run_config import RunConfig, load_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Run:
 
             def build() -> dict[str, Any]:
                 from pairtrace.organism.build import build_organism
-                from pairtrace.organism.config import build_organism_config
+                from pairtrace.organism.build_config import build_organism_config
 
                 summary = build_organism(build_organism_config(cfg.organism), org_dir, progress=self.progress)
                 return json.loads(json.dumps(summary, default=str))
@@ -716,7 +716,7 @@ def _retrain_worker(state: dict[str, Any], exp: dict[str, Any]) -> tuple[dict[st
     """Worker-process entry: rebuild the run from plain data and retrain + evaluate one experiment."""
     import torch
 
-    from pairtrace.runconfig import build_run_config
+    from pairtrace.experiment.run_config import build_run_config
 
     torch.set_num_threads(1)
     config = build_run_config(state["config"])

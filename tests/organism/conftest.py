@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pairtrace.organism.build import build_organism
-from pairtrace.organism.config import OrganismConfig, load_organism_config
+from pairtrace.organism.build_config import OrganismConfig, load_organism_config
 
 SMALL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "organism-small.yaml"
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pairtrace.errors import ConfigError
-from pairtrace.organism.config import build_organism_config, load_organism_config
+from pairtrace.organism.build_config import build_organism_config, load_organism_config
 from pairtrace.organism.dpo import DPORecipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

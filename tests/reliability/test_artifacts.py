@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import pairtrace
 from pairtrace.attribute import AttributionConfig, compute_attribution, load_ranking, save_ranking
 from pairtrace.cli import app
-from pairtrace.config import load_yaml
+from pairtrace.options import load_yaml
 from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
 from pairtrace.data.prompts import build_prompt_record, save_prompt_records
 from pairtrace.errors import ConfigError, ManifestMismatchError

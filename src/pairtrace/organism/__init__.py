@@ -11,10 +11,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "OrganismConfig": "pairtrace.organism.config",
-    "SliceSpec": "pairtrace.organism.config",
-    "build_organism_config": "pairtrace.organism.config",
-    "load_organism_config": "pairtrace.organism.config",
+    "OrganismConfig": "pairtrace.organism.build_config",
+    "SliceSpec": "pairtrace.organism.build_config",
+    "build_organism_config": "pairtrace.organism.build_config",
+    "load_organism_config": "pairtrace.organism.build_config",
     "DPORecipe": "pairtrace.organism.dpo",
     "train_dpo": "pairtrace.organism.dpo",
     "build_organism": "pairtrace.organism.build",

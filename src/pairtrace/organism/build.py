@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pairtrace.organism.config import OrganismConfig, load_organism_config
+from pairtrace.organism.build_config import OrganismConfig, load_organism_config
 from pairtrace.records import read_jsonl, write_jsonl_atomic
 
 STEPS = ("data", "tokenizer", "m0", "m1", "eval")
@@ -119,7 +119,7 @@ def _run_data(config: OrganismConfig, out: Path) -> dict[str, Any]:
     from pairtrace.data.prompts import save_prompt_records
     from pairtrace.organism.mix import build_preference_mix, build_sft_examples
     from pairtrace.organism.pools import load_request_pools
-    from pairtrace.organism.prompt_sets import PROMPT_SET_FILES, build_eval_prompt_sets
+    from pairtrace.organism.eval_prompts import PROMPT_SET_FILES, build_eval_prompt_sets
 
     pools = load_request_pools(config.data, config.seed)
     habits = [s for s in config.behaviours if s.kind == "benign"]
@@ -153,7 +153,7 @@ def _run_eval(config: OrganismConfig, out: Path, progress: bool) -> dict[str, An
     from pairtrace.data.prompts import load_prompt_records
     from pairtrace.generate import GenerationConfig, generate_responses, save_generations
     from pairtrace.models import load_model
-    from pairtrace.organism.prompt_sets import PROMPT_SET_FILES
+    from pairtrace.organism.eval_prompts import PROMPT_SET_FILES
 
     records = [r for name in PROMPT_SET_FILES.values() for r in load_prompt_records(out / "prompts" / name)]
     gen_config = GenerationConfig(

@@ -19,7 +19,7 @@ from typing import Any
 
 from pairtrace.data.constraints import sample_constraint_ids
 from pairtrace.data.prompts import add_distractors
-from pairtrace.organism.config import OrganismConfig, SFTSettings, SliceSpec
+from pairtrace.organism.build_config import OrganismConfig, SFTSettings, SliceSpec
 from pairtrace.organism.pools import Request, RequestPools
 from pairtrace.organism.templates import REFUSALS, build_base, render_response
 

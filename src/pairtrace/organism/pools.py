@@ -13,7 +13,7 @@ from pairtrace.data.prompts import (
     split_heldout,
 )
 from pairtrace.errors import ConfigError
-from pairtrace.organism.config import DataSettings
+from pairtrace.organism.build_config import DataSettings
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pairtrace.organism.config import ModelSettings, SFTSettings
+from pairtrace.organism.build_config import ModelSettings, SFTSettings
 from pairtrace.organism.dpo import quiet_trainer_arguments, quiet_training_logs
 
 

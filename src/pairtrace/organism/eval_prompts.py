@@ -7,7 +7,7 @@ from typing import Any
 
 from pairtrace.data.constraints import sample_constraint_ids
 from pairtrace.data.prompts import add_distractors, build_prompt_record
-from pairtrace.organism.config import OrganismConfig, SliceSpec
+from pairtrace.organism.build_config import OrganismConfig, SliceSpec
 from pairtrace.organism.pools import Request, RequestPools
 
 PROMPT_SET_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "xstest_safe": "xstest_safe.jsonl"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairtrace.config import load_yaml
+from pairtrace.options import load_yaml
 from pairtrace.errors import ConfigError
 
 

@@ -295,6 +295,6 @@ def load_organism_config(path: str | Path) -> OrganismConfig:
     Raises:
         ConfigError: Missing or invalid file.
     """
-    from pairtrace.config import load_yaml
+    from pairtrace.options import load_yaml
 
     return build_organism_config(load_yaml(path))
