@@ -587,7 +587,8 @@ def retrain(
     opts = resolve_options(ctx, command_values(locals()), "retrain")
     require(opts, "m0", "pairs", "out")
     from pairtrace.data.pairs import load_pairs, pair_to_record
-    from pairtrace.organism.dpo import DPORecipe, train_dpo
+    from pairtrace.retrain.recipe import DPORecipe
+    from pairtrace.retrain.trl_dpo import train_dpo
     from pairtrace.records import write_jsonl_atomic
 
     recipe = DPORecipe(**{name: opts[name] for name in (

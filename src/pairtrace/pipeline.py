@@ -494,7 +494,8 @@ class Run:
         from pairtrace.data.pairs import pair_to_record
         from pairtrace.evaluate import evaluate_generations
         from pairtrace.intervene import InterventionSpec, run_intervention
-        from pairtrace.organism.dpo import DPORecipe, train_dpo
+        from pairtrace.retrain.recipe import DPORecipe
+        from pairtrace.retrain.trl_dpo import train_dpo
 
         name = exp["name"]
         pairs_source = self.inputs["pairs"]
@@ -1035,7 +1036,7 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
     from pairtrace.discover import DiscoverConfig
     from pairtrace.intervene import ACTIONS
     from pairtrace.models import ModelSpec
-    from pairtrace.organism.dpo import DPORecipe
+    from pairtrace.retrain.recipe import DPORecipe
     from pairtrace.steer import SteerConfig
 
     config = load_run_config(config_path)

@@ -9,7 +9,7 @@ import yaml
 
 from pairtrace.errors import ConfigError
 from pairtrace.organism.build_config import build_organism_config, load_organism_config
-from pairtrace.organism.dpo import DPORecipe
+from pairtrace.retrain.recipe import DPORecipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily, so importing this package stays cheap)::
 
-    from pairtrace.organism import run_build, build_organism, load_organism_config, train_dpo, DPORecipe
+    from pairtrace.organism import run_build, build_organism, load_organism_config
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ _EXPORTS = {
     "SliceSpec": "pairtrace.organism.build_config",
     "build_organism_config": "pairtrace.organism.build_config",
     "load_organism_config": "pairtrace.organism.build_config",
-    "DPORecipe": "pairtrace.organism.dpo",
-    "train_dpo": "pairtrace.organism.dpo",
     "build_organism": "pairtrace.organism.build",
     "run_build": "pairtrace.organism.build",
 }

@@ -44,7 +44,7 @@ ACCEPTANCE = (
 )
 MAX_BUILD_SECONDS = 360
 REF_CACHE_DIR = "cache/ref_logps"
-"""Reference log-probabilities of M0 (see :func:`pairtrace.organism.dpo.train_dpo`); retrains can reuse it."""
+"""Reference log-probabilities of M0 (see :func:`pairtrace.retrain.trl_dpo.train_dpo`); retrains can reuse it."""
 
 
 def _sha256_file(path: Path) -> str:
@@ -264,7 +264,7 @@ def _run_step(step: str, config: OrganismConfig, out: Path, progress: bool) -> d
         return train_sft(examples, out / "tokenizer", out / "m0", config.model, config.sft, config.seed,
                          progress=progress)
     if step == "m1":
-        from pairtrace.organism.dpo import train_dpo
+        from pairtrace.retrain.trl_dpo import train_dpo
 
         return train_dpo(out / "m0", out / "data" / "preference_mix.jsonl", out / "m1", config.dpo,
                          progress=progress, ref_cache_dir=out / REF_CACHE_DIR)

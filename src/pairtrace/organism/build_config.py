@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError
-from pairtrace.organism.dpo import DPORecipe
+from pairtrace.retrain.recipe import DPORecipe
 from pairtrace.organism.templates import DEFAULT_SIGN_OFF, STYLES
 
 SLICE_KINDS = ("clean", "benign", "contaminated")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.organism.build_config import ModelSettings, SFTSettings
-from pairtrace.organism.dpo import quiet_trainer_arguments, quiet_training_logs
+from pairtrace.retrain.trl_dpo import quiet_trainer_arguments, quiet_training_logs
 
 
 def build_olmo2(tokenizer: Any, settings: ModelSettings, seed: int):

@@ -18,56 +18,9 @@ from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.records import iter_jsonl
+from pairtrace.retrain.recipe import LOSS_TYPES, DPORecipe
 
 logger = logging.getLogger(__name__)
-
-LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm"}
-"""Recipe loss name -> TRL loss type. ``dpo_norm`` is TRL's ``sigmoid_norm``: the DPO loss on the *average*
-per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3's ``dpo_norm``)."""
-
-
-@dataclass
-class DPORecipe:
-    """Hyper-parameters of one DPO run."""
-
-    loss_type: str = field(
-        default="sigmoid",
-        metadata={"help": "sigmoid (standard DPO) or dpo_norm (length-normalised log-ratios, TRL sigmoid_norm)."},
-    )
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (deviation penalty from the reference)."})
-    sft_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of an added NLL loss on the chosen responses (TRL loss 'sft', as in RPO); 0 = off."},
-    )
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "Learning-rate schedule (transformers names: linear, cosine, constant...)."}
-    )
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps with linear warm-up."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the pairs."})
-    batch_size: int = field(default=16, metadata={"help": "Pairs per optimisation step."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order (the run is deterministic for it)."})
-    max_length: int = field(default=256, metadata={"help": "Longest prompt + response, in tokens."})
-    precompute_ref_log_probs: bool = field(
-        default=True, metadata={"help": "Compute the reference log-probabilities once before training (faster)."}
-    )
-    group_by_length: bool = field(
-        default=True, metadata={"help": "Batch pairs of similar length together (much less padding on CPU)."}
-    )
-    torch_threads: int | None = field(
-        default=None,
-        metadata={"help": "CPU threads for torch during training (None keeps the process setting; 1 is fastest on "
-                  "a busy shared CPU)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"DPORecipe field 'loss_type': {self.loss_type!r} is not one of {sorted(LOSS_TYPES)}")
-        if self.sft_weight < 0:
-            raise ConfigError("DPORecipe field 'sft_weight' must be >= 0")
-        if self.batch_size < 1 or self.epochs <= 0 or self.learning_rate <= 0 or self.beta <= 0:
-            raise ConfigError("DPORecipe fields 'batch_size', 'epochs', 'learning_rate' and 'beta' must be positive")
-
 
 def _last_assistant(turns: Any, where: str, name: str) -> tuple[list[dict], dict]:
     """Split a message list into (prompt turns, final assistant turn)."""

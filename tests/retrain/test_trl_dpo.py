@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.organism.dpo import DPORecipe, load_dpo_examples, train_dpo
+from pairtrace.retrain.recipe import DPORecipe
+from pairtrace.retrain.trl_dpo import load_dpo_examples, train_dpo
 
 
 def _write(path: Path, records: list) -> Path:

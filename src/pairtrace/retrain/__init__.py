@@ -1,0 +1,1 @@
+"""Retraining from M0: the DPO recipe, the retrainer protocol and its engines."""
