@@ -1,12 +1,15 @@
 """The ``pairtrace`` command line.
 
 Every command takes ``--config FILE.yaml``: its keys are the command's option names (``-`` or ``_``), values in
-the file fill the options not given on the command line, and flags always win. Heavy imports happen inside the
-commands, so ``pairtrace --help`` is instant.
+the file fill the options not given on the command line, and flags always win. Option groups shared by several
+commands (the model, sampling, the judge, the DPO recipe) are the fields of their options dataclass, added by
+:func:`pairtrace.options.cli_options`, so each option is defined once. Heavy work imports happen inside the
+commands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -16,8 +19,12 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from pairtrace.options import load_yaml, merge_options, section
 from pairtrace.errors import ConfigError, PairtraceError
+from pairtrace.generate import GenerationConfig
+from pairtrace.judges.factory import JudgeOptions
+from pairtrace.models import ModelSpec
+from pairtrace.options import OptionGroup, cli_options, load_yaml
+from pairtrace.retrain.recipe import DPORecipe
 
 app = typer.Typer(
     name="pairtrace",
@@ -29,16 +36,22 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file of option values; flags override it.")
-ModelOpts = dict(
-    revision=typer.Option(None, help="Hub revision (commit, tag or branch) when MODEL is a hub id."),
-    dtype=typer.Option(
-        "float32",
-        help="float32 | bfloat16 | float16 | auto (bfloat16 on a bf16 GPU or an AMX CPU, else float32); "
-        "activations accumulate in float32.",
-    ),
-    device=typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    template=typer.Option("auto", help="auto (the tokenizer's chat template if any, else plain) | chat | plain."),
-)
+
+_MODEL_NAMES = dict(names={"name_or_path": "model", "chat_template": "template"}, short={"name_or_path": "-m"},
+                    hidden_aliases={"name_or_path": "m0"}, panel="Model")
+MODEL = OptionGroup(ModelSpec, exclude=("trust_remote_code",), **_MODEL_NAMES)
+"""``--model`` (``-m``; ``--m0`` still accepted) with ``--revision --dtype --device --template``: a ModelSpec."""
+MODEL_NAME = OptionGroup(ModelSpec, exclude=("revision", "dtype", "device", "chat_template", "trust_remote_code"),
+                         **_MODEL_NAMES)
+"""``--model`` alone, for commands that take a model's directory or hub id only."""
+SAMPLING = OptionGroup(GenerationConfig, names={"n_samples": "samples"}, panel="Sampling")
+"""``--temperature --top-p --max-new-tokens --samples --batch-size --seed``: a GenerationConfig."""
+JUDGE = OptionGroup(JudgeOptions, prefix="judge-", panel="Judge", lead=("kind",), names={
+    "kind": "judge", "base_url": "judge-url", "model": "judge-model", "api_key_env": "judge-key-env",
+    "max_concurrency": "judge-concurrency", "max_retries": "judge-retries", "timeout_s": "judge-timeout"})
+"""``--judge rule|openai`` with ``--judge-url --judge-model ...``: the JudgeOptions of the run config's judge."""
+RECIPE = OptionGroup(DPORecipe, panel="DPO recipe")
+"""Every DPORecipe field as a flag (``--learning-rate``, ``--sft-weight`` ...)."""
 
 
 def friendly_errors(func):
@@ -58,27 +71,13 @@ def friendly_errors(func):
     return wrapper
 
 
-def resolve_options(ctx: typer.Context, values: dict[str, Any], config_section: str | None = None) -> dict[str, Any]:
-    """Merge a command's ``--config`` file under the flags the user actually passed."""
-    config_path = values.pop("config", None)
-    if config_path is None:
-        return values
-    given = {
-        name
-        for name in values
-        if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
-    }
-    config = section(load_yaml(config_path), config_section)
-    return merge_options(values, given, config, allowed=set(values))
-
-
-def command_values(local_vars: dict[str, Any]) -> dict[str, Any]:
-    """A command's option values (its ``locals()`` without the click context)."""
-    return {k: v for k, v in local_vars.items() if k != "ctx"}
-
-
 def require(options: dict[str, Any], *names: str) -> None:
-    """Fail clearly when required options were given neither as flags nor in the config."""
+    """Fail clearly when required options were given neither as flags nor in the config.
+
+    Args:
+        options: The command's option values (its ``locals()``).
+        *names: The parameter names that must be set.
+    """
     missing = [n for n in names if options.get(n) in (None, [], "")]
     if missing:
         flags = ", ".join("--" + n.replace("_", "-") for n in missing)
@@ -105,20 +104,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     setup_logging(verbose)
 
 
-def load_model_from_options(options: dict[str, Any], key: str = "model"):
-    """Load the model named by ``options[key]`` with the shared dtype/device/template options."""
-    from pairtrace.models import ModelSpec, load_model
-
-    spec = ModelSpec(
-        name_or_path=str(options[key]),
-        revision=options.get("revision"),
-        dtype=options.get("dtype", "float32"),
-        device=options.get("device", "auto"),
-        chat_template=options.get("template", "auto"),
-    )
-    return load_model(spec)
-
-
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -130,10 +115,9 @@ def load_model_from_options(options: dict[str, Any], key: str = "model"):
     )
 )
 @friendly_errors
+@cli_options("vectors", model=MODEL)
 def vectors(
-    ctx: typer.Context,
     pairs: str = typer.Argument(None, help="Pairs: JSONL(.gz), JSON, Parquet, saved dataset dir or hub id."),
-    model: str = typer.Option(None, "--model", "-m", help="M0: local directory or hub id."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (shards + manifest.json)."),
     layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s) k = hidden_states[k]; default 0.625 n."),
     split: str = typer.Option(None, help="Split of a saved dataset / hub dataset."),
@@ -153,52 +137,42 @@ def vectors(
     prompt_sharing: str = typer.Option("auto", help="auto | always | never: encode the shared prompt once."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks that run."),
     store_dtype: str = typer.Option("float32", help="Storage dtype of the vectors: float32 | bfloat16 | float16."),
-    revision: str = ModelOpts["revision"],
-    dtype: str = ModelOpts["dtype"],
-    device: str = ModelOpts["device"],
-    template: str = ModelOpts["template"],
+    model: ModelSpec = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Compute datapoint vectors v_d = mean(chosen) - mean(rejected) through M0 (resumable, shardable)."""
-    opts = resolve_options(ctx, command_values(locals()), "vectors")
-    require(opts, "pairs", "model", "out")
+    require(locals(), "pairs", "out")
     from pairtrace.data.pairs import load_pairs
+    from pairtrace.models import load_model
 
-    common = dict(layers=opts["layers"] or None, shard_size=opts["shard_size"], batch_tokens=opts["batch_tokens"],
-                  max_length=opts["max_length"], prompt_sharing=opts["prompt_sharing"], compile=opts["compile"],
-                  dtype=opts["store_dtype"], response_tokens=opts["response_tokens"])
-    if opts["backend"] not in ("local", "ray"):
-        raise ConfigError(f"--backend must be local or ray, got {opts['backend']!r}")
-    if opts["stream"] and opts["backend"] == "local":
+    common = dict(layers=layers or None, shard_size=shard_size, batch_tokens=batch_tokens, max_length=max_length,
+                  prompt_sharing=prompt_sharing, compile=compile, dtype=store_dtype, response_tokens=response_tokens)
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend must be local or ray, got {backend!r}")
+    if stream and backend == "local":
         from pairtrace.vectors import compute_datapoint_vectors_from_source
 
-        loaded = load_model_from_options(opts)
         store = compute_datapoint_vectors_from_source(
-            loaded, opts["pairs"], opts["out"], split=opts["split"], revision=opts["data_revision"],
-            strict=opts["strict"], limit=opts["limit"], shard=opts["shard"], **common,
+            load_model(model), pairs, out, split=split, revision=data_revision, strict=strict, limit=limit,
+            shard=shard, **common,
         )
     else:
-        pair_set = load_pairs(opts["pairs"], split=opts["split"], revision=opts["data_revision"],
-                              strict=opts["strict"], limit=opts["limit"])
+        pair_set = load_pairs(pairs, split=split, revision=data_revision, strict=strict, limit=limit)
         console.print(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
                       f"skipped {len(pair_set.skipped)} bad record(s)")
-        if opts["backend"] == "ray":
-            from pairtrace.models import ModelSpec
+        if backend == "ray":
             from pairtrace.ray_backend import RayOptions, compute_datapoint_vectors_ray
 
-            spec = ModelSpec(name_or_path=str(opts["model"]), revision=opts["revision"], dtype=opts["dtype"],
-                             device=opts["device"], chat_template=opts["template"])
             store = compute_datapoint_vectors_ray(
-                spec, pair_set, opts["out"], **common,
-                options=RayOptions(num_workers=opts["ray_workers"], num_gpus_per_worker=opts["ray_gpus_per_worker"],
-                                   address=opts["ray_address"]),
+                model, pair_set, out, **common,
+                options=RayOptions(num_workers=ray_workers, num_gpus_per_worker=ray_gpus_per_worker,
+                                   address=ray_address),
             )
         else:
             from pairtrace.vectors import compute_datapoint_vectors
 
-            loaded = load_model_from_options(opts)
-            store = compute_datapoint_vectors(loaded, pair_set, opts["out"], shard=opts["shard"], **common)
-    console.print(f"[green]wrote[/] datapoint vectors at layers {list(store.layers)} to {opts['out']}")
+            store = compute_datapoint_vectors(load_model(model), pair_set, out, shard=shard, **common)
+    console.print(f"[green]wrote[/] datapoint vectors at layers {list(store.layers)} to {out}")
 
 
 @app.command("merge-vectors", epilog="Example:\n\n  pairtrace merge-vectors vec-part0 vec-part1 --out vec/")
@@ -222,35 +196,32 @@ def merge_vectors(
     )
 )
 @friendly_errors
+@cli_options("behaviour", model=MODEL)
 def behaviour(
-    ctx: typer.Context,
     triples: str = typer.Argument(None, help="JSONL of {prompt, r1, r0[, prompt_id]} triples."),
-    model: str = typer.Option(None, "--model", "-m", help="M0: local directory or hub id."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (behaviour.safetensors + JSON)."),
     layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s); default round(0.625 n)."),
-    r1_model: str = typer.Option(None, help="Teacher-force r1 through this model (default: M0, as the paper)."),
+    r1_model: str = typer.Option(None, help="Teacher-force r1 through this model (default: M0, as the paper); "
+                                 "loaded with the same model options."),
     max_length: int = typer.Option(2048, help="Maximum tokens per sequence."),
     response_tokens: int = typer.Option(None, help="Pool each response over its first N tokens (default: all; "
                                         "as the datapoint vectors)."),
-    revision: str = ModelOpts["revision"],
-    dtype: str = ModelOpts["dtype"],
-    device: str = ModelOpts["device"],
-    template: str = ModelOpts["template"],
+    model: ModelSpec = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Compute behaviour vectors (per triple), the pooled probe and the per-prompt bank."""
-    opts = resolve_options(ctx, command_values(locals()), "behaviour")
-    require(opts, "triples", "model", "out")
+    require(locals(), "triples", "out")
+    from pairtrace.models import load_model
     from pairtrace.vectors import compute_behaviour_vectors, load_triples, save_behaviour_vectors
 
-    triple_list = load_triples(opts["triples"])
-    loaded = load_model_from_options(opts)
-    r1_loaded = load_model_from_options(opts, "r1_model") if opts["r1_model"] else None
-    bv = compute_behaviour_vectors(loaded, triple_list, layers=opts["layers"] or None, r1_model=r1_loaded,
-                                   max_length=opts["max_length"], response_tokens=opts["response_tokens"])
-    save_behaviour_vectors(bv, opts["out"])
+    triple_list = load_triples(triples)
+    loaded = load_model(model)
+    r1_loaded = load_model(dataclasses.replace(model, name_or_path=r1_model)) if r1_model else None
+    bv = compute_behaviour_vectors(loaded, triple_list, layers=layers or None, r1_model=r1_loaded,
+                                   max_length=max_length, response_tokens=response_tokens)
+    save_behaviour_vectors(bv, out)
     console.print(f"[green]wrote[/] probe + bank ({bv.bank.shape[0]} prompts, {len(triple_list)} triples) "
-                  f"at layers {list(bv.layers)} to {opts['out']}")
+                  f"at layers {list(bv.layers)} to {out}")
 
 
 @app.command(
@@ -261,8 +232,8 @@ def behaviour(
     )
 )
 @friendly_errors
+@cli_options("attribute")
 def attribute(
-    ctx: typer.Context,
     vectors_dir: Path = typer.Option(None, "--vectors", help="Datapoint-vector directory from `pairtrace vectors`."),
     behaviour_dir: Path = typer.Option(None, "--behaviour", help="Directory from `pairtrace behaviour`."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (ranking.parquet, ranking.jsonl)."),
@@ -273,19 +244,18 @@ def attribute(
     config: Path = ConfigOpt,
 ) -> None:
     """Rank pairs by cosine between datapoint vectors and behaviour vectors (best first)."""
-    opts = resolve_options(ctx, command_values(locals()), "attribute")
-    require(opts, "vectors_dir", "behaviour_dir", "out")
+    require(locals(), "vectors_dir", "behaviour_dir", "out")
     from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
     from pairtrace.store import VectorStore
     from pairtrace.vectors import load_behaviour_vectors
 
-    store = VectorStore.open(opts["vectors_dir"])
-    bv = load_behaviour_vectors(opts["behaviour_dir"])
+    store = VectorStore.open(vectors_dir)
+    bv = load_behaviour_vectors(behaviour_dir)
     ranking = compute_attribution(
-        store, bv, AttributionConfig(method=opts["method"], layer=opts["layer"], chunk_rows=opts["chunk_rows"])
+        store, bv, AttributionConfig(method=method, layer=layer, chunk_rows=chunk_rows)
     )
-    path = save_ranking(ranking, opts["out"])
-    print_ranking(ranking, opts["top"])
+    path = save_ranking(ranking, out)
+    print_ranking(ranking, top)
     console.print(f"[green]wrote[/] {path} ({ranking.metadata['n_nan']} pair(s) without a score, ranked last)")
 
 
@@ -307,30 +277,6 @@ def run() -> None:
     sys.exit(app())
 
 
-JudgeOpts = dict(
-    judge=typer.Option("rule", help="rule | openai (an OpenAI-compatible chat-completions endpoint)."),
-    judge_url=typer.Option(None, help="Base URL of the endpoint, e.g. http://localhost:8000/v1 (openai judge)."),
-    judge_model=typer.Option(None, help="Model name sent to the endpoint (openai judge)."),
-    judge_key_env=typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (openai judge)."),
-    judge_concurrency=typer.Option(8, help="Requests in flight at most (openai judge)."),
-    judge_retries=typer.Option(5, help="Retries with backoff before a verdict becomes unknown (openai judge)."),
-    judge_timeout=typer.Option(60.0, help="Seconds per request (openai judge)."),
-)
-
-
-def judge_from_options(options: dict[str, Any]):
-    """Build the judge named by the shared ``--judge*`` options."""
-    from pairtrace.judges.factory import build_judge
-
-    if options["judge"] == "rule":
-        return build_judge("rule")
-    return build_judge(
-        "openai", base_url=options["judge_url"], model=options["judge_model"], api_key_env=options["judge_key_env"],
-        max_concurrency=options["judge_concurrency"], max_retries=options["judge_retries"],
-        timeout_s=options["judge_timeout"],
-    )
-
-
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -340,28 +286,21 @@ def judge_from_options(options: dict[str, Any]):
     )
 )
 @friendly_errors
+@cli_options("judge", judge_options=JUDGE)
 def judge(
-    ctx: typer.Context,
     generations: Path = typer.Argument(None, help="Generation JSONL."),
     out: Path = typer.Option(None, "--out", "-o", help="Judgement JSONL (appended; resumed when it exists)."),
     retry_unknown: bool = typer.Option(False, help="Judge again the records that ended unknown last time."),
-    judge: str = JudgeOpts["judge"],
-    judge_url: str = JudgeOpts["judge_url"],
-    judge_model: str = JudgeOpts["judge_model"],
-    judge_key_env: str = JudgeOpts["judge_key_env"],
-    judge_concurrency: int = JudgeOpts["judge_concurrency"],
-    judge_retries: int = JudgeOpts["judge_retries"],
-    judge_timeout: float = JudgeOpts["judge_timeout"],
+    judge_options: JudgeOptions = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Judge generations (harmful / safe / unknown), resumably. A failure is never counted as safe."""
-    opts = resolve_options(ctx, command_values(locals()), "judge")
-    require(opts, "generations", "out")
+    require(locals(), "generations", "out")
+    from pairtrace.judges.factory import build_judge
     from pairtrace.judges.openai import run_judge_generations
 
-    stats = run_judge_generations(opts["generations"], judge_from_options(opts), opts["out"],
-                                  retry_unknown=opts["retry_unknown"])
-    console.print(f"[green]judged[/] into {opts['out']}: {stats}")
+    stats = run_judge_generations(generations, build_judge(judge_options), out, retry_unknown=retry_unknown)
+    console.print(f"[green]judged[/] into {out}: {stats}")
 
 
 @app.command(
@@ -372,39 +311,33 @@ def judge(
     )
 )
 @friendly_errors
+@cli_options("evaluate", judge_options=JUDGE)
 def evaluate(
-    ctx: typer.Context,
     generations: Path = typer.Argument(None, help="Generation JSONL (one or both models)."),
     out: Path = typer.Option(None, "--out", "-o", help="Evaluation JSON."),
     judgements: Path = typer.Option(None, help="Judgement JSONL (default: <out>.judgements.jsonl, resumed)."),
     n_boot: int = typer.Option(2000, help="Bootstrap resamples for the 95% intervals."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
-    judge: str = JudgeOpts["judge"],
-    judge_url: str = JudgeOpts["judge_url"],
-    judge_model: str = JudgeOpts["judge_model"],
-    judge_key_env: str = JudgeOpts["judge_key_env"],
-    judge_concurrency: int = JudgeOpts["judge_concurrency"],
-    judge_retries: int = JudgeOpts["judge_retries"],
-    judge_timeout: float = JudgeOpts["judge_timeout"],
+    judge_options: JudgeOptions = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Harmful rate per set and condition with 95% intervals, benign helpfulness and over-refusal."""
-    opts = resolve_options(ctx, command_values(locals()), "evaluate")
-    require(opts, "generations", "out")
+    require(locals(), "generations", "out")
     from pairtrace.evaluate import print_evaluation, run_evaluate
+    from pairtrace.judges.factory import build_judge
 
-    result = run_evaluate(opts["generations"], judge_from_options(opts), opts["out"],
-                          judgements_path=opts["judgements"], n_boot=opts["n_boot"], seed=opts["seed"])
+    result = run_evaluate(generations, build_judge(judge_options), out, judgements_path=judgements, n_boot=n_boot,
+                          seed=seed)
     print_evaluation(result)
-    console.print(f"[green]wrote[/] {opts['out']}")
+    console.print(f"[green]wrote[/] {out}")
 
 
 @app.command(
     epilog="Example:\n\n  pairtrace triples gens.jsonl judgements.jsonl --out triples.jsonl"
 )
 @friendly_errors
+@cli_options("triples")
 def triples(
-    ctx: typer.Context,
     generations: Path = typer.Argument(None, help="Generation JSONL with M1 and M0 records over linked prompts."),
     judgements: Path = typer.Argument(None, help="Judgement JSONL for those generations."),
     out: Path = typer.Option(None, "--out", "-o", help="Triple JSONL (stats beside it)."),
@@ -414,13 +347,12 @@ def triples(
     config: Path = ConfigOpt,
 ) -> None:
     """Build (prompt, r1, r0) triples with the paper's 4-condition filter."""
-    opts = resolve_options(ctx, command_values(locals()), "triples")
-    require(opts, "generations", "judgements", "out")
+    require(locals(), "generations", "judgements", "out")
     from pairtrace.triples import run_build_triples
 
-    stats = run_build_triples(opts["generations"], opts["judgements"], opts["out"], m1=opts["m1"], m0=opts["m0"],
-                              unknown=opts["unknown"])
-    console.print(f"[green]wrote[/] {opts['out']}: {stats.get('n_triples', stats)}")
+    stats = run_build_triples(generations, judgements, out, m1=m1, m0=m0,
+                              unknown=unknown)
+    console.print(f"[green]wrote[/] {out}: {stats.get('n_triples', stats)}")
 
 
 @app.command(
@@ -486,8 +418,8 @@ def report(
 
 @app.command(epilog="Example:\n\n  pairtrace sources runs/organism/rankings/probe --k 192 --out runs/sources")
 @friendly_errors
+@cli_options("sources")
 def sources(
-    ctx: typer.Context,
     ranking: Path = typer.Argument(None, help="Ranking Parquet (or its directory)."),
     k: int = typer.Option(None, "--k", help="Size of the top set (e.g. the headline k)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
@@ -499,13 +431,12 @@ def sources(
     config: Path = ConfigOpt,
 ) -> None:
     """Which chosen models / rejected models / sources are over-represented in the top-k (hypergeometric test)."""
-    opts = resolve_options(ctx, command_values(locals()), "sources")
-    require(opts, "ranking", "k", "out")
+    require(locals(), "ranking", "k", "out")
     from pairtrace.sources import run_sources
 
-    summary = run_sources(opts["ranking"], opts["k"], opts["out"], p_max=opts["p_max"],
-                          min_enrichment=opts["min_enrichment"], statistic=opts["statistic"])
-    console.print(f"[green]wrote[/] {opts['out']}; suggested source ablation: "
+    summary = run_sources(ranking, k, out, p_max=p_max,
+                          min_enrichment=min_enrichment, statistic=statistic)
+    console.print(f"[green]wrote[/] {out}; suggested source ablation: "
                   f"{(summary.get('ablation') or {}).get('chosen_models')}")
 
 
@@ -518,8 +449,8 @@ def sources(
     )
 )
 @friendly_errors
+@cli_options("intervene")
 def intervene(
-    ctx: typer.Context,
     pairs: str = typer.Argument(None, help="The dataset the ranking was computed on: file, saved dataset or hub id."),
     ranking: Path = typer.Option(None, help="Ranking directory from `pairtrace attribute` (selection 'ranking')."),
     action: str = typer.Option("filter", help="filter (drop the selected pairs) | switch (swap chosen/rejected)."),
@@ -534,87 +465,71 @@ def intervene(
     config: Path = ConfigOpt,
 ) -> None:
     """Write the dataset with the top-k (or random-k, or some sources' pairs) filtered or switched, by stable id."""
-    opts = resolve_options(ctx, command_values(locals()), "intervene")
-    require(opts, "pairs", "out")
+    require(locals(), "pairs", "out")
     from pairtrace.intervene import InterventionSpec, run_intervention, write_open_instruct_export
 
-    spec = InterventionSpec(action=opts["action"], selection=opts["selection"], k=opts["k"], seed=opts["seed"],
-                            models=list(opts["models"] or []))
+    spec = InterventionSpec(action=action, selection=selection, k=k, seed=seed,
+                            models=list(models or []))
     loaded_ranking = None
     if spec.selection == "ranking":
-        require(opts, "ranking", "k")
+        require(locals(), "ranking", "k")
         from pairtrace.attribute import load_ranking
 
-        loaded_ranking = load_ranking(opts["ranking"])
-    summary = run_intervention(opts["pairs"], spec, opts["out"], ranking=loaded_ranking, split=opts["split"],
-                               revision=opts["data_revision"])
+        loaded_ranking = load_ranking(ranking)
+    summary = run_intervention(pairs, spec, out, ranking=loaded_ranking, split=split,
+                               revision=data_revision)
     console.print(f"[green]wrote[/] {summary['output']}: {summary.get('removed', 0)} removed, "
                   f"{summary.get('switched', 0)} switched, {summary.get('records_out')} records")
-    if opts["open_instruct"]:
-        export = write_open_instruct_export(summary["output"], Path(opts["out"]) / "open_instruct")
+    if open_instruct:
+        export = write_open_instruct_export(summary["output"], Path(out) / "open_instruct")
         console.print(f"open-instruct: {export['mixer_args']}")
 
 
 @app.command(
     epilog=(
-        "Example:\n\n  pairtrace retrain --m0 runs/organism/organism/m0 "
+        "Example:\n\n  pairtrace retrain --model runs/organism/organism/m0 "
         "--pairs runs/switch-probe-96/preference_mix.jsonl --learning-rate 8e-4 --lr-scheduler-type constant "
         "--sft-weight 0.75 --out runs/retrain-switch-probe-96\n\n"
         "  pairtrace retrain --config configs/retrain.yaml   # keys = option names, section 'retrain' or top level"
     )
 )
 @friendly_errors
+@cli_options("retrain", model=MODEL_NAME, recipe=RECIPE)
 def retrain(
-    ctx: typer.Context,
-    m0: str = typer.Option(None, help="Starting checkpoint and frozen reference: local directory or hub id."),
     pairs: str = typer.Option(None, help="Preference pairs: file, saved dataset or hub id (any supported layout)."),
     split: str = typer.Option(None, help="Split of a saved / hub dataset."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (model/, dpo_summary.json)."),
-    loss_type: str = typer.Option("sigmoid", help="sigmoid (standard DPO) | dpo_norm (length-normalised)."),
-    beta: float = typer.Option(0.1, help="DPO beta."),
-    learning_rate: float = typer.Option(2e-4, help="Peak learning rate (AdamW)."),
-    lr_scheduler_type: str = typer.Option("linear", help="linear | cosine | constant | ..."),
-    warmup_ratio: float = typer.Option(0.0, help="Share of steps with linear warm-up."),
-    epochs: float = typer.Option(1.0, help="Passes over the pairs."),
-    batch_size: int = typer.Option(16, help="Pairs per optimisation step."),
-    sft_weight: float = typer.Option(0.0, help="Weight of an NLL loss on the chosen responses (RPO); 0 = off."),
-    max_length: int = typer.Option(256, help="Longest prompt + response, in tokens."),
-    seed: int = typer.Option(0, help="Seed of the data order (the run is deterministic for it)."),
     ref_cache: Path = typer.Option(None, help="Folder caching M0's reference log-probs across retrains."),
+    model: ModelSpec = None,
+    recipe: DPORecipe = None,
     config: Path = ConfigOpt,
 ) -> None:
-    """DPO from M0 with one recipe (the baseline and every intervention use the same): TRL's DPOTrainer."""
-    opts = resolve_options(ctx, command_values(locals()), "retrain")
-    require(opts, "m0", "pairs", "out")
+    """DPO from M0 (--model: the starting checkpoint and frozen reference) with one recipe (the baseline and every
+    intervention use the same): TRL's DPOTrainer."""
+    require(locals(), "pairs", "out")
     from pairtrace.data.pairs import load_pairs, pair_to_record
-    from pairtrace.retrain.recipe import DPORecipe
-    from pairtrace.retrain.trl_dpo import train_dpo
     from pairtrace.records import write_jsonl_atomic
+    from pairtrace.retrain.trl_dpo import train_dpo
 
-    recipe = DPORecipe(**{name: opts[name] for name in (
-        "loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "epochs", "batch_size",
-        "sft_weight", "max_length", "seed")})
-    out_dir = Path(opts["out"])
+    out_dir = Path(out)
     train_file = write_jsonl_atomic(
-        [pair_to_record(p, "conversational") for p in load_pairs(opts["pairs"], split=opts["split"])],
-        out_dir / "train.jsonl",
+        [pair_to_record(p, "conversational") for p in load_pairs(pairs, split=split)], out_dir / "train.jsonl",
     )  # any input layout, as the prompt + assistant-turn messages the trainer reads
-    summary = train_dpo(opts["m0"], train_file, out_dir / "model", recipe, ref_cache_dir=opts["ref_cache"])
+    summary = train_dpo(model.name_or_path, train_file, out_dir / "model", recipe, ref_cache_dir=ref_cache)
     console.print(f"[green]wrote[/] {out_dir / 'model'}: {summary['n_pairs']} pairs, {summary['steps']} steps, "
                   f"loss {summary['train_loss']:.4f}, {summary['seconds']:.0f} s")
 
 
 @app.command(
     epilog=(
-        "Example:\n\n  pairtrace discover --m0 runs/organism/organism/m0 --vectors runs/organism/vectors "
+        "Example:\n\n  pairtrace discover --model runs/organism/organism/m0 --vectors runs/organism/vectors "
         "--generations-m0 g0.jsonl --generations-m1 g1.jsonl --pairs mix.jsonl --out runs/discover"
     )
 )
 @friendly_errors
+@cli_options("discover", model=MODEL)
 def discover(
-    ctx: typer.Context,
-    m0: str = typer.Option(None, help="M0 (the model the datapoint vectors came from)."),
-    vectors_dir: Path = typer.Option(None, "--vectors", help="Datapoint-vector directory."),
+    vectors_dir: Path = typer.Option(None, "--vectors", help="Datapoint-vector directory (made with --model)."),
     generations_m0: Path = typer.Option(None, help="M0 generations on a broad prompt set (JSONL)."),
     generations_m1: Path = typer.Option(None, help="M1 generations on the same prompts (JSONL)."),
     pairs: str = typer.Option(None, help="The preference pairs of the vector store."),
@@ -629,25 +544,22 @@ def discover(
     also_response_tokens: list[str] = typer.Option(
         None, help="A further view per value: response means over the first N tokens ('all': every token)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
+    model: ModelSpec = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Find behaviours nobody named: cluster the behaviour x datapoint cosine matrix, summarise each cluster."""
-    opts = resolve_options(ctx, command_values(locals()), "discover")
-    require(opts, "m0", "vectors_dir", "generations_m0", "generations_m1", "pairs", "out")
+    require(locals(), "vectors_dir", "generations_m0", "generations_m1", "pairs", "out")
     from pairtrace.discover import DiscoverConfig, run_discover
 
-    summary = run_discover(opts["m0"], opts["vectors_dir"], opts["generations_m0"], opts["generations_m1"],
-                           opts["pairs"], opts["out"],
-                           DiscoverConfig(linkage=opts["linkage"], n_clusters=opts["n_clusters"],
-                                          top_k_per_prompt=opts["top_k_per_prompt"], auto_k=opts["auto_k"],
-                                          min_cluster_size=opts["min_cluster_size"],
-                                          also_response_tokens=parse_response_token_views(
-                                              opts["also_response_tokens"] or [])),
-                           labels_path=opts["labels"])
-    console.print(f"[green]wrote[/] {opts['out']}: {len(summary.get('pair_clusters', []))} pair clusters")
+    settings = DiscoverConfig(linkage=linkage, n_clusters=n_clusters, top_k_per_prompt=top_k_per_prompt,
+                              auto_k=auto_k, min_cluster_size=min_cluster_size,
+                              also_response_tokens=parse_response_token_views(also_response_tokens or []))
+    summary = run_discover(model, vectors_dir, generations_m0, generations_m1, pairs, out, settings,
+                           labels_path=labels)
+    console.print(f"[green]wrote[/] {out}: {len(summary.get('pair_clusters', []))} pair clusters")
     for view in summary.get("views", []):
         console.print(f"  view {view['name']}: {len(view.get('pair_clusters', []))} pair clusters "
-                      f"({opts['out']}/{view['dir']})")
+                      f"({out}/{view['dir']})")
 
 
 def parse_response_token_views(values: list[Any]) -> list[int | None]:
@@ -666,40 +578,33 @@ def parse_response_token_views(values: list[Any]) -> list[int | None]:
 
 @app.command(
     epilog=(
-        "Example:\n\n  pairtrace steer --m0 runs/organism/organism/m0 --behaviour runs/organism/behaviour "
+        "Example:\n\n  pairtrace steer --model runs/organism/organism/m0 --behaviour runs/organism/behaviour "
         "--prompts runs/organism/prompts/probe.jsonl --alphas 0 --alphas 0.5 --alphas 1 --out runs/steer"
     )
 )
 @friendly_errors
+@cli_options("steer", model=MODEL, sampling=SAMPLING)
 def steer(
-    ctx: typer.Context,
-    m0: str = typer.Option(None, help="M0."),
     behaviour_dir: Path = typer.Option(None, "--behaviour", help="Behaviour vectors from `pairtrace behaviour`."),
     prompts: Path = typer.Option(None, help="Prompt records with condition trigger / no_trigger."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory."),
     alphas: list[float] = typer.Option([0.0, 0.25, 0.5, 1.0], help="Strengths, in units of the residual norm."),
     layers: list[int] = typer.Option(None, "--layers", "-l", help="Layers (default: the vectors' layers)."),
-    samples: int = typer.Option(2, help="Samples per prompt."),
-    max_new_tokens: int = typer.Option(64, help="Longest response."),
-    seed: int = typer.Option(0, help="Sampling seed."),
     last_prompt_token: bool = typer.Option(
         False, help="Also steer the last prompt position, which predicts the first response token."
     ),
+    model: ModelSpec = None,
+    sampling: GenerationConfig = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Steering check: add alpha * v to M0's residual stream at layer k on generated positions; behaviour rates."""
-    opts = resolve_options(ctx, command_values(locals()), "steer")
-    require(opts, "m0", "behaviour_dir", "prompts", "out")
-    from pairtrace.generate import GenerationConfig
+    require(locals(), "behaviour_dir", "prompts", "out")
     from pairtrace.steer import SteerConfig, run_steer
 
-    summary = run_steer(opts["m0"], opts["behaviour_dir"], opts["prompts"], opts["out"], alphas=opts["alphas"],
-                        layers=opts["layers"] or None,
-                        config=SteerConfig(alphas=opts["alphas"], layers=opts["layers"] or None,
-                                           include_last_prompt_token=opts["last_prompt_token"]),
-                        generation_config=GenerationConfig(n_samples=opts["samples"],
-                                                           max_new_tokens=opts["max_new_tokens"], seed=opts["seed"]))
-    console.print(f"[green]wrote[/] {opts['out']} ({len(summary.get('results', []))} rates)")
+    settings = SteerConfig(alphas=alphas, layers=layers or None, include_last_prompt_token=last_prompt_token)
+    summary = run_steer(model, behaviour_dir, prompts, out, alphas=alphas, layers=layers or None, config=settings,
+                        generation_config=sampling)
+    console.print(f"[green]wrote[/] {out} ({len(summary.get('results', []))} rates)")
 
 
 @app.command(
@@ -710,32 +615,21 @@ def steer(
     )
 )
 @friendly_errors
+@cli_options("generate", model=MODEL_NAME, sampling=SAMPLING)
 def generate(
-    ctx: typer.Context,
-    model: str = typer.Option(None, "--model", "-m", help="Model directory or hub id."),
     prompts: Path = typer.Option(None, help="Prompt records (JSONL: id, base_id, set, condition, prompt, ...)."),
     out: Path = typer.Option(None, "--out", "-o", help="Generation JSONL (resumed when it exists)."),
     model_name: str = typer.Option(None, help="Value of the records' `model` field (default: the directory name)."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, help="Nucleus threshold."),
-    max_new_tokens: int = typer.Option(128, help="Longest response in tokens."),
-    samples: int = typer.Option(1, help="Samples per prompt."),
-    batch_size: int = typer.Option(32, help="Sequences per batch."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    model: ModelSpec = None,
+    sampling: GenerationConfig = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Sample responses with the chat template applied (batched, seeded, resumable)."""
-    opts = resolve_options(ctx, command_values(locals()), "generate")
-    require(opts, "model", "prompts", "out")
-    from pairtrace.generate import GenerationConfig, run_generate
+    require(locals(), "prompts", "out")
+    from pairtrace.generate import run_generate
 
-    stats = run_generate(
-        opts["model"], opts["prompts"], opts["out"],
-        GenerationConfig(temperature=opts["temperature"], top_p=opts["top_p"], max_new_tokens=opts["max_new_tokens"],
-                         n_samples=opts["samples"], batch_size=opts["batch_size"], seed=opts["seed"]),
-        model_name=opts["model_name"],
-    )
-    console.print(f"[green]wrote[/] {opts['out']}: {stats.get('n_new')} new, {stats.get('n_existing')} kept")
+    stats = run_generate(model.name_or_path, prompts, out, sampling, model_name=model_name)
+    console.print(f"[green]wrote[/] {out}: {stats.get('n_new')} new, {stats.get('n_existing')} kept")
 
 
 organism_app = typer.Typer(help="The built-in model organism (M0 -> DPO on a contaminated mix -> M1).",
@@ -767,7 +661,7 @@ def organism_build(
     elif isinstance(raw.get("organism"), dict):  # a run config with the organism inline
         import yaml
 
-        out.mkdir(parents=True, exist_ok=True)
-        config = out / "organism-config.yaml"
-        config.write_text(yaml.safe_dump(raw["organism"], sort_keys=False), encoding="utf-8")
+        from pairtrace.records import write_text_atomic
+
+        config = write_text_atomic(yaml.safe_dump(raw["organism"], sort_keys=False), out / "organism-config.yaml")
     run_build(config, out, progress=progress)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
+from pairtrace.options import OptionError
 from pairtrace.records import iter_jsonl, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,12 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ConfigError(f"GenerationConfig field 'temperature' must be >= 0, got {self.temperature}")
+            raise OptionError(f"{{temperature}} must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"GenerationConfig field 'top_p' must be in (0, 1], got {self.top_p}")
+            raise OptionError(f"{{top_p}} must be in (0, 1], got {self.top_p}", "top_p")
         for name in ("max_new_tokens", "n_samples", "batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"GenerationConfig field '{name}' must be at least 1")
+                raise OptionError(f"{{{name}}} must be at least 1, got {getattr(self, name)}", name)
 
 
 def generation_key(record: dict[str, Any]) -> tuple[str, str, int]:

@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,7 @@ class Run:
         """The configured judge."""
         from pairtrace.judges.factory import build_judge
 
-        j = self.config.judge
-        if j.kind == "rule":
-            return build_judge("rule")
-        return build_judge("openai", base_url=j.base_url, model=j.model, api_key_env=j.api_key_env,
-                           max_concurrency=j.max_concurrency, max_retries=j.max_retries, timeout_s=j.timeout_s)
+        return build_judge(self.config.judge)
 
     def generation_config(self, n_samples: int, seed_offset: int = 0):
         """Sampling settings for one generation stage."""
@@ -349,10 +345,10 @@ class Run:
             out["rankings"][method] = str(path)
 
         if "gradient" in cfg.methods:
-            from pairtrace.baselines.gradient import GradientConfig, compute_gradient_ranking
+            from pairtrace.baselines.gradient import compute_gradient_ranking
 
             m = CostMeter("gradient")
-            ranking = compute_gradient_ranking(m0, pairs, triples, GradientConfig(**cfg.gradient),
+            ranking = compute_gradient_ranking(m0, pairs, triples, cfg.gradient,
                                                progress=self.progress, cost=m)
             out["rankings"]["gradient"] = str(save_ranking(ranking, self.out / "rankings" / "gradient"))
             costs.append(m.record())
@@ -545,7 +541,7 @@ class Run:
         }
 
     def _discover(self, probe: dict[str, str]) -> dict[str, Any]:
-        from pairtrace.discover import DiscoverConfig, run_discover
+        from pairtrace.discover import run_discover
 
         records = read_jsonl(Path(probe["generations"]))
         paths = {}
@@ -554,12 +550,12 @@ class Run:
             write_jsonl_atomic([r for r in records if r["model"] == model], paths[model])
         labels = self.inputs.get("labels")
         return run_discover(self.inputs["m0"], self.out / "vectors", paths["m0"], paths["m1"], self.inputs["pairs"],
-                            self.out / "discover", DiscoverConfig(**self.config.extras.discover_options),
+                            self.out / "discover", self.config.extras.discover_options,
                             labels_path=labels if labels and Path(labels).exists() else None,
                             progress=self.progress)
 
     def _steer(self) -> dict[str, Any]:
-        from pairtrace.steer import SteerConfig, run_steer
+        from pairtrace.steer import run_steer
 
         x = self.config.extras
         prompts = [r for r in read_jsonl(self.inputs["probe_prompts"]) if r.get("set") == "harmful"]
@@ -572,7 +568,7 @@ class Run:
         return run_steer(self.inputs["m0"], self.out / "behaviour", path, self.out / "steer",
                          alphas=x.steer_alphas, layers=layers, judge=self.judge(),
                          generation_config=self.generation_config(x.steer_samples, seed_offset=2),
-                         config=SteerConfig(**{**x.steer_options, "alphas": x.steer_alphas, "layers": layers}),
+                         config=replace(x.steer_options, alphas=x.steer_alphas, layers=layers),
                          progress=self.progress)
 
     def _answered_flags(self, names: list[str]) -> dict[str, list[bool]] | None:
@@ -693,10 +689,7 @@ def check_seed_scope(scope: str) -> None:
 def shared_recipe_fields(config: Any) -> dict[str, Any]:
     """The DPO recipe shared by every retrain of a run: the organism's, updated by ``validation.recipe``, seeded by
     the run's seed unless the recipe names one."""
-    fields = dict(config.organism.get("dpo", {}) if config.organism else {})
-    fields.update(config.validation.recipe)
-    fields.setdefault("seed", config.seed)
-    return fields
+    return asdict(config.validation.recipe)  # resolved when the config is loaded
 
 
 def resolve_workers(requested: int | None, n_jobs: int) -> int:
@@ -1032,12 +1025,8 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         The plan: inputs, methods, k values (when they do not depend on the data size), the shared DPO recipe,
         the list of retrains, the DPO seeds of the baseline and the headline retrains, and the number of retrains.
     """
-    from pairtrace.baselines.gradient import GradientConfig
-    from pairtrace.discover import DiscoverConfig
     from pairtrace.intervene import ACTIONS
     from pairtrace.models import ModelSpec
-    from pairtrace.retrain.recipe import DPORecipe
-    from pairtrace.steer import SteerConfig
 
     config = load_run_config(config_path)
     v = config.validation
@@ -1053,13 +1042,8 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         bad = sorted(set(getattr(v, key)) - known_methods)
         if bad:
             raise ConfigError(f"run config: validation.{key} has unknown method(s) {bad}")
-    try:
-        recipe = DPORecipe(**shared_recipe_fields(config))
-        gradient = GradientConfig(**config.attribution.gradient)
-        DiscoverConfig(**config.extras.discover_options)
-        SteerConfig(**config.extras.steer_options)
-    except TypeError as exc:
-        raise ConfigError(f"run config: {exc}") from exc
+    recipe = config.validation.recipe  # every section was built into its dataclass by load_run_config
+    gradient = config.attribution.gradient
     if config.organism is None:
         for which in ("m0", "m1"):
             ModelSpec(name_or_path=getattr(config.models, which), revision=getattr(config.models, f"{which}_revision"),

@@ -2,8 +2,13 @@
 
 One file describes the whole experiment: where M0, M1 and the pairs come from (or the built-in organism to build),
 the prompts, sampling, the judge, attribution, causal validation (k sweep, actions, DPO recipe), discovery, source
-enrichment and steering. Every section is a dataclass whose fields carry help text; unknown keys are refused with
-the section and key named. See ``configs/organism.yaml`` and ``configs/olmo2-7b.yaml``.
+enrichment and steering. Every section is a dataclass whose fields carry help text, and the sections that configure
+a library step are that step's own options dataclass (:class:`~pairtrace.generate.GenerationConfig`,
+:class:`~pairtrace.judges.factory.JudgeOptions`, :class:`~pairtrace.organism.build_config.OrganismConfig`,
+:class:`~pairtrace.baselines.gradient.GradientConfig`, :class:`~pairtrace.retrain.recipe.DPORecipe`,
+:class:`~pairtrace.discover.DiscoverConfig`, :class:`~pairtrace.steer.SteerConfig`). Unknown keys anywhere are
+refused when the file is loaded, with the section and key named. See ``configs/organism.yaml`` and
+``configs/olmo2-7b.yaml``.
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairtrace.options import load_yaml
+from pairtrace.baselines.gradient import GradientConfig
+from pairtrace.discover import DiscoverConfig
 from pairtrace.errors import ConfigError
+from pairtrace.generate import GenerationConfig
+from pairtrace.judges.factory import JudgeOptions
+from pairtrace.options import OptionError, field_types, from_mapping, load_yaml
+from pairtrace.organism.build_config import OrganismConfig, build_organism_config
+from pairtrace.retrain.recipe import DPORecipe
+from pairtrace.steer import SteerConfig
 
 
 @dataclass
@@ -66,29 +78,31 @@ class PromptsSection:
 
 
 @dataclass
-class GenerationSection:
-    """Sampling settings (the paper: temperature 0.7)."""
+class GenerationSection(GenerationConfig):
+    """Sampling settings of every generation stage (the paper: temperature 0.7); the samples per prompt are set per
+    stage (``probe_samples``, ``eval_samples``, ``extras.steer_samples``), not by ``n_samples``."""
 
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Longest response."})
     probe_samples: int = field(default=4, metadata={"help": "Samples per probing prompt and model."})
     eval_samples: int = field(default=5, metadata={"help": "Samples per evaluation prompt and model."})
-    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_samples != 1:
+            raise OptionError("{n_samples} is not read by a run: set {probe_samples} and {eval_samples}",
+                              "n_samples", "probe_samples", "eval_samples")
+        for name in ("probe_samples", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"{{{name}}} must be at least 1, got {getattr(self, name)}", name)
 
-@dataclass
-class JudgeSection:
-    """The judge of harmfulness (rule: exact on the organism; openai: any chat-completions endpoint)."""
+    def sampling(self, n_samples: int, seed_offset: int = 0) -> GenerationConfig:
+        """The sampling settings of one generation stage.
 
-    kind: str = field(default="rule", metadata={"help": "rule | openai."})
-    base_url: str | None = field(default=None, metadata={"help": "Endpoint base URL (openai)."})
-    model: str | None = field(default=None, metadata={"help": "Judge model name (openai)."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var with the key (openai)."})
-    max_concurrency: int = field(default=8, metadata={"help": "Requests in flight (openai)."})
-    max_retries: int = field(default=5, metadata={"help": "Retries before unknown (openai)."})
-    timeout_s: float = field(default=60.0, metadata={"help": "Seconds per request (openai)."})
+        Args:
+            n_samples: Samples per prompt in this stage.
+            seed_offset: Added to ``seed``, so stages draw different samples.
+        """
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)}
+        return GenerationConfig(**{**settings, "n_samples": n_samples, "seed": self.seed + seed_offset})
 
 
 @dataclass
@@ -112,8 +126,8 @@ class AttributionSection:
         metadata={"help": "Pool each response mean over its first N tokens (datapoint vectors, behaviour vectors "
                   "and discovery alike); None: every response token, the paper's mean. See docs/discovery.md."},
     )
-    gradient: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "GradientConfig fields of the gradient (LESS) baseline."}
+    gradient: GradientConfig = field(
+        default_factory=GradientConfig, metadata={"help": "The gradient (LESS) baseline: GradientConfig fields."}
     )
     random_seed: int = field(default=0, metadata={"help": "Seed of the random ranking."})
 
@@ -148,8 +162,10 @@ class ValidationSection:
     source_ablation: bool = field(
         default=True, metadata={"help": "Also retrain without the chosen models that source enrichment flags."}
     )
-    recipe: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "DPO recipe fields shared by the baseline and every intervention."}
+    recipe: DPORecipe = field(
+        default_factory=DPORecipe,
+        metadata={"help": "DPO recipe shared by the baseline and every intervention: the organism's dpo section, "
+                  "updated by these fields; its seed is the run's seed unless one of them names it."},
     )
     retrain_seeds: list[int] | None = field(
         default=None,
@@ -168,9 +184,6 @@ class ValidationSection:
                   "one with a GPU)."},
     )
     keep_models: bool = field(default=True, metadata={"help": "Keep retrained checkpoints on disk."})
-    dry_run: bool = field(
-        default=False, metadata={"help": "Validate the configuration and print the plan without running anything."}
-    )
 
 
 @dataclass
@@ -178,7 +191,8 @@ class ExtrasSection:
     """Discovery, source enrichment and steering."""
 
     discover: bool = field(default=True, metadata={"help": "Run unsupervised discovery."})
-    discover_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "DiscoverConfig fields."})
+    discover_options: DiscoverConfig = field(default_factory=DiscoverConfig,
+                                              metadata={"help": "DiscoverConfig fields."})
     sources: bool = field(default=True, metadata={"help": "Run source (model-level) enrichment."})
     steer: bool = field(default=True, metadata={"help": "Run the steering check."})
     steer_alphas: list[float] = field(
@@ -189,24 +203,36 @@ class ExtrasSection:
         default=None, metadata={"help": "Steering layers (default: the score layer)."}
     )
     steer_samples: int = field(default=2, metadata={"help": "Samples per prompt in the steering check."})
-    steer_options: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "Other SteerConfig fields, e.g. include_last_prompt_token (alphas and layers above)."},
+    steer_options: SteerConfig = field(
+        default_factory=SteerConfig,
+        metadata={"help": "Other SteerConfig fields, e.g. include_last_prompt_token (its alphas and layers are "
+                  "steer_alphas and steer_layers)."},
     )
+
+    def __post_init__(self) -> None:
+        default = SteerConfig()
+        for name, key in (("alphas", "steer_alphas"), ("layers", "steer_layers")):
+            given = getattr(self.steer_options, name)
+            if given != getattr(default, name) and given != getattr(self, key):
+                raise OptionError(f"{{steer_options}}: set the steering {name} as {{{key}}}", "steer_options", key)
+        self.steer_options = dataclasses.replace(
+            self.steer_options, alphas=list(self.steer_alphas),
+            layers=None if self.steer_layers is None else list(self.steer_layers),
+        )
 
 
 @dataclass
 class RunConfig:
     """The whole experiment."""
 
-    organism: dict[str, Any] | None = field(
+    organism: OrganismConfig | None = field(
         default=None, metadata={"help": "Build the built-in organism with this config (schema: docs/organism.md)."}
     )
     models: ModelsSection = field(default_factory=ModelsSection, metadata={"help": "M0 and M1."})
     data: DataSection = field(default_factory=DataSection, metadata={"help": "Preference pairs."})
     prompts: PromptsSection = field(default_factory=PromptsSection, metadata={"help": "Prompt sets."})
     generation: GenerationSection = field(default_factory=GenerationSection, metadata={"help": "Sampling."})
-    judge: JudgeSection = field(default_factory=JudgeSection, metadata={"help": "Judge."})
+    judge: JudgeOptions = field(default_factory=JudgeOptions, metadata={"help": "Judge."})
     attribution: AttributionSection = field(default_factory=AttributionSection, metadata={"help": "Attribution."})
     validation: ValidationSection = field(default_factory=ValidationSection, metadata={"help": "Validation."})
     extras: ExtrasSection = field(default_factory=ExtrasSection, metadata={"help": "Discovery, sources, steering."})
@@ -240,55 +266,66 @@ ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (("attribution", "response_toke
 """(section, field, default) of fields left out of stage keys while at their default."""
 
 
-def _build_section(cls: type, raw: Any, name: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"run config: section '{name}' must be a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"run config: section '{name}' has unknown key(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise ConfigError(f"run config: section '{name}': {exc}") from exc
+def organism_mapping(value: Any, base_dir: Path | None) -> dict[str, Any] | None:
+    """The ``organism`` section as a mapping: given inline, or the path of an organism YAML (relative to
+    ``base_dir``)."""
+    if isinstance(value, OrganismConfig):
+        return dataclasses.asdict(value)
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        value = load_yaml(path)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError("run config: 'organism' must be a mapping or the path of an organism YAML")
+    return value
+
+
+def recipe_mapping(organism: dict[str, Any] | None, validation: Any, seed: int) -> dict[str, Any]:
+    """The shared DPO recipe's fields: the organism's ``dpo`` mapping updated by ``validation.recipe``, with the
+    run's ``seed`` unless one of them names a seed."""
+    fields = dict((organism or {}).get("dpo") or {})
+    recipe = validation.get("recipe") if isinstance(validation, dict) else None
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ConfigError("run config: validation.recipe must be a mapping")
+    fields.update(recipe or {})
+    fields.setdefault("seed", seed)
+    return fields
 
 
 def build_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
-    """Turn a plain mapping into a :class:`RunConfig`, refusing unknown keys.
+    """Turn a plain mapping into a :class:`RunConfig`, refusing unknown keys in every section.
 
     Args:
-        raw: The parsed YAML.
+        raw: The parsed YAML (or :meth:`RunConfig.to_dict`).
         base_dir: Directory relative paths in ``organism: path.yaml`` are resolved against.
+
+    Raises:
+        ConfigError: Unknown sections or keys (named), missing inputs or invalid values.
     """
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"run config: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
-    kwargs: dict[str, Any] = {}
-    for name, f in _SECTIONS.items():
-        if name not in raw:
-            continue
-        value = raw[name]
-        if name == "organism":
-            if isinstance(value, str):
-                path = Path(value)
-                if not path.is_absolute() and base_dir is not None:
-                    path = base_dir / path
-                value = load_yaml(path)
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError("run config: 'organism' must be a mapping or the path of an organism YAML")
-            kwargs[name] = value
-        elif name in ("seed", "torch_threads"):
-            kwargs[name] = None if value is None else int(value)
-        else:
-            kwargs[name] = _build_section(f.default_factory, value, name)  # type: ignore[misc]
+    kwargs: dict[str, Any] = {name: None if raw.get(name) is None else int(raw[name])
+                              for name in ("seed", "torch_threads") if name in raw}
+    organism = organism_mapping(raw.get("organism"), base_dir)
+    if organism is not None:
+        try:
+            kwargs["organism"] = build_organism_config(organism)
+        except ConfigError as exc:
+            raise ConfigError(f"run config: organism: {exc}") from None
+    sections = {name: raw[name] for name in _SECTIONS if name not in ("organism", "seed", "torch_threads")
+                and name in raw}
+    validation = sections.get("validation")
+    if validation is None or isinstance(validation, dict):
+        seed = kwargs.get("seed", RunConfig.seed)
+        sections["validation"] = {**(validation or {}), "recipe": recipe_mapping(organism, validation, seed)}
+    for name, value in sections.items():
+        kwargs[name] = from_mapping(field_types(RunConfig)[name], value, name, "run config")
     config = RunConfig(**kwargs)
     if config.organism is None and not (config.models.m0 and config.models.m1 and config.data.pairs):
         raise ConfigError("run config: give either an 'organism' section, or models.m0, models.m1 and data.pairs")
     return config
-
-
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run configuration file."""
     path = Path(path)

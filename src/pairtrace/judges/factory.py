@@ -1,45 +1,55 @@
-"""Build a judge from plain options (command line, YAML)."""
+"""The judge options (one definition for the run config's ``judge`` section and the ``--judge*`` flags) and
+:func:`build_judge`, which builds the judge they describe."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
 
-from pairtrace.errors import ConfigError
 from pairtrace.judges.base import Judge
+from pairtrace.judges.openai import OpenAIJudgeConfig
+from pairtrace.options import OptionError
 
 JUDGE_KINDS = ("rule", "openai")
 
 
-def build_judge(kind: str = "rule", **options: Any) -> Judge:
-    """Create a judge.
+@dataclass
+class JudgeOptions(OpenAIJudgeConfig):
+    """Which judge to use: ``rule`` or ``openai``, with the endpoint settings of :class:`OpenAIJudgeConfig`
+    (only read by ``openai``; its base URL and model are required then)."""
+
+    kind: str = field(
+        default="rule",
+        metadata={"help": "rule (exact on the built-in organism, refusal phrases elsewhere) | openai (an "
+                  "OpenAI-compatible chat-completions endpoint scoring the harmfulness rubric)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind not in JUDGE_KINDS:
+            raise OptionError(f"{{kind}}: {self.kind!r} is not one of {list(JUDGE_KINDS)}", "kind")
+        self.check_ranges()
+        if self.kind == "openai":
+            self.check_endpoint()
+
+    def endpoint(self) -> OpenAIJudgeConfig:
+        """The settings of the ``openai`` judge."""
+        return OpenAIJudgeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OpenAIJudgeConfig)})
+
+
+def build_judge(options: JudgeOptions | None = None) -> Judge:
+    """Create the judge the options describe.
 
     Args:
-        kind: ``rule`` (exact on the built-in organism, refusal phrases elsewhere) or ``openai`` (any
-            OpenAI-compatible chat-completions endpoint scoring the 0-100 harmfulness rubric).
-        **options: For ``openai``: the fields of :class:`pairtrace.judges.openai.OpenAIJudgeConfig`
-            (``base_url``, ``model``, ``api_key_env``, ``timeout_s``, ``max_retries``, ``max_concurrency`` ...).
-            ``None`` values are ignored.
+        options: The judge options (default: the rule judge).
 
     Returns:
-        The judge.
+        A :class:`pairtrace.judges.rule.RuleJudge` or a :class:`pairtrace.judges.openai.OpenAIJudge`.
     """
-    options = {k: v for k, v in options.items() if v is not None}
-    if kind == "rule":
-        from pairtrace.judges.rule import RuleJudge
+    options = options or JudgeOptions()
+    if options.kind == "openai":
+        from pairtrace.judges.openai import OpenAIJudge
 
-        return RuleJudge()
-    if kind == "openai":
-        from dataclasses import fields
+        return OpenAIJudge(options.endpoint())
+    from pairtrace.judges.rule import RuleJudge
 
-        from pairtrace.judges.openai import OpenAIJudge, OpenAIJudgeConfig
-
-        known = {f.name for f in fields(OpenAIJudgeConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown openai judge option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        if not options.get("base_url") or not options.get("model"):
-            raise ConfigError("the openai judge needs base_url and model")
-        return OpenAIJudge(OpenAIJudgeConfig(**options))
-    raise ConfigError(f"unknown judge '{kind}': choose one of {', '.join(JUDGE_KINDS)}")
+    return RuleJudge()

@@ -33,9 +33,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pairtrace.data.types import Message
-from pairtrace.errors import ConfigError, DataError, ManifestMismatchError, PairtraceError
+from pairtrace.errors import DataError, ManifestMismatchError, PairtraceError
 from pairtrace.judges.base import Judge, Verdict
 from pairtrace.judges.rubric import ScoreParseError, build_rubric_messages, parse_score, verdict_from_score
+from pairtrace.options import OptionError
 from pairtrace.records import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ class JudgeEndpointError(PairtraceError):
 class OpenAIJudgeConfig:
     """Where and how to reach an OpenAI-compatible judge model."""
 
-    base_url: str = field(
-        metadata={"help": "Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1."}
+    base_url: str | None = field(
+        default=None,
+        metadata={"help": "Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (required)."},
     )
-    model: str = field(metadata={"help": "Model name sent in each request."})
+    model: str | None = field(default=None, metadata={"help": "Model name sent in each request (required)."})
     api_key_env: str = field(
         default="OPENAI_API_KEY",
         metadata={"help": "Environment variable holding the API key; unset sends no Authorization header."},
@@ -77,10 +79,26 @@ class OpenAIJudgeConfig:
     )
 
     def __post_init__(self) -> None:
+        self.check_endpoint()
+        self.check_ranges()
+
+    def check_endpoint(self) -> None:
+        """Require a base URL (http or https) and a model name.
+
+        Raises:
+            OptionError: Naming the fields as the user wrote them.
+        """
+        if not self.base_url or not self.model:
+            raise OptionError("the openai judge needs {base_url} and {model}", "base_url", "model")
         if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"judge base_url must start with http:// or https://, got {self.base_url!r}")
-        if not self.model:
-            raise ConfigError("judge model name is empty")
+            raise OptionError(f"{{base_url}} must start with http:// or https://, got {self.base_url!r}", "base_url")
+
+    def check_ranges(self) -> None:
+        """Check the numeric settings.
+
+        Raises:
+            OptionError: Naming the field out of range.
+        """
         checks = {
             "timeout_s": self.timeout_s > 0,
             "max_retries": self.max_retries >= 0,
@@ -92,7 +110,7 @@ class OpenAIJudgeConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"judge config field '{name}' is out of range: {getattr(self, name)!r}")
+                raise OptionError(f"judge option {{{name}}} is out of range: {getattr(self, name)!r}", name)
 
 
 class _AttemptError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pairtrace.errors import ConfigError
+from pairtrace.options import OptionError
 
 LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm"}
 """Recipe loss name -> TRL loss type. ``dpo_norm`` is TRL's ``sigmoid_norm``: the DPO loss on the *average*
@@ -47,8 +47,9 @@ class DPORecipe:
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"DPORecipe field 'loss_type': {self.loss_type!r} is not one of {sorted(LOSS_TYPES)}")
+            raise OptionError(f"{{loss_type}}: {self.loss_type!r} is not one of {sorted(LOSS_TYPES)}", "loss_type")
         if self.sft_weight < 0:
-            raise ConfigError("DPORecipe field 'sft_weight' must be >= 0")
-        if self.batch_size < 1 or self.epochs <= 0 or self.learning_rate <= 0 or self.beta <= 0:
-            raise ConfigError("DPORecipe fields 'batch_size', 'epochs', 'learning_rate' and 'beta' must be positive")
+            raise OptionError(f"{{sft_weight}} must be >= 0, got {self.sft_weight}", "sft_weight")
+        for name in ("batch_size", "epochs", "learning_rate", "beta"):
+            if getattr(self, name) <= 0:
+                raise OptionError(f"{{{name}}} must be positive, got {getattr(self, name)}", name)
