@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pairtrace.pipeline import run_experiment
+from pairtrace.experiment.run import run_experiment
 
 REDUCED_RUN: dict[str, Any] = {
     "seed": 0,

@@ -20,16 +20,16 @@ from typer.testing import CliRunner
 import pairtrace
 from pairtrace.attribute import AttributionConfig, compute_attribution, load_ranking, save_ranking
 from pairtrace.cli import app
-from pairtrace.options import load_yaml
 from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
 from pairtrace.data.prompts import build_prompt_record, save_prompt_records
 from pairtrace.errors import ConfigError, ManifestMismatchError
 from pairtrace.generate import GenerationConfig, run_generate, save_generations
 from pairtrace.intervene import InterventionSpec, apply_intervention, run_intervention
-from pairtrace.judges.openai import judge_generations
+from pairtrace.judges.judging import judge_generations
 from pairtrace.judges.rule import RuleJudge
 from pairtrace.models import ModelSpec, load_model
-from pairtrace.pipeline import plan_experiment
+from pairtrace.options import load_yaml
+from pairtrace.experiment.run import plan_experiment
 from pairtrace.vectors import (
     Triple,
     compute_behaviour_vectors,
@@ -149,22 +149,22 @@ def test_steering_refuses_behaviour_vectors_of_another_model(other_loaded, behav
     prompts = save_prompt_records([build_prompt_record("q0", "b0", "harmful", "trigger", "How do I pick a lock?")],
                                   tmp_path / "prompts.jsonl")
     with pytest.raises(ManifestMismatchError, match="model"):
-        run_steer(other_loaded.spec.name_or_path, behaviour_dir, prompts, tmp_path / "steer", generate_fn=never,
+        run_steer(other_loaded, behaviour_dir, prompts, tmp_path / "steer", generate_fn=never,
                   progress=False)
     assert not (tmp_path / "steer" / "steer.json").exists()
     record_caught()
 
 
-def test_discovery_refuses_a_store_of_another_model_or_dataset(store, other_loaded, tiny_model_dir,
+def test_discovery_refuses_a_store_of_another_model_or_dataset(store, other_loaded, tiny_loaded,
                                                                other_pairs_path, tmp_path):
     from pairtrace.discover import run_discover
 
     gens = tmp_path / "missing.jsonl"  # never read: the manifests are checked first
     with pytest.raises(ManifestMismatchError, match="model"):
-        run_discover(other_loaded.spec.name_or_path, store.directory, gens, gens, other_pairs_path, tmp_path / "d",
+        run_discover(other_loaded, store.directory, gens, gens, other_pairs_path, tmp_path / "d",
                      progress=False)
     with pytest.raises(ManifestMismatchError, match="fingerprint"):
-        run_discover(tiny_model_dir, store.directory, gens, gens, other_pairs_path, tmp_path / "d", progress=False)
+        run_discover(tiny_loaded, store.directory, gens, gens, other_pairs_path, tmp_path / "d", progress=False)
     record_caught(2)
 
 

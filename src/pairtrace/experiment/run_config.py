@@ -14,8 +14,6 @@ refused when the file is loaded, with the section and key named. See ``configs/o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +182,11 @@ class ValidationSection:
                   "one with a GPU)."},
     )
     keep_models: bool = field(default=True, metadata={"help": "Keep retrained checkpoints on disk."})
+    retrain_engine: str = field(
+        default="inprocess",
+        metadata={"help": "Retrain engine (pairtrace.retrain.engines): 'inprocess' runs TRL's DPOTrainer in this "
+                  "process; engines registered with register_retrainer are named here."},
+    )
 
 
 @dataclass
@@ -245,25 +248,9 @@ class RunConfig:
         """Plain-data form (saved as ``config.resolved.json``)."""
         return dataclasses.asdict(self)
 
-    def section_hash(self, *names: str, extra: Any = None) -> str:
-        """SHA-256 of some sections: identifies a stage's inputs for caching.
-
-        Fields added to a section after runs were made (:data:`ADDED_FIELDS`) count only when they differ from
-        their default, so a finished run stays cached across the upgrade.
-        """
-        data = self.to_dict()
-        for section, name, default in ADDED_FIELDS:
-            if isinstance(data.get(section), dict) and data[section].get(name, default) == default:
-                data[section].pop(name, None)
-        picked = {n: data[n] for n in names}
-        picked["_extra"] = extra
-        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
-ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (("attribution", "response_tokens", None),)
-"""(section, field, default) of fields left out of stage keys while at their default."""
 
 
 def organism_mapping(value: Any, base_dir: Path | None) -> dict[str, Any] | None:

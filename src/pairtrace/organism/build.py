@@ -17,17 +17,17 @@ of the steps it depends on; a step whose stamp matches and whose outputs exist i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from pairtrace.organism.build_config import OrganismConfig, load_organism_config
-from pairtrace.records import read_jsonl, write_jsonl_atomic
+from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
+from pairtrace.stage_cache import StageCache, chain_key, file_digest
 
 STEPS = ("data", "tokenizer", "m0", "m1", "eval")
 DATA_FILES = ("data/sft.jsonl", "data/preference_mix.jsonl", "data/labels.jsonl")
@@ -47,79 +47,39 @@ REF_CACHE_DIR = "cache/ref_logps"
 """Reference log-probabilities of M0 (see :func:`pairtrace.retrain.trl_dpo.train_dpo`); retrains can reuse it."""
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def compute_step_key(step: str, config: OrganismConfig, out: Path, keys: dict[str, str]) -> str:
     """The key of one build step: its config sections, the content of its input files and the keys before it.
 
     The tokenizer and M0 depend only on the SFT data, so changing the preference mix retrains M1 only.
     """
-
-    def chain(*parts: str) -> str:
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
     if step == "data":
-        return chain(config.section_hash("data", "sft", "mix", "behaviours"), json.dumps(config.eval.n_xstest))
+        return chain_key(config.section_hash("data", "sft", "mix", "behaviours"), json.dumps(config.eval.n_xstest))
     if step == "tokenizer":
-        return chain(_sha256_file(out / "data" / "sft.jsonl"), config.section_hash("tokenizer"))
+        return chain_key(file_digest(out / "data" / "sft.jsonl"), config.section_hash("tokenizer"))
     if step == "m0":
-        return chain(keys["tokenizer"], config.section_hash("model", "sft"), str(config.torch_threads))
+        return chain_key(keys["tokenizer"], config.section_hash("model", "sft"), str(config.torch_threads))
     if step == "m1":
-        return chain(keys["m0"], _sha256_file(out / "data" / "preference_mix.jsonl"), config.section_hash("dpo"),
-                     str(config.torch_threads))
-    prompts = [_sha256_file(p) for p in sorted((out / "prompts").glob("*.jsonl"))]
-    return chain(keys["m1"], *prompts, config.section_hash("eval"))
+        return chain_key(keys["m0"], file_digest(out / "data" / "preference_mix.jsonl"), config.section_hash("dpo"),
+                         str(config.torch_threads))
+    prompts = [file_digest(p) for p in sorted((out / "prompts").glob("*.jsonl"))]
+    return chain_key(keys["m1"], *prompts, config.section_hash("eval"))
 
 
-class _Steps:
-    """Stamps of finished steps under ``out/.build``."""
-
-    OUTPUTS: ClassVar[dict[str, list[str]]] = {
-        "data": [*DATA_FILES, "prompts/harmful.jsonl", "prompts/benign.jsonl", "prompts/xstest_safe.jsonl"],
-        "tokenizer": ["tokenizer/tokenizer.json"],
-        "m0": ["m0/model.safetensors", "m0/tokenizer.json"],
-        "m1": ["m1/model.safetensors", "m1/tokenizer.json"],
-        "eval": ["eval/generations_m0.jsonl", "eval/generations_m1.jsonl"],
-    }
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.keys: dict[str, str] = {}
-        (out / ".build").mkdir(parents=True, exist_ok=True)
-
-    def _stamp(self, step: str) -> Path:
-        return self.out / ".build" / f"{step}.json"
-
-    def done(self, step: str) -> dict[str, Any] | None:
-        """The stamp of a finished step whose key matches and whose outputs exist, else ``None``."""
-        path = self._stamp(step)
-        if not path.is_file():
-            return None
-        stamp = json.loads(path.read_text())
-        if stamp.get("key") != self.keys[step]:
-            return None
-        if not all((self.out / rel).exists() for rel in self.OUTPUTS[step]):
-            return None
-        return stamp
-
-    def finish(self, step: str, seconds: float, info: dict[str, Any]) -> dict[str, Any]:
-        stamp = {"key": self.keys[step], "seconds": round(seconds, 2), "info": info}
-        self._stamp(step).write_text(json.dumps(stamp, indent=2))
-        return stamp
-
-    def invalidate_from(self, step: str) -> None:
-        """Forget the stamps of ``step`` and every later step."""
-        for later in STEPS[STEPS.index(step) :]:
-            self._stamp(later).unlink(missing_ok=True)
+STEP_OUTPUTS: dict[str, list[str]] = {
+    "data": [*DATA_FILES, "prompts/harmful.jsonl", "prompts/benign.jsonl", "prompts/xstest_safe.jsonl"],
+    "tokenizer": ["tokenizer/tokenizer.json"],
+    "m0": ["m0/model.safetensors", "m0/tokenizer.json"],
+    "m1": ["m1/model.safetensors", "m1/tokenizer.json"],
+    "eval": ["eval/generations_m0.jsonl", "eval/generations_m1.jsonl"],
+}
+"""Files each step leaves; a step whose stamp matches but whose files are gone is built again."""
 
 
 def _run_data(config: OrganismConfig, out: Path) -> dict[str, Any]:
     from pairtrace.data.prompts import save_prompt_records
+    from pairtrace.organism.eval_prompts import PROMPT_SET_FILES, build_eval_prompt_sets
     from pairtrace.organism.mix import build_preference_mix, build_sft_examples
     from pairtrace.organism.pools import load_request_pools
-    from pairtrace.organism.eval_prompts import PROMPT_SET_FILES, build_eval_prompt_sets
 
     pools = load_request_pools(config.data, config.seed)
     habits = [s for s in config.behaviours if s.kind == "benign"]
@@ -218,32 +178,32 @@ def build_organism(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    steps = _Steps(out)
+    cache = StageCache(out / ".build")
     previous_threads = torch.get_num_threads()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     stamps: dict[str, dict[str, Any]] = {}
-    reused: list[str] = []
     try:
         for step in STEPS:
-            steps.keys[step] = compute_step_key(step, config, out, steps.keys)
-            stamp = steps.done(step)
+            key = compute_step_key(step, config, out, cache.keys)
+            outputs = [out / rel for rel in STEP_OUTPUTS[step]]
+            cache.keys[step] = key
+            stamp = cache.lookup(step, key, outputs)
             if stamp is not None:
-                stamps[step] = stamp
-                reused.append(step)
+                cache.reused.append(step)
                 log(f"{step}: up to date, reused")
-                continue
-            steps.invalidate_from(step)
-            log(f"{step}: building")
-            started = time.perf_counter()
-            info = _run_step(step, config, out, progress)
-            stamps[step] = steps.finish(step, time.perf_counter() - started, info)
-            log(f"{step}: done in {stamps[step]['seconds']:.1f} s")
+            else:
+                log(f"{step}: building")
+                started = time.perf_counter()
+                info = _run_step(step, config, out, progress)
+                stamp = cache.record(step, key, time.perf_counter() - started, info)
+                log(f"{step}: done in {stamp['seconds']:.1f} s")
+            stamps[step] = stamp
         # summarised before the thread count is restored, so the environment records the build's own
-        summary = _summarise(config, out, stamps, reused, time.perf_counter() - start_all, load_start)
+        summary = _summarise(config, out, stamps, cache.reused, time.perf_counter() - start_all, load_start)
     finally:
         torch.set_num_threads(previous_threads)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(summary, out / "summary.json")
     return summary
 
 
@@ -294,26 +254,26 @@ def _summarise(
         "seed": config.seed,
         "timings": {
             **{step: stamps[step]["seconds"] for step in STEPS},
-            **{k: v for k, v in stamps["eval"]["info"].items() if k.endswith("_seconds")},
+            **{k: v for k, v in stamps["eval"]["result"].items() if k.endswith("_seconds")},
             "total": round(total, 2),
             "reused_steps": reused,
         },
         "counts": {
-            "sft_examples": stamps["m0"]["info"].get("n_examples"),
+            "sft_examples": stamps["m0"]["result"].get("n_examples"),
             "pairs": n_pairs,
             "contaminated": n_contaminated,
             "contaminated_fraction": round(n_contaminated / n_pairs, 4) if n_pairs else None,
             "slices": dict(sorted(Counter(label["slice"] for label in labels).items())),
             "prompts": {p.stem: len(read_jsonl(p)) for p in prompt_files},
-            "pools": stamps["data"]["info"].get("pools"),
-            "vocab_size": stamps["tokenizer"]["info"].get("vocab_size"),
+            "pools": stamps["data"]["result"].get("pools"),
+            "vocab_size": stamps["tokenizer"]["result"].get("vocab_size"),
         },
         "sha256": {
-            rel: _sha256_file(out / rel)
+            rel: file_digest(out / rel)
             for rel in [*DATA_FILES, *(str(p.relative_to(out)) for p in prompt_files)]
         },
-        "sft": stamps["m0"]["info"],
-        "dpo": stamps["m1"]["info"],
+        "sft": stamps["m0"]["result"],
+        "dpo": stamps["m1"]["result"],
         "rates": rates,
         "acceptance": _acceptance(rates, total),
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},

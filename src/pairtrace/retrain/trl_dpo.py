@@ -12,12 +12,12 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.records import iter_jsonl
+from pairtrace.records import iter_jsonl, write_text_atomic
 from pairtrace.retrain.recipe import LOSS_TYPES, DPORecipe
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,13 @@ class ReferenceCache:
 
     def save(self) -> None:
         """Write the cache atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.values))
-        tmp.replace(self.path)
+        write_text_atomic(json.dumps(self.values), self.path)
+
+
+TESTED_TRL = "1.16.0"
+"""The trl release whose ``DPOTrainer`` internals the hooks below override (pinned in pyproject.toml)."""
+TRAINER_HOOKS = ("_get_train_sampler", "_precompute_ref_logps")
+"""``DPOTrainer`` methods overridden below: private to trl, so checked before use."""
 
 
 def _trainer_class(group_by_length: bool, cache: ReferenceCache | None):
@@ -124,6 +127,13 @@ def _trainer_class(group_by_length: bool, cache: ReferenceCache | None):
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
+
+    missing = [hook for hook in TRAINER_HOOKS if not callable(getattr(DPOTrainer, hook, None))]
+    if missing:
+        import trl
+
+        raise ConfigError(f"trl {trl.__version__}: DPOTrainer has no {missing}; pairtrace's length-grouped sampler "
+                          f"and reference cache need trl {TESTED_TRL} (pip install 'trl~={TESTED_TRL}')")
 
     class PairtraceDPOTrainer(DPOTrainer):
         def _get_train_sampler(self, train_dataset=None):

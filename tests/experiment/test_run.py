@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pairtrace.pipeline import plan_experiment, render_tables
+from pairtrace.experiment.run import plan_experiment
+from pairtrace.experiment.tables import render_tables
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_dry_run_of_the_default_config_plans_the_paper_comparison():
@@ -36,20 +37,20 @@ def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
     with pytest.raises(ConfigError, match="seed_scope"):
         plan_experiment(path)
 
-    # the run itself expands the same experiments into the same retrains
-    from pairtrace.pipeline import Run
+    # the run plans the same retrains once it knows the data size and the flagged chosen models
+    from pairtrace.experiment.plan import build_plan
     from pairtrace.experiment.run_config import load_run_config
 
-    experiments = [{"name": "baseline", "method": None, "action": None, "k": 0},
-                   {"name": "probe-switch-k96", "method": "probe", "action": "switch", "k": 96},
-                   {"name": "probe-switch-k24", "method": "probe", "action": "switch", "k": 24},
-                   {"name": "source-ablation", "method": "sources", "action": "filter", "k": None, "models": ["m"]}]
-    for scope, expected in (("headline", 2 * 3 + 2), ("all", 4 * 3)):
+    config["validation"].update(headline_methods=["probe"], sweep_methods=["probe"], sweep_fractions=[0.02, 0.08])
+    for scope, expected in (("headline", 3 + 2 * 3 + 2 + 1), ("all", 6 * 3)):
         config["validation"]["seed_scope"] = scope
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        run = Run(load_run_config(path), tmp_path / "run", progress=False, write_config=False)
-        units = run._retrain_units(experiments, headline_k=96)
-        assert len(units) == expected and units[0]["name"] == "baseline" and units[1]["name"] == "baseline-seed1"
+        plan = build_plan(load_run_config(path), n_pairs=1200, source_models=("m",))
+        names = [u.name for u in plan.units]
+        assert len(names) == expected and names[:2] == ["baseline", "baseline-seed1"]
+        assert "probe-switch-k96-seed2" in names and "probe-switch-k24" in names
+        assert ("probe-switch-k24-seed1" in names) == (scope == "all")
+    assert not any(e.method == "sources" for e in build_plan(load_run_config(path), 1200, ()).experiments)
 
 
 def test_render_tables_marks_missing_numbers_and_reductions():
@@ -84,7 +85,7 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
     import json
     import time
 
-    from pairtrace.pipeline import run_experiment
+    from pairtrace.experiment.run import run_experiment
 
     out = tmp_path / "quick"
     results = run_experiment(CONFIGS / "organism-quick.yaml", out, progress=False)
@@ -157,7 +158,7 @@ def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path
 
 
 def test_checks_compare_a_run_with_the_paper_figures():
-    from pairtrace.pipeline import compute_checks
+    from pairtrace.experiment.checks import compute_checks
 
     def row(method, action, reduction, benign):
         return {"method": method, "action": action, "k": 8, "reduction": reduction,
@@ -186,31 +187,3 @@ def test_checks_compare_a_run_with_the_paper_figures():
     results["cost"] = []
     names = {c["check"] for c in compute_checks(results)}
     assert not any("AUROC" in n or "gradient" in n or "wall" in n for n in names)
-
-
-def test_response_tokens_is_checked_and_leaves_stage_keys_alone_at_its_default():
-    import dataclasses
-
-    import pytest
-    import yaml
-
-    from pairtrace.errors import ConfigError
-    from pairtrace.experiment.run_config import build_run_config
-
-    raw = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
-    base = build_run_config(raw, base_dir=CONFIGS)
-    assert base.attribution.response_tokens is None
-    # a run made before the field existed hashed the attribution section without it: its stages stay cached
-    data = base.to_dict()
-    data["attribution"].pop("response_tokens")
-    import hashlib
-    import json
-
-    legacy = hashlib.sha256(json.dumps({"attribution": data["attribution"], "_extra": None}, sort_keys=True,
-                                       default=str).encode()).hexdigest()[:16]
-    assert base.section_hash("attribution") == legacy
-    head = dataclasses.replace(base, attribution=dataclasses.replace(base.attribution, response_tokens=2))
-    assert head.section_hash("attribution") != legacy
-    raw["attribution"]["response_tokens"] = 0
-    with pytest.raises(ConfigError, match="response_tokens"):
-        build_run_config(raw, base_dir=CONFIGS)

@@ -1,0 +1,186 @@
+"""Causal validation: sample and judge models, and retrain + evaluate every unit of the plan (in parallel worker
+processes when asked), each retrain a cached stage of its own."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pairtrace.experiment.context import Inputs, RunContext
+from pairtrace.experiment.plan import Experiment, Plan, RetrainUnit
+from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
+from pairtrace.stage_cache import chain_key, file_digest
+
+logger = logging.getLogger(__name__)
+
+
+def generate_and_judge(ctx: RunContext, name: str, models: list[str], prompts: str | Path, n_samples: int,
+                       seed_offset: int = 0) -> dict[str, str]:
+    """Sample each named model (M0, M1 or one registered with the context) on a prompt file; judge every sample.
+
+    Returns:
+        The paths of ``generations.jsonl`` and ``judgements.jsonl`` under ``OUT/<name>/``.
+    """
+    from pairtrace.generate import generate_responses
+    from pairtrace.judges.judging import judge_generations
+
+    out_dir = ctx.path(name)
+    prompt_records = read_jsonl(prompts)
+    records: list[dict[str, Any]] = []
+    for model_name in models:
+        records.extend(generate_responses(ctx.model(model_name), prompt_records,
+                                          ctx.sampling(n_samples, seed_offset), model_name=model_name,
+                                          progress=ctx.progress))
+    gens = write_jsonl_atomic(records, out_dir / "generations.jsonl")
+    judgements = out_dir / "judgements.jsonl"
+    judgements.unlink(missing_ok=True)
+    judge_generations(records, ctx.judge(), judgements, resume=False, progress=ctx.progress)
+    return {"generations": str(gens), "judgements": str(judgements)}
+
+
+def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key: str | None) -> str:
+    """What one retrain depends on: the pairs, the recipe, the engine, the evaluation settings and prompts, its
+    seed, and (for ranked selections) the rankings or (for a source ablation) the flagged models."""
+    exp = unit.experiment
+    cfg = ctx.config
+    selection = {"ranking": rankings_key} if exp.method not in (None, "random", "sources") else {}
+    if exp.method == "sources":
+        selection = {"sources": sources_key}
+    if exp.method == "random":
+        selection = {"random_seed": cfg.seed}
+    return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
+                     cfg.validation.retrain_engine, ctx.models_digest(), cfg.generation, cfg.judge,
+                     file_digest(ctx.inputs.eval_prompts))
+
+
+def run_retrains(ctx: RunContext, plan: Plan, keys: dict[str, str]) -> dict[str, Any]:
+    """Retrain and evaluate every unit of the plan (cached units are reused); returns unit name -> outcome."""
+    outcomes: dict[str, Any] = {}
+    todo = []
+    for unit in plan.units:
+        stamp = ctx.cache.lookup(f"retrain-{unit.name}", keys[unit.name])
+        if stamp is not None:
+            logger.info("stage %-28s cached", f"retrain-{unit.name}")
+            ctx.cache.reused.append(f"retrain-{unit.name}")
+            ctx.cache.timings[f"retrain-{unit.name}"] = stamp.get("seconds", 0.0)
+            outcomes[unit.name] = stamp["result"]
+        else:
+            todo.append(unit)
+    workers = resolve_workers(ctx.config.validation.parallel_retrains, len(todo))
+    if workers <= 1:
+        for unit in todo:
+            outcomes[unit.name] = ctx.cache.run(f"retrain-{unit.name}", keys[unit.name],
+                                                lambda unit=unit: retrain_and_evaluate(ctx, unit))
+        return outcomes
+    logger.info("retraining %d models in %d worker processes (1 thread each)", len(todo), workers)
+    state = {"config": ctx.config.to_dict(), "out": str(ctx.out), "inputs": ctx.inputs.to_dict()}
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    try:
+        futures = {pool.submit(_retrain_worker, state, unit): unit for unit in todo}
+        for future in cf.as_completed(futures):
+            unit = futures[future]
+            result, seconds = future.result()  # a failed retrain stops the run; finished ones stay cached
+            ctx.cache.record(f"retrain-{unit.name}", keys[unit.name], seconds, result)
+            logger.info("stage %-28s done in %.1f s", f"retrain-{unit.name}", seconds)
+            outcomes[unit.name] = result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return outcomes
+
+
+def resolve_workers(requested: int | None, n_jobs: int) -> int:
+    """How many retrains run at once: the configured number, or (None) one per CPU core on a CPU-only machine
+    and one when a GPU is present."""
+    if n_jobs <= 1:
+        return 1
+    if requested is None:
+        import os
+
+        import torch
+
+        requested = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1))
+    return max(1, min(int(requested), n_jobs))
+
+
+def _retrain_worker(state: dict[str, Any], unit: RetrainUnit) -> tuple[dict[str, Any], float]:
+    """Worker-process entry: rebuild the context from plain data and retrain + evaluate one unit."""
+    import torch
+
+    from pairtrace.experiment.run_config import build_run_config
+
+    torch.set_num_threads(1)
+    config = build_run_config(state["config"])
+    ctx = RunContext(config, state["out"], progress=False, inputs=Inputs(**state["inputs"]), write_config=False)
+    started = time.perf_counter()
+    result = retrain_and_evaluate(ctx, unit)
+    return json.loads(json.dumps(result, default=str)), time.perf_counter() - started
+
+
+def build_training_data(ctx: RunContext, exp: Experiment) -> tuple[Path, dict[str, Any]]:
+    """The modified mix of one experiment, in the layout DPO trains on, and the intervention's summary."""
+    from pairtrace.attribute import load_ranking
+    from pairtrace.data.pairs import load_pairs, pair_to_record
+    from pairtrace.intervene import InterventionSpec, run_intervention
+
+    source = ctx.inputs.pairs
+    summary: dict[str, Any] = {}
+    if exp.is_baseline:
+        data_path = Path(source)
+    else:
+        int_dir = ctx.path("interventions", exp.name)
+        if exp.method == "sources":
+            spec = InterventionSpec(action="filter", selection="source", models=list(exp.models))
+            summary = run_intervention(source, spec, int_dir, pairs=ctx.pairs())
+        elif exp.method == "random":
+            spec = InterventionSpec(action=exp.action, selection="random", k=exp.k, seed=ctx.config.seed)
+            summary = run_intervention(source, spec, int_dir, pairs=ctx.pairs())
+        else:
+            spec = InterventionSpec(action=exp.action, selection="ranking", k=exp.k)
+            summary = run_intervention(source, spec, int_dir, ranking=load_ranking(ctx.path("rankings", exp.method)),
+                                       pairs=ctx.pairs())
+        data_path = Path(summary["output"])
+    if data_path.suffix == ".jsonl" and ctx.config.organism is not None:
+        return data_path, summary
+    # DPO trains on the mix layout: convert any input format through the core reader
+    train_file = ctx.path("retrains", exp.name, "train.jsonl")
+    write_jsonl_atomic([pair_to_record(p, "conversational") for p in load_pairs(data_path)], train_file)
+    return train_file, summary
+
+
+def retrain_and_evaluate(ctx: RunContext, unit: RetrainUnit) -> dict[str, Any]:
+    """Build the unit's data, retrain from M0 with the run's engine, sample and judge the retrained model on the
+    evaluation prompts, and summarise its evaluation."""
+    from pairtrace.evaluate import evaluate_generations
+    from pairtrace.experiment.results import summarise_evaluation
+    from pairtrace.retrain.engines import RetrainRequest, get_retrainer
+
+    exp, name = unit.experiment, unit.name
+    train_file, summary = build_training_data(ctx, exp)
+    model_dir = ctx.path("retrains", name, "model")
+    # Every retrain starts from M0: its reference log-probs of a (prompt, response) are computed once, keyed by
+    # M0's weights and the tokenisation (switched pairs reuse both sides, filtered ones a subset).
+    request = RetrainRequest(m0=ctx.spec_of("m0"), train_file=train_file, model_dir=model_dir,
+                             recipe=replace(ctx.config.validation.recipe, seed=unit.seed),
+                             ref_cache_dir=Path(ctx.inputs.ref_cache), progress=ctx.progress)
+    trained = get_retrainer(ctx.config.validation.retrain_engine)(request)
+    ctx.register(name, ctx.model_spec(model_dir))
+    gens = generate_and_judge(ctx, f"retrains/{name}", [name], ctx.inputs.eval_prompts,
+                              ctx.config.generation.eval_samples, seed_offset=1)
+    ctx.release(name)
+    evaluation = evaluate_generations(read_jsonl(gens["generations"]), read_jsonl(gens["judgements"]))
+    write_json_atomic(evaluation, ctx.path("retrains", name, "evaluation.json"))
+    if not ctx.config.validation.keep_models:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return {
+        "experiment": {**exp.to_dict(), "seed": unit.seed, "seeds": list(unit.seeds)},
+        "metrics": summarise_evaluation(evaluation, name),
+        "intervention": {k: summary.get(k) for k in ("removed", "switched", "n_selected", "changed_by")},
+        "train": trained.to_dict(),
+    }

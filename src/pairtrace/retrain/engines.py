@@ -1,0 +1,107 @@
+"""The retrainer protocol: how a modified mix becomes a model trained from M0.
+
+Causal validation never meets a training recipe's internals: it hands a :class:`RetrainRequest` (M0, the exported
+pairs, an output folder, the shared :class:`~pairtrace.retrain.recipe.DPORecipe`) to a registered engine and gets
+back a :class:`RetrainSummary` and a Hugging Face model folder. ``inprocess`` (TRL's ``DPOTrainer`` in this process)
+is the engine of the built-in organism; users register their own train function with :func:`register_retrainer`.
+
+    @register_retrainer("my_cluster")
+    def train_on_cluster(request: RetrainRequest) -> RetrainSummary: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pairtrace.errors import ConfigError, PairtraceError
+from pairtrace.retrain.recipe import DPORecipe
+
+if TYPE_CHECKING:
+    from pairtrace.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """One retrain from M0.
+
+    Attributes:
+        m0: The starting checkpoint, also the frozen DPO reference.
+        train_file: The pairs to train on (conversational JSONL, chosen/rejected message lists).
+        model_dir: Where the trained model folder must be left (Hugging Face format, with its tokenizer).
+        recipe: The DPO hyper-parameters shared by every retrain of a run (its ``seed`` is this retrain's seed).
+        ref_cache_dir: Folder caching M0's reference log-probabilities across retrains (``None``: no cache).
+        progress: Show progress bars.
+    """
+
+    m0: ModelSpec
+    train_file: Path
+    model_dir: Path
+    recipe: DPORecipe
+    ref_cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RetrainSummary:
+    """What every engine reports: pairs trained on, optimisation steps, final training loss, seconds."""
+
+    n_pairs: int | None
+    steps: int | None
+    train_loss: float | None
+    seconds: float | None
+    engine: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_pairs": self.n_pairs, "steps": self.steps, "train_loss": self.train_loss,
+                "seconds": self.seconds, "engine": self.engine}
+
+
+Retrainer = Callable[[RetrainRequest], RetrainSummary]
+RETRAINERS: dict[str, Retrainer] = {}
+"""Registered retrain engines by name."""
+
+
+def register_retrainer(name: str) -> Callable[[Retrainer], Retrainer]:
+    """Register ``fn`` as the retrain engine ``name`` (decorator)."""
+
+    def decorate(fn: Retrainer) -> Retrainer:
+        RETRAINERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_retrainer(name: str) -> Retrainer:
+    """The engine registered as ``name``.
+
+    Raises:
+        ConfigError: No such engine.
+    """
+    if name not in RETRAINERS:
+        raise ConfigError(f"unknown retrain engine {name!r}; known: {sorted(RETRAINERS)}")
+    return RETRAINERS[name]
+
+
+def check_model_folder(model_dir: Path, engine: str) -> None:
+    """Refuse a retrain that left no usable model folder (weights and config)."""
+    has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+    if not (model_dir / "config.json").is_file() or not has_weights:
+        raise PairtraceError(f"retrain engine {engine!r} left no model in {model_dir} (config.json and weights)")
+
+
+@register_retrainer("inprocess")
+def retrain_in_process(request: RetrainRequest) -> RetrainSummary:
+    """TRL's ``DPOTrainer`` in this process (float32, deterministic for the recipe's seed): the organism's engine."""
+    from pairtrace.retrain.trl_dpo import train_dpo
+
+    if request.m0.revision is not None:
+        raise ConfigError("the inprocess retrain engine trains from a local M0 folder; download the pinned revision "
+                          f"of {request.m0.name_or_path!r} first and point models.m0 at it")
+    info = train_dpo(request.m0.name_or_path, request.train_file, request.model_dir, request.recipe,
+                     progress=request.progress, ref_cache_dir=request.ref_cache_dir)
+    check_model_folder(Path(request.model_dir), "inprocess")
+    return RetrainSummary(n_pairs=info.get("n_pairs"), steps=info.get("steps"), train_loss=info.get("train_loss"),
+                          seconds=info.get("seconds"), engine="inprocess")
