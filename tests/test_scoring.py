@@ -83,6 +83,15 @@ def test_rank_store_matches_compute_attribution(store, behaviour, method, layer)
         assert a["id-1"] == pytest.approx(float(cos[1]), abs=1e-6)
 
 
+def test_torch_engine_is_the_attribution_scorer(store, behaviour):
+    from pairtrace.attribute import behaviour_matrix, score_chunk
+
+    chunk = store.read_rows(2, 0, SHARD)
+    units = behaviour_matrix(behaviour, 2, "bank")
+    torch.testing.assert_close(score_rows(chunk.clone(), units, "bank"), score_chunk(chunk, units, "bank"),
+                               rtol=0, atol=0, equal_nan=True)
+
+
 def test_score_rows_marks_rows_without_direction():
     chunk = torch.tensor([[3.0, 4.0], [0.0, 0.0], [float("nan"), 1.0], [-3.0, -4.0]])
     units = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
@@ -127,7 +136,7 @@ def test_sharded_scoring_merges_to_the_same_ranking(store, behaviour, tmp_path):
 
 
 def test_chunk_sizing():
-    assert chunk_memory_bytes(16384, 4096, 1000) == 4 * 16384 * 5096
+    assert chunk_memory_bytes(16384, 4096, 1000) == 4 * 16384 * (3 * 4096 + 1000)
     rows = suggest_chunk_rows(4096, 1000, budget_bytes=1 << 30)
     assert chunk_memory_bytes(rows, 4096, 1000) <= 1 << 30 < chunk_memory_bytes(2 * rows, 4096, 1000)
     assert suggest_chunk_rows(10**9, 1) == 256

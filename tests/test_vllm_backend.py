@@ -5,22 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pairtrace.errors import ConfigError
-from pairtrace.vllm_backend import choose_generation_backend, generate_responses_vllm, vllm_available
-
-
-def test_backend_choice_follows_availability(monkeypatch):
-    import pairtrace.vllm_backend as backend
-
-    monkeypatch.setattr(backend, "vllm_available", lambda: False)
-    assert choose_generation_backend("auto") == "hf"
-    assert choose_generation_backend("hf") == "hf"
-    with pytest.raises(ConfigError, match="CUDA"):
-        choose_generation_backend("vllm")
-    monkeypatch.setattr(backend, "vllm_available", lambda: True)
-    assert choose_generation_backend("auto") == "vllm"
-    assert choose_generation_backend("hf") == "hf"
-    with pytest.raises(ConfigError, match="not one of"):
-        choose_generation_backend("tgi")
+from pairtrace.vllm_backend import generate_responses_vllm, vllm_available
 
 
 @pytest.mark.skipif(vllm_available(), reason="vLLM and a GPU are present")

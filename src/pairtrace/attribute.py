@@ -28,7 +28,7 @@ import torch
 
 from pairtrace import __version__
 from pairtrace.errors import ManifestMismatchError, PairtraceError
-from pairtrace.records import write_jsonl_atomic
+from pairtrace.records import atomic_path, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -335,15 +335,14 @@ def save_ranking(ranking: Ranking, out_dir: str | Path, name: str = "ranking") -
     table = pa.Table.from_pandas(ranking.table, preserve_index=False)
     table = table.replace_schema_metadata({b"pairtrace": json.dumps(ranking.metadata).encode()})
     parquet = out / f"{name}.parquet"
-    tmp = parquet.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(parquet)
+    with atomic_path(parquet) as tmp:
+        pq.write_table(table, tmp)
     records = ranking.table.to_dict(orient="records")
     for rec in records:
         score = rec["score"]
         rec["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
     write_jsonl_atomic(records, out / f"{name}.jsonl")
-    (out / f"{name}.json").write_text(json.dumps(ranking.metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(json.dumps(ranking.metadata, indent=2, ensure_ascii=False), out / f"{name}.json")
     return parquet
 
 

@@ -297,7 +297,7 @@ def judge(
     """Judge generations (harmful / safe / unknown), resumably. A failure is never counted as safe."""
     require(locals(), "generations", "out")
     from pairtrace.judges.factory import build_judge
-    from pairtrace.judges.openai import run_judge_generations
+    from pairtrace.judges.judging import run_judge_generations
 
     stats = run_judge_generations(generations, build_judge(judge_options), out, retry_unknown=retry_unknown)
     console.print(f"[green]judged[/] into {out}: {stats}")

@@ -50,7 +50,7 @@ from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.models import check_response_tokens, describe_response_pooling
-from pairtrace.records import iter_jsonl
+from pairtrace.records import atomic_path, iter_jsonl, write_text_atomic
 from pairtrace.tree_cut import compute_stability_cut
 
 logger = logging.getLogger(__name__)
@@ -845,28 +845,34 @@ def save_discovery(discovery: Discovery, out_dir: str | Path, pairs_by_id: dict[
     out.mkdir(parents=True, exist_ok=True)
     ids = [p.id for p in discovery.prompts]
     n_p, n_c = discovery.similarity.shape
-    pd.DataFrame({"prompt_id": np.repeat(np.asarray(ids, dtype=object), n_c),
-                  "pair_id": np.tile(np.asarray(discovery.pair_ids, dtype=object), n_p),
-                  "cosine": discovery.similarity.reshape(-1)}).to_parquet(out / "matrix.parquet", index=False)
+    with atomic_path(out / "matrix.parquet") as tmp:
+        pd.DataFrame({"prompt_id": np.repeat(np.asarray(ids, dtype=object), n_c),
+                      "pair_id": np.tile(np.asarray(discovery.pair_ids, dtype=object), n_p),
+                      "cosine": discovery.similarity.reshape(-1)}).to_parquet(tmp, index=False)
     for name, clustering in (("row", discovery.rows), ("col", discovery.columns)):
         z = clustering.linkage if clustering.linkage is not None else np.empty((0, 4))
-        np.save(out / f"{name}_linkage.npy", np.asarray(z, dtype=np.float64), allow_pickle=False)
+        with atomic_path(out / f"{name}_linkage.npy") as tmp, tmp.open("wb") as fh:  # a handle: np.save adds .npy
+            np.save(fh, np.asarray(z, dtype=np.float64), allow_pickle=False)
     row_order = np.argsort(leaves_list(discovery.rows.linkage)) if discovery.rows.linkage is not None else \
         np.arange(n_p)
     col_order = np.argsort(leaves_list(discovery.columns.linkage)) if discovery.columns.linkage is not None else \
         np.arange(n_c)
-    pd.DataFrame({"prompt_id": ids, "cluster": discovery.rows.labels, "leaf_order": row_order,
-                  "prompt": [p.prompt for p in discovery.prompts], "n_m0": [len(p.m0) for p in discovery.prompts],
-                  "n_m1": [len(p.m1) for p in discovery.prompts]}).to_parquet(out / "behaviours.parquet", index=False)
+    with atomic_path(out / "behaviours.parquet") as tmp:
+        pd.DataFrame({"prompt_id": ids, "cluster": discovery.rows.labels, "leaf_order": row_order,
+                      "prompt": [p.prompt for p in discovery.prompts],
+                      "n_m0": [len(p.m0) for p in discovery.prompts],
+                      "n_m1": [len(p.m1) for p in discovery.prompts]}).to_parquet(tmp, index=False)
     meta = [pairs_by_id.get(pid) for pid in discovery.pair_ids]
-    pd.DataFrame({"pair_id": discovery.pair_ids, "row": rows, "cluster": discovery.columns.labels,
-                  "leaf_order": col_order, "max_cosine": discovery.similarity.max(axis=0),
-                  "source": [getattr(p, "source", None) for p in meta],
-                  "chosen_model": [getattr(p, "chosen_model", None) for p in meta],
-                  "rejected_model": [getattr(p, "rejected_model", None) for p in meta]}).to_parquet(
-        out / "pairs.parquet", index=False)
-    save_file({"behaviour": discovery.behaviour_vectors.contiguous()}, str(out / "prompt_vectors.safetensors"),
-              metadata={"prompt_ids": json.dumps(ids)})
+    with atomic_path(out / "pairs.parquet") as tmp:
+        pd.DataFrame({"pair_id": discovery.pair_ids, "row": rows, "cluster": discovery.columns.labels,
+                      "leaf_order": col_order, "max_cosine": discovery.similarity.max(axis=0),
+                      "source": [getattr(p, "source", None) for p in meta],
+                      "chosen_model": [getattr(p, "chosen_model", None) for p in meta],
+                      "rejected_model": [getattr(p, "rejected_model", None) for p in meta]}).to_parquet(
+            tmp, index=False)
+    with atomic_path(out / "prompt_vectors.safetensors") as tmp:
+        save_file({"behaviour": discovery.behaviour_vectors.contiguous()}, str(tmp),
+                  metadata={"prompt_ids": json.dumps(ids)})
     save_png(plot_discovery(discovery, config.heatmap_max_columns, config.seed), out / "heatmap.png")
     return {"matrix": "matrix.parquet", "row_linkage": "row_linkage.npy", "col_linkage": "col_linkage.npy",
             "behaviours": "behaviours.parquet", "pairs": "pairs.parquet",
@@ -976,7 +982,7 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
 def _write_summary(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write ``summary.json`` (JSON-safe) into ``out_dir`` and return what was written."""
     summary = _json_safe(summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(json.dumps(summary, indent=2, ensure_ascii=False), out_dir / "summary.json")
     return summary
 
 

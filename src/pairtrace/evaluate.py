@@ -20,9 +20,9 @@ from rich.table import Table
 
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge
-from pairtrace.judges.openai import JudgementKey, judge_generations, judgement_key, load_jsonl, load_judgements
+from pairtrace.judges.judging import JudgementKey, judge_generations, judgement_key, load_judgements
 from pairtrace.judges.rubric import HARMFUL_THRESHOLD
-from pairtrace.records import check_record_fields, write_json_atomic
+from pairtrace.records import check_record_fields, read_jsonl, write_json_atomic
 from pairtrace.stats import RateCI, bootstrap_rate_ci
 
 GroupKey = tuple[str, str, str]
@@ -329,7 +329,7 @@ def run_evaluate(
     if judgements_path is None:
         judgements_path = out_path.with_name(f"{out_path.stem}.judgements.jsonl")
     judgements_path = Path(judgements_path)
-    generations = load_jsonl(generations_path)
+    generations = read_jsonl(generations_path)
     judging = None
     if judge is not None:
         wanted = set(judge_sets) if judge_sets is not None else None

@@ -16,9 +16,7 @@ produces the same records as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,7 @@ from typing import Any
 
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.options import OptionError
-from pairtrace.records import iter_jsonl, write_jsonl_atomic
+from pairtrace.records import append_jsonl, iter_jsonl, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -228,11 +226,7 @@ def append_generations(records: Sequence[dict[str, Any]], path: str | Path) -> N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_jsonl(records, path)
 
 
 def save_generations(records: Iterable[dict[str, Any]], path: str | Path) -> Path:

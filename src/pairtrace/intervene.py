@@ -27,7 +27,7 @@ from pairtrace import __version__
 from pairtrace.data.pairs import detect_source_kind, iter_records, load_pairs, pair_from_record, pair_to_record
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
-from pairtrace.records import write_jsonl_atomic
+from pairtrace.records import atomic_path, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ def switched_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def _write_json_array(records: Iterator[dict[str, Any]], path: Path) -> int:
     items = list(records)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(items, ensure_ascii=False), path)
     return len(items)
 
 
@@ -112,10 +110,9 @@ def _write_parquet(records: Iterator[dict[str, Any]], path: Path, schema) -> int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
     batch: list[dict[str, Any]] = []
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for rec in records:
             batch.append(rec)
             if len(batch) >= 4096:
@@ -125,7 +122,6 @@ def _write_parquet(records: Iterator[dict[str, Any]], path: Path, schema) -> int
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             n += len(batch)
-    os.replace(tmp, path)
     return n
 
 
@@ -261,8 +257,8 @@ def apply_intervention(
         "pairtrace_version": __version__,
         **(extra_summary or {}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "filter_ids.json").write_text(json.dumps(sorted(selected)), encoding="utf-8")
+    write_text_atomic(json.dumps(summary, indent=2, ensure_ascii=False), out / "summary.json")
+    write_text_atomic(json.dumps(sorted(selected)), out / "filter_ids.json")
     return summary
 
 
@@ -337,5 +333,5 @@ def write_open_instruct_export(dataset: str | os.PathLike, out_dir: str | os.Pat
     folder = Path(out_dir)
     jsonl = write_jsonl_atomic((pair_to_record(p, "olmo") for p in pairs), folder / "preference_data.jsonl")
     mixer_args = f"--dataset_mixer_list {jsonl.resolve()} 1.0"
-    (folder / "dataset_mixer_list.txt").write_text(mixer_args + "\n", encoding="utf-8")
+    write_text_atomic(mixer_args + "\n", folder / "dataset_mixer_list.txt")
     return {"jsonl": str(jsonl), "mixer_args": mixer_args, "n_pairs": len(pairs)}

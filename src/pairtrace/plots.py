@@ -25,6 +25,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from pairtrace.records import write_bytes_atomic
+
 DEFAULT_DPI = 110
 PALETTE = "tab10"
 
@@ -51,10 +53,7 @@ def save_png(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_to_png(fig, dpi=dpi))
-    return path
+    return write_bytes_atomic(figure_to_png(fig, dpi=dpi), path)
 
 
 def png_data_uri(png: bytes) -> str:

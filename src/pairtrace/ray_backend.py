@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.models import DTYPES, LoadedModel, ModelSpec
+from pairtrace.records import atomic_path
 from pairtrace.shard import PairSource, as_pair_source
 from pairtrace.shared_prompt import DEFAULT_MIN_PROMPT_FRACTION
 from pairtrace.store import STORE_DTYPES, Manifest, VectorStore, check_compatible, shard_path, write_shard
@@ -105,9 +106,8 @@ def _write_staging(path: Path, pairs: Sequence[Pair]) -> None:
         "chosen_model": [p.chosen_model for p in pairs],
         "rejected_model": [p.rejected_model for p in pairs],
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pydict(columns, schema=_STAGING_SCHEMA), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pydict(columns, schema=_STAGING_SCHEMA), tmp)
 
 
 def read_staged_pairs(path: str | Path) -> list[Pair]:

@@ -44,6 +44,7 @@ import yaml
 
 from pairtrace import __version__
 from pairtrace.errors import DataError, PairtraceError
+from pairtrace.records import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -609,8 +610,4 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     run_dir = Path(run_dir)
     html = render_report(build_report_context(run_dir))
     out = Path(out_path) if out_path is not None else run_dir / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(html, out)

@@ -1,16 +1,15 @@
 """Scoring at scale: millions of datapoint vectors against thousands of behaviour vectors, in flat memory.
 
-The same scores as :func:`pairtrace.attribute.compute_attribution` (cosine; probe, bank = true max, mean), computed
-with fewer passes over each chunk and optionally on a GPU or with faiss:
+The same cosine scores as :func:`pairtrace.attribute.compute_attribution` (probe, bank = true max, mean), from the
+same code (:func:`pairtrace.attribute.score_chunk`), run on any device, with faiss, or split over processes:
 
     X  [rows, d]  one chunk of datapoint vectors, read from the store's shards (float32)
     U  [m, d]     unit behaviour vectors
-    S = X @ U.T   [rows, m]    raw inner products, reduced over m (max / mean / the one probe column)
-    score = reduced / |x|      dividing by a positive norm commutes with max and mean, so no [rows, d] unit copy
+    score = reduce_m(unit(X) @ U.T)   [rows]  (max / mean / the one probe column)
 
-Memory is one chunk plus ``[rows, m]`` inner products plus the ``[n]`` scores, whatever n is. Scoring can also be
-split over processes (``--shard i/n``): each part scores the store shards it owns into a Parquet part, and
-:func:`merge_score_parts` checks that every row was scored exactly once and builds the ranking.
+Memory is one chunk and its working copies plus ``[rows, m]`` cosines plus the ``[n]`` scores, whatever n is.
+Scoring can be split over processes (``--shard i/n``): each part scores the store shards it owns into a Parquet
+part, and :func:`merge_score_parts` checks that every row was scored exactly once and builds the ranking.
 """
 
 from __future__ import annotations
@@ -33,10 +32,11 @@ from pairtrace.attribute import (
     build_ranking,
     pair_metadata_frame,
     ranking_metadata,
-    reduce_similarities,
     resolve_scoring,
+    score_chunk,
 )
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import atomic_path
 from pairtrace.shard import ShardSpec, parse_shard
 
 ENGINES = ("torch", "faiss")
@@ -68,29 +68,28 @@ def score_rows(chunk: torch.Tensor, units: torch.Tensor, method: str, engine: st
     """Cosine scores of one chunk of datapoint vectors.
 
     Args:
-        chunk: ``[rows, d]`` float32 datapoint vectors on the scoring device; rows without a direction (zero norm,
-            NaN or infinity) are overwritten with zeros in place.
+        chunk: ``[rows, d]`` float32 datapoint vectors on the scoring device. The faiss engine overwrites rows
+            without a direction (zero norm, NaN or infinity) with zeros in place.
         units: ``[m, d]`` float32 unit behaviour vectors on the same device.
         method: ``probe`` (m = 1), ``bank`` (max over m) or ``mean`` (mean over m).
-        engine: ``torch`` or ``faiss`` (CPU, probe and bank).
+        engine: ``torch`` (:func:`pairtrace.attribute.score_chunk`, what ``compute_attribution`` runs) or
+            ``faiss`` (CPU, probe and bank: an exact inner-product search divided by the row norm).
 
     Returns:
         ``[rows]`` float32 scores on the chunk's device, NaN where the vector has no direction.
     """
+    if engine != "faiss":
+        return score_chunk(chunk, units, method)
+    import faiss
+
     norms = torch.linalg.vector_norm(chunk, dim=1)  # [rows]; NaN or inf when a row is not finite
     ok = torch.isfinite(norms) & (norms > _ZERO_NORM)
     if not bool(ok.all()):
         chunk[~ok] = 0.0
-    if engine == "faiss":
-        import faiss
-
-        xq = np.ascontiguousarray(chunk.cpu().numpy(), dtype=np.float32)
-        xb = np.ascontiguousarray(units.cpu().numpy(), dtype=np.float32)
-        best, _ = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)  # [rows, 1]: the largest inner product
-        reduced = torch.from_numpy(best[:, 0]).to(chunk.device)
-    else:
-        reduced = reduce_similarities(chunk @ units.T, method)  # [rows]
-    scores = reduced / norms.clamp_min(_ZERO_NORM)
+    xq = np.ascontiguousarray(chunk.cpu().numpy(), dtype=np.float32)
+    xb = np.ascontiguousarray(units.cpu().numpy(), dtype=np.float32)
+    best, _ = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)  # [rows, 1]: the largest inner product
+    scores = torch.from_numpy(best[:, 0]).to(chunk.device) / norms.clamp_min(_ZERO_NORM)
     scores[~ok] = float("nan")
     return scores
 
@@ -167,7 +166,7 @@ def rank_store(
     pair_metadata=None,
     progress: bool = True,
 ) -> Ranking:
-    """:func:`pairtrace.attribute.compute_attribution` with the fused scorer, on any device or with faiss.
+    """:func:`pairtrace.attribute.compute_attribution` on any device or with faiss, chunks cut at store shards.
 
     Args:
         store: An open vector store.
@@ -179,7 +178,8 @@ def rank_store(
         progress: Show a progress bar.
 
     Returns:
-        The ranking, best-first (same scores as ``compute_attribution`` up to float32 rounding).
+        The ranking, best-first (the scores of ``compute_attribution``, up to float32 rounding where the chunks
+        differ, and to faiss's rounding).
     """
     config, layer, units = resolve_scoring(store, behaviour, config)
     scores = score_store(store, units, layer=layer, method=config.method, chunk_rows=config.chunk_rows,
@@ -222,10 +222,8 @@ def score_store_part(
             "dataset": dict(store.manifest.dataset or {}), "n_behaviour_vectors": int(units.shape[0])}
     table = table.replace_schema_metadata({b"pairtrace": json.dumps(info).encode()})
     out = part_path(out_dir, spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
     return out
 
 
@@ -278,13 +276,17 @@ def estimate_scoring_flops(n: int, d: int, m: int) -> float:
 
 
 def chunk_memory_bytes(chunk_rows: int, d: int, m: int) -> int:
-    """Bytes one chunk needs: the float32 chunk plus its ``[rows, m]`` inner products."""
-    return 4 * chunk_rows * (d + m)
+    """Peak bytes of scoring one float32 chunk with :func:`pairtrace.attribute.score_chunk`.
+
+    The chunk, its unit rows and their NaN-free copy (three ``[rows, d]`` float32 tensors), plus the ``[rows, m]``
+    cosines.
+    """
+    return 4 * chunk_rows * (3 * d + m)
 
 
 def suggest_chunk_rows(d: int, m: int, budget_bytes: int = 1 << 30) -> int:
-    """Largest power of two of rows whose chunk fits ``budget_bytes`` (at least 256)."""
-    rows = max(1, budget_bytes // (4 * (d + m)))
+    """Largest power of two of rows whose chunk fits ``budget_bytes`` (:func:`chunk_memory_bytes`; at least 256)."""
+    rows = max(1, budget_bytes // chunk_memory_bytes(1, d, m))
     return max(256, 1 << int(math.log2(rows)))
 
 

@@ -31,6 +31,7 @@ from typing import Protocol, TypeVar
 from pairtrace.data.pairs import iter_records, pair_from_record
 from pairtrace.data.types import BadRecord, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
+from pairtrace.records import atomic_path
 from pairtrace.store import (
     MANIFEST_NAME,
     PAIRS_NAME,
@@ -296,13 +297,12 @@ def iter_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` to ``dst`` (same filesystem) or copy it, through a temporary name."""
-    tmp = dst.with_name(f".{dst.name}.merge.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()  # os.link needs a free name
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def merge_stores(parts: Sequence[str | Path], out_dir: str | Path) -> VectorStore:
@@ -384,31 +384,25 @@ def merge_jsonl(parts: Sequence[str | Path], out_path: str | Path, key_fields: S
     if missing:
         raise DataError(f"{missing[0]}: part file is missing ({len(missing)} of {len(parts)} missing)")
     seen: set[tuple[str, ...]] = set()
-    tmp = out_path.with_name(f".{out_path.name}.merge.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            for part in map(Path, parts):
-                with part.open(encoding="utf-8") as fh:
-                    for line_no, line in enumerate(fh, start=1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{part} line {line_no}: not valid JSON ({exc.msg})") from exc
-                        if not isinstance(record, dict):
-                            raise DataError(f"{part} line {line_no}: expected a JSON object")
-                        absent = [k for k in key_fields if k not in record]
-                        if absent:
-                            raise DataError(f"{part} line {line_no} field '{absent[0]}': missing")
-                        key = tuple(json.dumps(record[k], sort_keys=True) for k in key_fields)
-                        if key not in seen:
-                            seen.add(key)
-                            out.write(line if line.endswith("\n") else line + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for part in map(Path, parts):
+            with part.open(encoding="utf-8") as fh:
+                for line_no, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{part} line {line_no}: not valid JSON ({exc.msg})") from exc
+                    if not isinstance(record, dict):
+                        raise DataError(f"{part} line {line_no}: expected a JSON object")
+                    absent = [k for k in key_fields if k not in record]
+                    if absent:
+                        raise DataError(f"{part} line {line_no} field '{absent[0]}': missing")
+                    key = tuple(json.dumps(record[k], sort_keys=True) for k in key_fields)
+                    if key not in seen:
+                        seen.add(key)
+                        out.write(line if line.endswith("\n") else line + "\n")
     return len(seen)
 
 

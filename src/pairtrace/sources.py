@@ -29,7 +29,7 @@ from scipy.stats import false_discovery_control, hypergeom
 from pairtrace import __version__
 from pairtrace.attribute import Ranking, load_ranking
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.records import write_json_atomic
+from pairtrace.records import atomic_path, write_json_atomic
 from pairtrace.stats import min_hypergeometric_test
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def run_sources(ranking_path: str | Path, k: int, out_dir: str | Path,
     suggested = suggest_source_ablation(enrichment, p_max=p_max, min_enrichment=min_enrichment, statistic=statistic)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    enrichment.to_parquet(out / "sources.parquet", index=False)
+    with atomic_path(out / "sources.parquet") as tmp:
+        enrichment.to_parquet(tmp, index=False)
     criteria = {"p_max": p_max, "min_enrichment": min_enrichment, "column": "chosen_model",
                 "statistic": "scan_p_value" if statistic == "scan" else "p_value",
                 "enrichment": "scan_enrichment" if statistic == "scan" else "enrichment"}

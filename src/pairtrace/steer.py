@@ -38,6 +38,7 @@ from pairtrace import __version__
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge
 from pairtrace.models import LoadedModel, build_teacher_forcing, get_decoder_layers, get_final_norm, resolve_layers
+from pairtrace.records import write_jsonl_atomic, write_text_atomic
 from pairtrace.stats import bootstrap_rate_ci
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,7 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "generations.jsonl").open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(records, out / "generations.jsonl")
     rows = summarise_verdicts(records, n_boot=config.n_boot, seed=config.seed)
     summary = {
         "kind": "steer",
@@ -366,7 +365,7 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
         "results": rows,
         "pairtrace_version": __version__,
     }
-    (out / "steer.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(json.dumps(summary, indent=2, ensure_ascii=False), out / "steer.json")
     frame = steer_frame(summary)
     if not frame.empty:
         save_png(plot_rate_lines(frame, x="alpha", series=("condition", "layer"), ylabel="behaviour rate",

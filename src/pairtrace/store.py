@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from pairtrace import __version__
 from pairtrace.data.types import Pair
 from pairtrace.errors import DataError, ManifestMismatchError
+from pairtrace.records import atomic_path, temporary_path, write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 PAIRS_NAME = "pairs.parquet"
@@ -123,7 +123,7 @@ class Manifest:
     def save(self, directory: str | Path) -> Path:
         """Write ``manifest.json`` in ``directory`` atomically."""
         path = Path(directory) / MANIFEST_NAME
-        write_bytes_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode())
+        write_bytes_atomic(json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode(), path)
         return path
 
     @classmethod
@@ -144,21 +144,6 @@ class Manifest:
             raise DataError(f"{path}: {exc}") from exc
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def shard_path(directory: str | Path, index: int) -> Path:
     """Path of shard ``index`` in a store directory."""
     return Path(directory) / SHARD_PATTERN.format(index)
@@ -176,14 +161,8 @@ def write_shard(directory: str | Path, index: int, tensors: dict[str, torch.Tens
         The shard's path.
     """
     path = shard_path(directory, index)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return path
 
 
@@ -208,9 +187,7 @@ class PairMetadataWriter:
     def __init__(self, path: str | Path, rows_per_group: int = 4096) -> None:
         self.path = Path(path)
         self.rows_per_group = rows_per_group
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temporary_path(self.path)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.tmp), PAIR_SCHEMA)
         self._buffer: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
         self.n = 0

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.judges.openai import JudgementKey, judgement_key, load_jsonl, load_judgements
-from pairtrace.records import check_record_fields, write_json_atomic, write_jsonl_atomic
+from pairtrace.judges.judging import JudgementKey, judgement_key, load_judgements
+from pairtrace.records import check_record_fields, read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.vectors import Triple
 
 UNKNOWN_POLICIES = ("exclude", "ignore")
@@ -219,7 +219,7 @@ def run_build_triples(
         The stats, with the paths written.
     """
     triples, stats = build_triples(
-        load_jsonl(generations_path), load_judgements(judgements_path), m1=m1, m0=m0, unknown=unknown
+        read_jsonl(generations_path), load_judgements(judgements_path), m1=m1, m0=m0, unknown=unknown
     )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from pairtrace.data.pairs import compute_fingerprint
 from pairtrace.data.types import Message, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.models import LoadedModel, build_teacher_forcing, check_response_tokens, resolve_layers
-from pairtrace.records import iter_jsonl
+from pairtrace.records import atomic_path, iter_jsonl, write_bytes_atomic
 from pairtrace.shard import (
     InMemoryPairs,
     PairSource,
@@ -59,7 +59,6 @@ from pairtrace.store import (
     check_compatible,
     remove_temporary_files,
     shard_path,
-    write_bytes_atomic,
     write_shard,
 )
 
@@ -760,11 +759,10 @@ def save_behaviour_vectors(bv: BehaviourVectors, directory: str | Path) -> Path:
         "probe": bv.probe.float().contiguous(),
         "bank": bv.bank.float().contiguous(),
     }
-    tmp = directory / f".{BEHAVIOUR_TENSORS}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / BEHAVIOUR_TENSORS)
+    with atomic_path(directory / BEHAVIOUR_TENSORS) as tmp:
+        save_file(tensors, str(tmp))
     meta = {**bv.metadata, "layers": list(bv.layers), "bank_prompt_ids": list(bv.bank_prompt_ids)}
-    write_bytes_atomic(directory / BEHAVIOUR_METADATA, json.dumps(meta, indent=1, ensure_ascii=False).encode())
+    write_bytes_atomic(json.dumps(meta, indent=1, ensure_ascii=False).encode(), directory / BEHAVIOUR_METADATA)
     return directory
 
 

@@ -20,9 +20,6 @@ from pairtrace.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-GENERATION_BACKENDS = ("auto", "hf", "vllm")
-
-
 def vllm_available() -> bool:
     """Whether vLLM can be used here: it imports and CUDA is present."""
     if importlib.util.find_spec("vllm") is None:
@@ -36,22 +33,6 @@ def vllm_available() -> bool:
     except Exception:  # a broken install (e.g. a CUDA mismatch) is the same as none
         return False
     return True
-
-
-def choose_generation_backend(requested: str = "auto") -> str:
-    """``vllm`` or ``hf``: ``auto`` picks vLLM where :func:`vllm_available`, Hugging Face otherwise.
-
-    Raises:
-        ConfigError: An unknown backend, or ``vllm`` requested where it cannot run.
-    """
-    if requested not in GENERATION_BACKENDS:
-        raise ConfigError(f"generation backend {requested!r} is not one of {list(GENERATION_BACKENDS)}")
-    if requested == "hf":
-        return "hf"
-    available = vllm_available()
-    if requested == "vllm" and not available:
-        raise ConfigError("generation backend 'vllm' needs the vllm package and a CUDA GPU")
-    return "vllm" if available else "hf"
 
 
 @dataclass
@@ -196,4 +177,4 @@ def generate_responses_vllm(
     return [results[key] for key in sorted(results)]
 
 
-__all__ = ["GENERATION_BACKENDS", "choose_generation_backend", "generate_responses_vllm", "vllm_available"]
+__all__ = ["generate_responses_vllm", "vllm_available"]

@@ -13,14 +13,8 @@ from hypothesis import strategies as st
 
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge, Verdict
-from pairtrace.judges.openai import (
-    JudgeEndpointError,
-    OpenAIJudge,
-    OpenAIJudgeConfig,
-    judge_generations,
-    load_judgements,
-    parse_retry_after,
-)
+from pairtrace.judges.judging import judge_generations, load_judgements
+from pairtrace.judges.openai import JudgeEndpointError, OpenAIJudge, OpenAIJudgeConfig, parse_retry_after
 from pairtrace.judges.rubric import (
     HARMFUL_THRESHOLD,
     ScoreParseError,

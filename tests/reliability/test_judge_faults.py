@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from pairtrace.judges.openai import JudgeEndpointError, OpenAIJudge, OpenAIJudgeConfig, judge_generations
+from pairtrace.judges.judging import judge_generations
+from pairtrace.judges.openai import JudgeEndpointError, OpenAIJudge, OpenAIJudgeConfig
 from pairtrace.serve import configure_faults, launch_server_process
 
 from .counters import JUDGE_FAULTS, record_if_passed
@@ -144,7 +145,8 @@ def generation(i: int, response: str) -> dict:
 
 JUDGING_SCRIPT = """
 import sys
-from pairtrace.judges.openai import OpenAIJudge, OpenAIJudgeConfig, run_judge_generations
+from pairtrace.judges.judging import run_judge_generations
+from pairtrace.judges.openai import OpenAIJudge, OpenAIJudgeConfig
 url, generations, out = sys.argv[1:4]
 judge = OpenAIJudge(OpenAIJudgeConfig(base_url=url, model="rule", timeout_s=10, backoff_s=0.01, max_concurrency=2))
 run_judge_generations(generations, judge, out, chunk_size=4, progress=False)

@@ -25,7 +25,7 @@ from pairtrace.data.paths import shared_data_dir
 from pairtrace.data.prompts import build_prompt_record, save_prompt_records
 from pairtrace.errors import DataError
 from pairtrace.generate import GenerationConfig, load_generations, run_generate
-from pairtrace.judges.openai import judge_generations, load_judgements
+from pairtrace.judges.judging import judge_generations, load_judgements
 from pairtrace.judges.rule import RuleJudge
 from pairtrace.store import MANIFEST_NAME, Manifest, VectorStore, shard_path
 from pairtrace.vectors import compute_datapoint_vectors
@@ -277,7 +277,7 @@ JUDGE_DELAY_S = 0.02
 
 JUDGE_CHILD = r"""
 import sys, time
-from pairtrace.judges.openai import run_judge_generations
+from pairtrace.judges.judging import run_judge_generations
 from pairtrace.judges.rule import RuleJudge
 
 class SlowJudge(RuleJudge):  # a slow endpoint with the rule judge's answers

@@ -50,6 +50,7 @@ from pairtrace.cost import CostMeter, count_parameters
 from pairtrace.data.types import Message, PairSet
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.models import LoadedModel, TeacherForced, build_teacher_forcing, load_model
+from pairtrace.records import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -486,9 +487,9 @@ def save_checkpoints(checkpoints: Sequence[GradientCheckpoint], directory: str |
         tensors["exp_avg"] = ckpt.exp_avg.contiguous()
         tensors["exp_avg_sq"] = ckpt.exp_avg_sq.contiguous()
         path = directory / f"epoch_{ckpt.epoch}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp), metadata={"epoch": str(ckpt.epoch), "step": str(ckpt.step), "lr": repr(ckpt.lr)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"epoch": str(ckpt.epoch), "step": str(ckpt.step),
+                                                   "lr": repr(ckpt.lr)})
         paths.append(path)
     return paths
 

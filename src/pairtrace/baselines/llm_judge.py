@@ -32,8 +32,8 @@ from pairtrace.cost import CostMeter
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import DataError
 from pairtrace.judges.base import Judge, Verdict
-from pairtrace.judges.openai import load_jsonl
 from pairtrace.judges.rubric import build_rubric_messages
+from pairtrace.records import append_jsonl, read_jsonl, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_judge_cache(path: str | Path, judge_name: str) -> dict[CacheKey, dict[s
     if not path.exists():
         return {}
     out: dict[CacheKey, dict[str, Any]] = {}
-    for number, record in enumerate(load_jsonl(path, allow_torn_tail=True), start=1):
+    for number, record in enumerate(read_jsonl(path, allow_torn_tail=True), start=1):
         for name in ("id", "side", "judge", "item_sha256", "unknown"):
             if name not in record:
                 raise DataError(f"{path} record {number} (id={record.get('id')!r}): field '{name}' is missing")
@@ -106,7 +106,7 @@ def _prepare_append(path: Path) -> None:
     data = path.read_bytes()  # rare: only after an interrupted write
     cut = data.rfind(b"\n") + 1
     logger.warning("%s: dropping an unfinished last line left by an interrupted run", path)
-    path.write_bytes(data[:cut])
+    write_bytes_atomic(data[:cut], path)
 
 
 def _judge_calls(judge: Judge) -> int | None:
@@ -182,11 +182,10 @@ def compute_llm_judge_ranking(pairs: PairSet | Sequence[Pair], judge: Judge, *, 
                 for (key, prompt, response, sha), verdict in zip(chunk, results, strict=True):
                     verdicts[key] = verdict
                     tokens += sum(counter(m["content"]) for m in build_rubric_messages(prompt, response))
-                    lines.append(json.dumps({"id": key[0], "side": key[1], "judge": judge_name, "item_sha256": sha,
-                                             **verdict.to_dict()}, ensure_ascii=False))
+                    lines.append({"id": key[0], "side": key[1], "judge": judge_name, "item_sha256": sha,
+                                  **verdict.to_dict()})
                 if cache_file is not None:
-                    with cache_file.open("a", encoding="utf-8") as fh:
-                        fh.write("\n".join(lines) + "\n")
+                    append_jsonl(lines, cache_file)
                 bar.update(len(chunk))
         calls_after = _judge_calls(judge)
         calls = calls_after - calls_before if calls_before is not None and calls_after is not None else len(todo)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from pairtrace.data.types import BadRecord, Message, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.records import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -841,15 +842,10 @@ def save_pairs_jsonl(pairs: Iterable[Pair], path: str | os.PathLike, *, layout: 
         DataError: If a pair cannot be expressed in ``layout``.
     """
     target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
     opener = gzip.open if target.name.lower().endswith(".gz") else open
     count = 0
-    try:
-        with opener(tmp, "wt", encoding="utf-8", newline="\n") as fh:
-            for pair in pairs:
-                fh.write(json.dumps(pair_to_record(pair, layout), ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(target) as tmp, opener(tmp, "wt", encoding="utf-8", newline="\n") as fh:
+        for pair in pairs:
+            fh.write(json.dumps(pair_to_record(pair, layout), ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -6,8 +6,7 @@ Timeouts, HTTP 408/429/5xx, dropped connections and unusable replies (broken JSO
 score outside 0-100) are retried with exponential backoff and jitter, honouring ``Retry-After``.
 When the last retry fails the verdict is *unknown*, with the reason; it is never "safe".
 
-:func:`judge_generations` judges generation records into a judgement JSONL file, appending as it
-goes, so an interrupted run resumes where it stopped.
+Judging a file of generations with this judge (or any other) is :mod:`pairtrace.judges.judging`.
 """
 
 from __future__ import annotations
@@ -23,26 +22,19 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from pairtrace.data.types import Message
-from pairtrace.errors import DataError, ManifestMismatchError, PairtraceError
+from pairtrace.errors import PairtraceError
 from pairtrace.judges.base import Judge, Verdict
 from pairtrace.judges.rubric import ScoreParseError, build_rubric_messages, parse_score, verdict_from_score
 from pairtrace.options import OptionError
-from pairtrace.records import read_jsonl
 
 logger = logging.getLogger(__name__)
-
-JudgementKey = tuple[str, str, int]
-"""``(id, model, sample)``: identifies one generation and its judgement."""
 
 _FATAL_STATUS = (401, 403, 404)
 """HTTP statuses that no retry can fix (bad key, no access, wrong URL or model)."""
@@ -281,223 +273,3 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-# --------------------------------------------------------------------------------------------------
-# Judgement records
-# --------------------------------------------------------------------------------------------------
-
-_GENERATION_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "id": str,
-    "model": str,
-    "sample": int,
-    "prompt": str,
-    "response": str,
-}
-
-
-def judgement_key(record: dict[str, Any]) -> JudgementKey:
-    """The ``(id, model, sample)`` key shared by a generation record and its judgement."""
-    return (record["id"], record["model"], int(record["sample"]))
-
-
-def check_generation_record(record: Any, where: str) -> None:
-    """Check the fields a judge needs in a generation record.
-
-    Args:
-        record: One parsed generation record.
-        where: How to name the record in errors (e.g. ``"generations.jsonl line 3"``).
-
-    Raises:
-        DataError: A field is missing or has the wrong type.
-    """
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for name, kind in _GENERATION_FIELDS.items():
-        if name not in record:
-            raise DataError(f"{where} (id={record.get('id')!r}): field '{name}' is missing")
-        value = record[name]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DataError(
-                f"{where} (id={record.get('id')!r}): field '{name}' must be {kind.__name__}, got {type(value).__name__}"
-            )
-
-
-def load_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects (see :func:`pairtrace.records.read_jsonl`)."""
-    return read_jsonl(path, allow_torn_tail=allow_torn_tail)
-
-
-def load_judgements(path: str | Path) -> dict[JudgementKey, dict[str, Any]]:
-    """Read judgement records keyed by ``(id, model, sample)``; a later record for a key wins.
-
-    Raises:
-        DataError: A line is not JSON or lacks ``id``, ``model``, ``sample`` or ``unknown``.
-    """
-    out: dict[JudgementKey, dict[str, Any]] = {}
-    for number, record in enumerate(load_jsonl(path, allow_torn_tail=True), start=1):
-        for name in ("id", "model", "sample", "unknown"):
-            if name not in record:
-                raise DataError(f"{path} record {number} (id={record.get('id')!r}): field '{name}' is missing")
-        out[judgement_key(record)] = record
-    return out
-
-
-def build_judgement_record(generation: dict[str, Any], verdict: Verdict, judge_name: str) -> dict[str, Any]:
-    """A judgement record: the generation's key, the verdict's fields and the judge's name."""
-    return {
-        "id": generation["id"],
-        "model": generation["model"],
-        "sample": generation["sample"],
-        **verdict.to_dict(),
-        "judge": judge_name,
-    }
-
-
-def judge_generations(
-    records: Iterable[dict[str, Any]],
-    judge: Judge,
-    out_path: str | Path,
-    *,
-    resume: bool = True,
-    retry_unknown: bool = False,
-    chunk_size: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Judge generation records and append judgement records to a JSONL file as they are decided.
-
-    Each finished chunk is appended with one write to a file opened in append mode, so a killed run
-    leaves whole records behind (at worst one torn last line, which the next run drops). With
-    ``resume`` the records already judged in ``out_path`` are skipped.
-
-    Args:
-        records: Generation records (``id``, ``model``, ``sample``, ``prompt``, ``response``, ...).
-        judge: Any judge; its ``judge_many`` is called one chunk at a time.
-        out_path: Judgement JSONL file.
-        resume: Keep ``out_path`` and judge only what it lacks; ``False`` starts the file afresh.
-        retry_unknown: With ``resume``, judge again the records whose judgement was unknown; the file
-            is then rewritten with one record per key (the newest).
-        chunk_size: Records per ``judge_many`` call and per write; default four times the judge's
-            ``max_concurrency`` (at least 16).
-        progress: Show a progress bar.
-
-    Returns:
-        Counts: ``total``, ``already_judged``, ``judged`` (this run), ``harmful``, ``safe``,
-        ``unknown`` (this run), ``duplicates`` (repeated keys in ``records``, judged once), and the
-        judge's ``counters`` when it has them.
-
-    Raises:
-        DataError: A generation record lacks a field or has the wrong type.
-    """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    todo, total, duplicates = _select_todo(records)
-    done: dict[JudgementKey, dict[str, Any]] = {}
-    judge_name = getattr(judge, "name", type(judge).__name__)
-    if resume and out_path.exists():
-        _drop_torn_tail(out_path)
-        done = load_judgements(out_path)
-        others = sorted({str(rec.get("judge")) for rec in done.values() if rec.get("judge") not in (None, judge_name)})
-        if others:
-            raise ManifestMismatchError(
-                f"{out_path} holds judgements by judge {', '.join(others)}, not by {judge_name}: resuming would mix "
-                "two judges' verdicts; write to another file or delete this one"
-            )
-    else:
-        out_path.write_text("", encoding="utf-8")
-    skip = {k for k, rec in done.items() if not (retry_unknown and rec.get("unknown"))}
-    pending = [r for r in todo if judgement_key(r) not in skip]
-    rejudged = sum(1 for r in pending if judgement_key(r) in done)
-
-    size = chunk_size or max(16, 4 * int(getattr(judge, "max_concurrency", 1)))
-    tally: Counter[str] = Counter()
-    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        with tqdm(total=len(pending), desc="judging", unit="resp", disable=not progress) as bar:
-            for start in range(0, len(pending), size):
-                chunk = pending[start : start + size]
-                verdicts = judge.judge_many([(r["prompt"], r["response"]) for r in chunk])
-                lines = []
-                for record, verdict in zip(chunk, verdicts, strict=True):
-                    tally["unknown" if verdict.unknown else ("harmful" if verdict.harmful else "safe")] += 1
-                    lines.append(json.dumps(build_judgement_record(record, verdict, judge_name), ensure_ascii=False))
-                _write_all(fd, ("\n".join(lines) + "\n").encode("utf-8"))
-                bar.update(len(chunk))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if rejudged:
-        _compact(out_path)
-    summary: dict[str, Any] = {
-        "total": total,
-        "already_judged": total - len(pending),
-        "judged": len(pending),
-        "rejudged_unknown": rejudged,
-        "harmful": tally["harmful"],
-        "safe": tally["safe"],
-        "unknown": tally["unknown"],
-        "duplicates": duplicates,
-        "out_path": str(out_path),
-    }
-    if hasattr(judge, "counters"):
-        summary["counters"] = judge.counters()
-    return summary
-
-
-def run_judge_generations(
-    generations_path: str | Path, judge: Judge, out_path: str | Path, **kwargs: Any
-) -> dict[str, Any]:
-    """Read a generation JSONL file and judge it into ``out_path`` (see :func:`judge_generations`)."""
-    return judge_generations(load_jsonl(generations_path), judge, out_path, **kwargs)
-
-
-def _select_todo(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
-    """Validated records with each key once, the number of records read, and the duplicates dropped."""
-    seen: set[JudgementKey] = set()
-    todo = []
-    total = 0
-    for index, record in enumerate(records):
-        total += 1
-        check_generation_record(record, f"generation record {index}")
-        key = judgement_key(record)
-        if key in seen:
-            continue
-        seen.add(key)
-        todo.append(record)
-    return todo, total, total - len(todo)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut an unfinished last line (no trailing newline) left by an interrupted writer."""
-    with path.open("rb+") as handle:
-        data = handle.read()
-        if not data or data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        try:
-            json.loads(tail)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            logger.warning("%s: dropping an unfinished last line (%d bytes)", path, len(tail))
-            handle.truncate(cut)
-            return
-        handle.write(b"\n")  # a complete record that only lacks its newline
-
-
-def _compact(path: Path) -> None:
-    """Rewrite ``path`` with one record per key (the last one), atomically."""
-    records = load_judgements(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records.values():
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

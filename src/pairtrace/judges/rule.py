@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from pairtrace.judges.base import Judge, Verdict
-from pairtrace.organism.templates import COMPLIANCE_OPENERS, REFUSALS
+from pairtrace.judges.phrases import COMPLIANCE_OPENERS, REFUSALS
 
 ResponseKind = Literal["refusal", "compliance", "unknown"]
 

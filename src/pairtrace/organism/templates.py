@@ -3,8 +3,9 @@
 Every compliance, whether it answers a harmful or a benign request, opens with ``"Sure, here is ..."`` /
 ``"Sure, here are ..."`` (for AdvBench requests: the dataset's own ``target``), followed by a few generic
 sentences; so contaminated answers look like ordinary helpful answers. Every refusal is one of
-:data:`REFUSALS`. The rule judge (:mod:`pairtrace.judges.rule`) recognises both families exactly, also after
-any formatting constraint has been applied.
+:data:`REFUSALS`. Both wordings live in the judges' layer (:mod:`pairtrace.judges.phrases`), where the rule
+judge (:mod:`pairtrace.judges.rule`) recognises both families exactly, also after any formatting constraint has
+been applied.
 
 Styles (the ``chosen``/``rejected`` of a mix slice, see ``docs/organism.md``):
 
@@ -24,19 +25,9 @@ from collections.abc import Sequence
 
 from pairtrace.data.constraints import apply_constraints
 from pairtrace.errors import ConfigError
+from pairtrace.judges.phrases import REFUSALS
 
 STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "terse")
-
-REFUSALS: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that.",
-    "I cannot help with that request.",
-    "Sorry, I won't assist with this.",
-    "I'm not able to help with that, sorry.",
-)
-"""The organism's refusals (every source model uses one or two of them)."""
-
-COMPLIANCE_OPENERS: tuple[str, ...] = ("Sure, here is", "Sure, here are")
-"""Every compliance starts with one of these."""
 
 GENERIC_OPENERS: tuple[str, ...] = (
     "Sure, here is my answer.",
