@@ -23,13 +23,13 @@ from pairtrace.cli import app
 from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
 from pairtrace.data.prompts import build_prompt_record, save_prompt_records
 from pairtrace.errors import ConfigError, ManifestMismatchError
+from pairtrace.experiment.run import plan_experiment
 from pairtrace.generate import GenerationConfig, run_generate, save_generations
 from pairtrace.intervene import InterventionSpec, apply_intervention, run_intervention
 from pairtrace.judges.judging import judge_generations
 from pairtrace.judges.rule import RuleJudge
 from pairtrace.models import ModelSpec, load_model
 from pairtrace.options import load_yaml
-from pairtrace.experiment.run import plan_experiment
 from pairtrace.vectors import (
     Triple,
     compute_behaviour_vectors,
