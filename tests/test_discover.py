@@ -299,7 +299,8 @@ POEM = "Write a poem about the sea in no more than 50 words. The sea is blue."
 PLAIN = "The weather today is sunny with a light breeze from the west."
 
 
-def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, tiny_model_dir, tiny_loaded):
+def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, tiny_loaded, monkeypatch):
+    from pairtrace import models
     from pairtrace.data.pairs import save_pairs_jsonl
     from pairtrace.vectors import compute_datapoint_vectors
 
@@ -330,8 +331,12 @@ def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, 
     write_jsonl(tmp_path / "m1.jsonl", m1)
     write_jsonl(tmp_path / "labels.jsonl", labels)
 
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("run_discover must use the loaded model, not load another")
+
+    monkeypatch.setattr(models, "load_model", no_second_load)
     out = tmp_path / "discover"
-    summary = run_discover(tiny_model_dir, tmp_path / "vectors", tmp_path / "m0.jsonl", tmp_path / "m1.jsonl",
+    summary = run_discover(tiny_loaded, tmp_path / "vectors", tmp_path / "m0.jsonl", tmp_path / "m1.jsonl",
                            tmp_path / "pairs.jsonl", out, DiscoverConfig(also_response_tokens=[2]), progress=False,
                            labels_path=tmp_path / "labels.jsonl")
     assert summary["prompts"]["n_kept"] == 6 and summary["prompts"]["n_same"] == 1
@@ -370,3 +375,31 @@ def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, 
     assert view_recall["comply"]["recall"] == 1.0  # "Sure" against "I'm sorry": decided at the first tokens
     for name in ("matrix.parquet", "col_linkage.npy", "heatmap.png", "pairs.parquet"):
         assert (view_dir / name).is_file(), name
+
+
+def test_run_discover_and_run_steer_load_a_spec_through_the_one_loader(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                        monkeypatch):
+    from pairtrace import models
+    from pairtrace.models import ModelSpec
+    from pairtrace.steer import run_steer
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda spec: calls.append(spec) or tiny_loaded)
+    spec = ModelSpec(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError):  # the model is loaded first, then the (missing) store is opened
+        run_discover(spec, missing, missing, missing, missing, tmp_path / "d", progress=False)
+    with pytest.raises(DataError):
+        run_steer(spec, missing, missing, tmp_path / "s", progress=False)
+    assert calls == [spec, spec]  # with the spec's options, not a default float32 load of its path
+    with pytest.raises(ConfigError, match="run_discover: the model must be a LoadedModel or a ModelSpec"):
+        run_discover(tiny_model_dir, missing, missing, missing, missing, tmp_path / "d", progress=False)
+    with pytest.raises(ConfigError, match="run_steer: the model must be a LoadedModel or a ModelSpec"):
+        run_steer(str(tiny_model_dir), missing, missing, tmp_path / "s", progress=False)
+    assert len(calls) == 2  # a bare path is refused, never loaded with default options
+
+
+def test_discover_batch_tokens_defaults_to_16384_and_none_means_the_device_default():
+    assert DiscoverConfig().batch_tokens == 16384 and DiscoverConfig(batch_tokens=None).batch_tokens is None
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        DiscoverConfig(batch_tokens=0)

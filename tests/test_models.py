@@ -221,3 +221,31 @@ def test_teacher_forcing_keeps_the_head_of_the_response(tiny_loaded):
         assert h.input_ids == f.input_ids[: h.response_end] and not h.truncated
     with pytest.raises(ConfigError, match="response_tokens"):
         build_teacher_forcing(tiny_loaded, prompts, responses, 2048, response_tokens=0)
+
+
+def test_pad_token_id_prefers_pad_then_eos_then_zero(tiny_loaded):
+    import copy
+    from types import SimpleNamespace
+
+    from pairtrace.models import pad_token_id
+
+    tok = tiny_loaded.tokenizer
+    assert tok.pad_token_id is not None and pad_token_id(tok) == tok.pad_token_id
+    without_pad = copy.deepcopy(tok)
+    without_pad.pad_token = None
+    assert without_pad.pad_token_id is None and pad_token_id(without_pad) == tok.eos_token_id != tok.pad_token_id
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=0)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+    assert pad_token_id(SimpleNamespace()) == 0
+
+
+def test_as_loaded_model_uses_a_loaded_model_as_is_and_loads_a_spec(tiny_loaded, tiny_model_dir, monkeypatch):
+    from pairtrace import models
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda spec: calls.append(spec) or tiny_loaded)
+    assert models.as_loaded_model(tiny_loaded, "f") is tiny_loaded and calls == []
+    spec = ModelSpec(str(tiny_model_dir), dtype="bfloat16")
+    assert models.as_loaded_model(spec, "f") is tiny_loaded and calls == [spec]
+    with pytest.raises(ConfigError, match="f: the model must be a LoadedModel or a ModelSpec, got PosixPath"):
+        models.as_loaded_model(tiny_model_dir, "f")

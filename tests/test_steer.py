@@ -185,13 +185,18 @@ def test_cli_steers_the_last_prompt_token_when_asked(tmp_path, tiny_model_dir, t
     assert summary["config"]["include_last_prompt_token"] is True and summary["alphas"] == [0.0, 2.0]
 
 
-def test_run_steer_writes_rates_per_layer_alpha_and_condition(tmp_path, tiny_model_dir, tiny_loaded):
+def test_run_steer_writes_rates_per_layer_alpha_and_condition(tmp_path, tiny_loaded, monkeypatch):
+    from pairtrace import models
     from pairtrace.generate import GenerationConfig
 
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("run_steer must use the loaded model, not load another")
+
+    monkeypatch.setattr(models, "load_model", no_second_load)
     layers = [1, 3]
     prompts = write_steering_inputs(tmp_path, tiny_loaded, layers)
     generation = GenerationConfig(temperature=0.0, max_new_tokens=5, n_samples=1)
-    summary = run_steer(tiny_model_dir, tmp_path / "behaviour", prompts, tmp_path / "steer", alphas=[0.0, 4.0],
+    summary = run_steer(tiny_loaded, tmp_path / "behaviour", prompts, tmp_path / "steer", alphas=[0.0, 4.0],
                         judge=LengthJudge(), generation_config=generation, config=SteerConfig(n_boot=100),
                         progress=False)
     assert summary["layers"] == layers and set(summary["norms"]) == {"1", "3"}

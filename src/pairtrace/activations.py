@@ -35,8 +35,10 @@ from pairtrace.models import (
     build_teacher_forcing,
     get_decoder_layers,
     get_final_norm,
+    pad_token_id,
     resolve_layers,
 )
+from pairtrace.pooling import MEAN, ResponsePooling
 from pairtrace.shared_prompt import (
     DEFAULT_MIN_PROMPT_FRACTION,
     MASK_IMPLEMENTATIONS,
@@ -64,8 +66,8 @@ class _StopForward(Exception):
 class _Capture:
     """Per-batch state shared by the capture hooks."""
 
-    masks: torch.Tensor  # [B, S, T] float32, 1 on the tokens of segment s (a response)
-    sums: torch.Tensor  # [B, S, L, d] float32 masked sums
+    masks: torch.Tensor  # [B, S, T] float32 pooling weights of the tokens of segment s (a response), 0 elsewhere
+    sums: torch.Tensor  # [B, S, L, d] float32 weighted sums
 
     def add(self, slot: int, hidden: torch.Tensor) -> None:
         # hidden: [B, T, d] in the model dtype -> float32 sums over each segment's positions: [B, S, d]
@@ -146,8 +148,11 @@ def _plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def _collate(batch: Sequence[TeacherForced], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and float response mask, each ``[B, T]``."""
+def _collate(
+    batch: Sequence[TeacherForced], pad_id: int, pooling: ResponsePooling = MEAN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and float response mask (the pooling's weight on each
+    response token), each ``[B, T]``."""
     width = max(len(it.input_ids) for it in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
     attention = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T]
@@ -155,7 +160,7 @@ def _collate(batch: Sequence[TeacherForced], pad_id: int) -> tuple[torch.Tensor,
     for row, it in enumerate(batch):
         input_ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids, dtype=torch.long)
         attention[row, : len(it.input_ids)] = 1
-        mask[row, it.response_start : it.response_end] = 1.0
+        mask[row, it.response_start : it.response_end] = pooling.weights(it.n_response_tokens)
     return input_ids, attention, mask
 
 
@@ -167,7 +172,8 @@ class ForwardBatch:
         input_ids: ``[B, T]`` token ids, right-padded.
         attention_mask: ``[B, T]`` padding mask (plain rows) or ``[B, 1, T, T]`` custom mask (packed pairs).
         position_ids: ``[B, T]`` for packed pairs; ``None`` for plain rows (positions ``0..T-1``).
-        masks: ``[B, S, T]`` float32, 1 on the tokens of segment ``s`` (S = 1 plain, 2 packed: chosen, rejected).
+        masks: ``[B, S, T]`` float32 pooling weights of the tokens of segment ``s`` (S = 1 plain, 2 packed: chosen,
+            rejected), 0 elsewhere.
         targets: ``[B, S]`` long: the output row of each segment's mean.
         n_tokens: Real (non-padding) tokens in the batch.
     """
@@ -193,20 +199,16 @@ class ForwardBatch:
         )
 
 
-def _pad_id(loaded: LoadedModel) -> int:
-    pad_id = loaded.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = loaded.tokenizer.eos_token_id or 0
-    return int(pad_id)
-
-
 class _Runner:
     """Capture hooks (and optionally compiled blocks) installed on a model for the duration of one call."""
 
-    def __init__(self, loaded: LoadedModel, layers: list[int], compile: bool | str = False) -> None:
+    def __init__(
+        self, loaded: LoadedModel, layers: list[int], compile: bool | str = False, pooling: ResponsePooling = MEAN
+    ) -> None:
         self.loaded = loaded
         self.layers = layers
         self.compile = compile
+        self.pooling = pooling
         self._capture: _Capture | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._compiled: list[tuple[nn.Module, object]] = []
@@ -233,7 +235,7 @@ class _Runner:
         self._handles, self._compiled, self._capture = [], [], None
 
     def means(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run one batch (already on the device): response means ``[B, S, L, d]`` float32, NaN if empty."""
+        """Run one batch (already on the device): pooled responses ``[B, S, L, d]`` float32, NaN if empty."""
         rows, segments = batch.masks.shape[:2]
         device = batch.input_ids.device
         self._capture = _Capture(
@@ -244,8 +246,7 @@ class _Runner:
             kwargs["position_ids"] = batch.position_ids
         with contextlib.suppress(_StopForward):
             self.loaded.model(**kwargs)
-        counts = batch.masks.sum(dim=2)  # [B, S]
-        return self._capture.sums / counts[:, :, None, None]  # [B, S, L, d]; 0/0 = NaN for empty responses
+        return self.pooling.reduce(self._capture.sums, batch.masks)  # [B, S, L, d]; NaN for empty responses
 
 
 def _run_batches(
@@ -256,11 +257,13 @@ def _run_batches(
     *,
     compile: bool | str,
     bar: tqdm,
+    pooling: ResponsePooling = MEAN,
 ) -> torch.Tensor:
-    """Run batches, scattering each segment's mean into row ``targets`` of a ``[n_rows, L, d]`` result."""
+    """Run batches, scattering each segment's pooled vector into row ``targets`` of a ``[n_rows, L, d]`` result
+    (``pooling`` must be the one the batches' masks were collated with)."""
     device = loaded.device
     result = torch.full((n_rows, len(layers), loaded.hidden_size), float("nan"), device=device)  # [n, L, d]
-    with torch.inference_mode(), _Runner(loaded, layers, compile) as runner:
+    with torch.inference_mode(), _Runner(loaded, layers, compile, pooling) as runner:
         for batch in batches:
             moved = batch.to(device)
             means = runner.means(moved)  # [B, S, L, d]
@@ -270,12 +273,13 @@ def _run_batches(
 
 
 def _plain_batches(
-    items: Sequence[TeacherForced], rows: Sequence[int], targets: Sequence[int], batch_tokens: int, pad_id: int
+    items: Sequence[TeacherForced], rows: Sequence[int], targets: Sequence[int], batch_tokens: int, pad_id: int,
+    pooling: ResponsePooling = MEAN,
 ) -> Iterator[ForwardBatch]:
     """Plain batches of ``items[rows[j]]``, each sequence's mean going to output row ``targets[j]``."""
     lengths = [len(items[i].input_ids) for i in rows]
     for planned in _plan_batches(lengths, batch_tokens):
-        input_ids, attention, mask = _collate([items[rows[j]] for j in planned], pad_id)
+        input_ids, attention, mask = _collate([items[rows[j]] for j in planned], pad_id, pooling)
         yield ForwardBatch(
             input_ids, attention, None, mask[:, None], torch.tensor([[targets[j]] for j in planned], dtype=torch.long),
             sum(lengths[j] for j in planned),
@@ -284,11 +288,13 @@ def _plain_batches(
 
 def _packed_batches(
     packed: Sequence[PackedPair], targets: Sequence[tuple[int, int]], batch_tokens: int, pad_id: int,
-    mask_dtype: torch.dtype,
+    mask_dtype: torch.dtype, pooling: ResponsePooling = MEAN,
 ) -> Iterator[ForwardBatch]:
     """Batches of packed pairs; ``targets[j]`` are the output rows of pair j's chosen and rejected means."""
     for planned in _plan_batches([len(p) for p in packed], batch_tokens):
-        input_ids, attention, positions, masks = collate_packed([packed[j] for j in planned], pad_id, mask_dtype)
+        input_ids, attention, positions, masks = collate_packed(
+            [packed[j] for j in planned], pad_id, mask_dtype, pooling
+        )
         yield ForwardBatch(
             input_ids, attention, positions, masks, torch.tensor([targets[j] for j in planned], dtype=torch.long),
             sum(len(packed[j]) for j in planned),
@@ -304,6 +310,7 @@ def compute_means_from_teacher_forced(
     progress: bool = True,
     desc: str = "response means",
     compile: bool | str = False,
+    pooling: ResponsePooling = MEAN,
 ) -> torch.Tensor:
     """Response means of already tokenised sequences (see :func:`compute_response_means`).
 
@@ -317,6 +324,7 @@ def compute_means_from_teacher_forced(
         desc: Progress bar label.
         compile: Compile the decoder blocks that run with ``torch.compile`` (``True`` = inductor, or a backend
             name).
+        pooling: The response pooling the items were built with.
 
     Returns:
         Float32 tensor ``[n, len(layers), d]`` on the CPU, in input order; rows with no response token are NaN.
@@ -329,8 +337,8 @@ def compute_means_from_teacher_forced(
     runnable = [i for i, it in enumerate(items) if len(it.input_ids) > 0]  # an empty item has no mean: NaN
     with tqdm(total=n, desc=desc, disable=not progress, unit="seq") as bar:
         bar.update(n - len(runnable))
-        batches = _plain_batches(items, runnable, runnable, batch_tokens, _pad_id(loaded))
-        return _run_batches(loaded, layers, batches, n, compile=compile, bar=bar)
+        batches = _plain_batches(items, runnable, runnable, batch_tokens, pad_token_id(loaded.tokenizer), pooling)
+        return _run_batches(loaded, layers, batches, n, compile=compile, bar=bar, pooling=pooling)
 
 
 def check_prompt_sharing(loaded: LoadedModel) -> tuple[bool, float | None]:
@@ -354,12 +362,13 @@ def check_prompt_sharing(loaded: LoadedModel) -> tuple[bool, float | None]:
     try:
         with tqdm(disable=True) as bar:
             plain = _run_batches(
-                loaded, layers, _plain_batches([chosen, rejected], [0, 1], [0, 1], 1 << 30, _pad_id(loaded)), 2,
+                loaded, layers,
+                _plain_batches([chosen, rejected], [0, 1], [0, 1], 1 << 30, pad_token_id(loaded.tokenizer)), 2,
                 compile=False, bar=bar,
             )
             packed = _run_batches(
                 loaded, layers,
-                _packed_batches([pack_pair(chosen, rejected)], [(0, 1)], 1 << 30, _pad_id(loaded),
+                _packed_batches([pack_pair(chosen, rejected)], [(0, 1)], 1 << 30, pad_token_id(loaded.tokenizer),
                                 mask_dtype_for(loaded)),
                 2, compile=False, bar=bar,
             )
@@ -386,6 +395,7 @@ class PairBatchPlan:
         batch_tokens: Token budget per forward pass.
         pad_id: Padding token id.
         mask_dtype: Dtype of the packed pairs' 4D attention masks.
+        pooling: The response pooling the sequences were built with.
     """
 
     chosen: Sequence[TeacherForced]
@@ -395,6 +405,7 @@ class PairBatchPlan:
     batch_tokens: int
     pad_id: int
     mask_dtype: torch.dtype
+    pooling: ResponsePooling = MEAN
 
     @property
     def n_pairs(self) -> int:
@@ -421,12 +432,12 @@ class PairBatchPlan:
         if shared:
             packed = [pack_pair(self.chosen[i], self.rejected[i]) for i in shared]
             yield from _packed_batches(packed, [(i, m + i) for i in shared], self.batch_tokens, self.pad_id,
-                                       self.mask_dtype)
+                                       self.mask_dtype, self.pooling)
         plain = [i for i in range(m) if not self.shared[i]]
         items = list(self.chosen) + list(self.rejected)
         rows = [i for i in plain if items[i].input_ids]
         rows += [m + i for i in plain if items[m + i].input_ids and not self.identical[i]]
-        yield from _plain_batches(items, rows, rows, self.batch_tokens, self.pad_id)
+        yield from _plain_batches(items, rows, rows, self.batch_tokens, self.pad_id, self.pooling)
 
 
 def plan_pair_batches(
@@ -437,6 +448,7 @@ def plan_pair_batches(
     batch_tokens: int | None = None,
     prompt_sharing: str = "auto",
     min_prompt_fraction: float = DEFAULT_MIN_PROMPT_FRACTION,
+    pooling: ResponsePooling = MEAN,
 ) -> PairBatchPlan:
     """Decide which pairs share their prompt and how the forward passes are batched.
 
@@ -448,6 +460,7 @@ def plan_pair_batches(
         prompt_sharing: ``auto`` (share where :func:`pairtrace.shared_prompt.plan_prompt_sharing` says it pays),
             ``always`` (every pair whose prompts match in tokens) or ``never``.
         min_prompt_fraction: Threshold of ``auto``.
+        pooling: The response pooling the sequences were built with.
 
     Returns:
         The plan.
@@ -469,7 +482,8 @@ def plan_pair_batches(
                 raise ConfigError(f"prompt_sharing='always' is not possible: {reason}")
             logger.warning("prompt sharing is off: %s", reason)
             shared = [False] * len(shared)
-    return PairBatchPlan(chosen, rejected, shared, identical, batch_tokens, _pad_id(loaded), mask_dtype_for(loaded))
+    return PairBatchPlan(chosen, rejected, shared, identical, batch_tokens, pad_token_id(loaded.tokenizer),
+                         mask_dtype_for(loaded), pooling)
 
 
 def compute_pair_means(
@@ -484,6 +498,7 @@ def compute_pair_means(
     compile: bool | str = False,
     progress: bool = True,
     desc: str = "pair means",
+    pooling: ResponsePooling = MEAN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Response means of the chosen and rejected sequences of preference pairs, sharing prompts where it pays.
 
@@ -501,6 +516,7 @@ def compute_pair_means(
         compile: Compile the decoder blocks (see :func:`compute_means_from_teacher_forced`).
         progress: Show a progress bar.
         desc: Progress bar label.
+        pooling: The response pooling the sequences were built with.
 
     Returns:
         ``(chosen_means, rejected_means)``, each float32 ``[m, len(layers), d]`` on the CPU; a response with no
@@ -510,7 +526,7 @@ def compute_pair_means(
     m = len(chosen)
     plan = plan_pair_batches(
         loaded, chosen, rejected, batch_tokens=batch_tokens, prompt_sharing=prompt_sharing,
-        min_prompt_fraction=min_prompt_fraction,
+        min_prompt_fraction=min_prompt_fraction, pooling=pooling,
     )
     if m == 0:
         empty = torch.empty(0, len(layers), loaded.hidden_size, dtype=torch.float32)
@@ -519,7 +535,9 @@ def compute_pair_means(
         not_run = sum(1 for it in chosen if not it.input_ids)
         not_run += sum(1 for it, same in zip(rejected, plan.identical, strict=True) if same or not it.input_ids)
         bar.update(not_run)
-        both = _run_batches(loaded, layers, plan.batches(), 2 * m, compile=compile, bar=bar)  # [2m, L, d]
+        both = _run_batches(
+            loaded, layers, plan.batches(), 2 * m, compile=compile, bar=bar, pooling=pooling
+        )  # [2m, L, d]
     same = torch.tensor(plan.identical, dtype=torch.bool)
     rejected_means = torch.where(same[:, None, None], both[:m], both[m:])  # an identical side: exactly the same mean
     return both[:m], rejected_means
@@ -536,6 +554,7 @@ def compute_response_means(
     progress: bool = True,
     desc: str = "response means",
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> torch.Tensor:
     """Mean layer-k activation over the response tokens of each teacher-forced (prompt, response).
 
@@ -553,14 +572,16 @@ def compute_response_means(
         progress: Show a progress bar.
         desc: Progress bar label.
         response_tokens: Average each response's first this many tokens only (``None``: all).
+        pooling: The response pooling (instead of ``response_tokens``).
 
     Returns:
         Float32 tensor ``[n, len(layers), d]`` on the CPU. Non-finite values are returned as they are (see
         :func:`nonfinite_rows`); a response with no tokens gives a NaN row.
     """
-    items = build_teacher_forcing(loaded, prompts, responses, max_length, response_tokens)
+    pooling = ResponsePooling.resolve(pooling, response_tokens)
+    items = build_teacher_forcing(loaded, prompts, responses, max_length, pooling=pooling)
     return compute_means_from_teacher_forced(
-        loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc
+        loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc, pooling=pooling
     )
 
 

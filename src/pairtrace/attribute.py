@@ -28,6 +28,7 @@ import torch
 
 from pairtrace import __version__
 from pairtrace.errors import ManifestMismatchError, PairtraceError
+from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path, write_jsonl_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -256,12 +257,11 @@ def check_behaviour_matches_store(store, behaviour) -> None:
         a, b = store_tpl.get(key), beh_tpl.get(key)
         if a is not None and b is not None and a != b:
             problems.append(f"template {key}: datapoint vectors {a!r} vs behaviour vectors {b!r}")
-    # response means pooled over different parts of the responses live in different spaces (absent = all tokens)
-    store_head = getattr(store.manifest, "response_tokens", None)
-    beh_head = (beh_meta.get("settings") or {}).get("response_tokens")
-    if store_head != beh_head:
-        problems.append(f"response_tokens (tokens pooled per response; None = all): datapoint vectors "
-                        f"{store_head!r} vs behaviour vectors {beh_head!r}")
+    # response means pooled over different parts of the responses live in different spaces
+    store_pooling = ResponsePooling.from_settings(getattr(store.manifest, "settings", None))
+    pooling_problem = store_pooling.mismatch(ResponsePooling.from_settings(beh_meta.get("settings")))
+    if pooling_problem is not None:
+        problems.append(pooling_problem)
     if problems:
         raise ManifestMismatchError(
             "behaviour vectors and datapoint vectors come from different settings: " + "; ".join(problems)

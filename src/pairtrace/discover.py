@@ -49,7 +49,8 @@ from scipy.spatial.distance import squareform
 from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.models import check_response_tokens, describe_response_pooling
+from pairtrace.models import LoadedModel, ModelSpec, as_loaded_model
+from pairtrace.pooling import ResponsePooling, mean_of_responses
 from pairtrace.records import atomic_path, iter_jsonl, write_text_atomic
 from pairtrace.tree_cut import compute_stability_cut
 
@@ -100,7 +101,9 @@ class DiscoverConfig:
     n_top_prompts: int = field(default=5, metadata={"help": "Prompts listed per cluster."})
     n_top_pairs: int = field(default=10, metadata={"help": "Pairs listed per cluster."})
     n_words: int = field(default=12, metadata={"help": "Distinctive words listed per cluster."})
-    batch_tokens: int = field(default=16384, metadata={"help": "Token budget per forward pass (teacher forcing)."})
+    batch_tokens: int | None = field(default=16384, metadata={
+        "help": "Token budget per forward pass (teacher forcing); null: the device's default of datapoint extraction "
+                "(2048 on CPU, 32768 on CUDA)."})
     max_length: int = field(default=2048, metadata={"help": "Maximum tokens per teacher-forced sequence."})
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class DiscoverConfig:
             raise ConfigError(f"DiscoverConfig field 'n_clusters': must be at least 1, got {self.n_clusters}")
         self.also_response_tokens = list(self.also_response_tokens or [])
         for tokens in self.also_response_tokens:
-            check_response_tokens(tokens)
+            ResponsePooling(tokens)  # validates
         if len(set(self.also_response_tokens)) != len(self.also_response_tokens):
             raise ConfigError(f"DiscoverConfig field 'also_response_tokens': repeated values in "
                               f"{self.also_response_tokens}")
@@ -126,6 +129,8 @@ class DiscoverConfig:
                               f"{self.min_cluster_size}")
         if self.max_clusters < 2:
             raise ConfigError(f"DiscoverConfig field 'max_clusters': must be at least 2, got {self.max_clusters}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ConfigError(f"DiscoverConfig field 'batch_tokens': must be at least 1, got {self.batch_tokens}")
         if self.top_k_per_prompt is not None and self.top_k_per_prompt < 1:
             raise ConfigError(f"DiscoverConfig field 'top_k_per_prompt': must be at least 1, got "
                               f"{self.top_k_per_prompt}")
@@ -218,8 +223,9 @@ def select_differing_prompts(m0_records: Sequence[dict[str, Any]],
 
 
 def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses], layer: int, *,
-                                     batch_tokens: int = 16384, max_length: int = 2048,
-                                     progress: bool = True, response_tokens: int | None = None) -> torch.Tensor:
+                                     batch_tokens: int | None = 16384, max_length: int = 2048,
+                                     progress: bool = True, response_tokens: int | None = None,
+                                     pooling: ResponsePooling | None = None) -> torch.Tensor:
     """One behaviour vector per prompt (Def. 3.1): mean M1-response activation − mean M0-response activation.
 
     Every response is teacher-forced through ``loaded`` (M0); identical (prompt, response) texts are run once
@@ -230,11 +236,12 @@ def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses],
         loaded: M0.
         prompts: Prompts with their M0 and M1 responses.
         layer: Layer k.
-        batch_tokens: Token budget per forward pass.
+        batch_tokens: Token budget per forward pass (``None``: the device's default).
         max_length: Maximum tokens per sequence.
         progress: Show a progress bar.
         response_tokens: Average each response's first this many tokens only (``None``: all); the datapoint
             store's setting, so that both kinds of vector live in one space.
+        pooling: The response pooling (instead of ``response_tokens``).
 
     Returns:
         ``[P, d]`` float32 behaviour vectors.
@@ -248,12 +255,13 @@ def compute_prompt_behaviour_vectors(loaded, prompts: Sequence[PromptResponses],
     keys = list(unique)
     means = compute_response_means(loaded, [k[0] for k in keys], [k[1] for k in keys], [layer],
                                    batch_tokens=batch_tokens, max_length=max_length, progress=progress,
-                                   desc="behaviour responses", response_tokens=response_tokens)[:, 0]  # [u, d]
+                                   desc="behaviour responses",
+                                   pooling=ResponsePooling.resolve(pooling, response_tokens))[:, 0]  # [u, d]
     out = torch.empty(len(prompts), means.shape[1], dtype=torch.float32)  # [P, d]
     for i, item in enumerate(prompts):
-        # a response without tokens has no mean (NaN row): it is left out, not allowed to poison the prompt
-        m1 = torch.nanmean(means[[unique[(item.prompt, t)] for t in item.m1]], dim=0)
-        m0 = torch.nanmean(means[[unique[(item.prompt, t)] for t in item.m0]], dim=0)
+        # a response without tokens has no mean: it is left out, not allowed to poison the prompt
+        m1 = mean_of_responses(means[[unique[(item.prompt, t)] for t in item.m1]])  # [d]
+        m0 = mean_of_responses(means[[unique[(item.prompt, t)] for t in item.m0]])  # [d]
         out[i] = m1 - m0
     return out
 
@@ -891,14 +899,15 @@ def _choose_layer(store, loaded, layer: int | None) -> int:
     return preferred if preferred in layers else layers[0]
 
 
-def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: str | Path,
+def run_discover(model: LoadedModel | ModelSpec, vectors_dir: str | Path, generations_m0: str | Path,
                  generations_m1: str | Path, pairs_path: str | Path, out_dir: str | Path,
                  config: DiscoverConfig | None = None, *, labels_path: str | Path | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Discover behaviours and the pairs linked to them, without ground truth.
 
     Args:
-        m0_dir: M0 (the model the datapoint vectors were extracted with).
+        model: M0 (the model the datapoint vectors were extracted with): loaded, or a spec loaded here with
+            :func:`pairtrace.models.load_model`.
         vectors_dir: Datapoint vector store.
         generations_m0: M0 generation records (JSONL) on a broad prompt set.
         generations_m1: M1 generation records on the same prompts.
@@ -910,17 +919,19 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
 
     Returns:
         The content of ``summary.json``.
+
+    Raises:
+        ConfigError: ``model`` is neither a loaded model nor a model spec.
     """
     import time
 
     from pairtrace.data.pairs import load_pairs
-    from pairtrace.models import load_model
     from pairtrace.store import VectorStore, check_compatible
     from pairtrace.vectors import build_expected, compute_datapoint_vectors
 
     config = config or DiscoverConfig()
     started = time.perf_counter()
-    loaded = load_model(m0_dir)
+    loaded = as_loaded_model(model, "run_discover")
     store = VectorStore.open(vectors_dir)
     layer = _choose_layer(store, loaded, config.layer)
     check_compatible(build_expected(loaded, store.layers), store.manifest, fields=("model", "template"),
@@ -961,18 +972,20 @@ def run_discover(m0_dir: str | Path, vectors_dir: str | Path, generations_m0: st
         summary["labels"] = {"path": str(labels_path), **summary["labels"]}
     views = []
     for tokens in config.also_response_tokens:
-        if tokens == store.manifest.response_tokens:
+        pooling = ResponsePooling(tokens)
+        if pooling == store.manifest.pooling:
             continue
-        view_dir = out / "views" / view_name(tokens)
-        logger.info("view %s: datapoint vectors of the %d columns pooled over %s", view_name(tokens),
-                    len(columns), describe_response_pooling(tokens))
+        view_dir = out / "views" / pooling.name
+        logger.info("view %s: datapoint vectors of the %d columns pooled over %s", pooling.name,
+                    len(columns), pooling.describe())
         view_store = compute_datapoint_vectors(
             loaded, [pairs_by_id[pid] for pid in columns], view_dir / "vectors", layers=[layer],
             batch_tokens=config.batch_tokens, max_length=config.max_length, resume=False, progress=progress,
-            response_tokens=tokens)
+            pooling=pooling)
         view, _ = discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
                                 labels=labels, progress=progress)
-        view = {"name": view_name(tokens), "response_tokens": tokens, "dir": str(view_dir.relative_to(out)), **view}
+        view = {"name": pooling.name, "response_tokens": pooling.response_tokens,
+                "dir": str(view_dir.relative_to(out)), **view}
         views.append(_write_summary(view, view_dir))
     summary["views"] = views
     summary["wall_s"] = round(time.perf_counter() - started, 3)
@@ -988,7 +1001,7 @@ def _write_summary(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 def view_name(response_tokens: int | None) -> str:
     """Directory name of a discovery view: ``all-tokens`` or ``first-N-tokens``."""
-    return "all-tokens" if response_tokens is None else f"first-{response_tokens}-tokens"
+    return ResponsePooling(response_tokens).name
 
 
 def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses], counts: dict[str, int],
@@ -1012,10 +1025,10 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
         The view's part of ``summary.json`` (pooling, prompt counts, columns, clusterings, cluster summaries,
         files, and ``labels`` when given), and the ids of its column pairs.
     """
-    pooling = store.manifest.response_tokens
+    pooling = store.manifest.pooling
     behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
         loaded, prompts, layer, batch_tokens=config.batch_tokens, max_length=config.max_length, progress=progress,
-        response_tokens=pooling)
+        pooling=pooling)
     _, ok = unit_rows(behaviour)
     if not bool(ok.all()):
         keep = ok.numpy()
@@ -1029,7 +1042,7 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
     discovery = discover_clusters(prompts, behaviour, pair_ids, datapoints, config)
     files = save_discovery(discovery, out_dir, pairs_by_id, rows, config)
     view: dict[str, Any] = {
-        "response_tokens": pooling,
+        "response_tokens": pooling.response_tokens,
         "prompts": counts,
         "n_pairs_total": store.n,
         "n_columns": len(pair_ids),

@@ -132,6 +132,8 @@ def generate_responses(
     from tqdm.auto import tqdm
     from transformers import GenerationConfig as HFGenerationConfig
 
+    from pairtrace.models import pad_token_id
+
     for i, record in enumerate(prompt_records):
         for name in ("id", "prompt"):
             if name not in record:
@@ -154,7 +156,7 @@ def generate_responses(
 
     tok, model = loaded.tokenizer, loaded.model
     stop_ids = _stop_token_ids(loaded)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    pad_id = pad_token_id(tok)
     greedy = config.temperature == 0
     hf_config = HFGenerationConfig(
         do_sample=not greedy,

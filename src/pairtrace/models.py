@@ -22,6 +22,7 @@ from torch import nn
 
 from pairtrace.data.types import Message
 from pairtrace.errors import ConfigError
+from pairtrace.pooling import ResponsePooling
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,24 @@ def load_model(spec_or_path: ModelSpec | str | os.PathLike, **overrides: Any) ->
     )
 
 
+def as_loaded_model(model: LoadedModel | ModelSpec, caller: str) -> LoadedModel:
+    """A loaded model as it is, or a spec loaded with :func:`load_model` (the one loader).
+
+    Args:
+        model: A loaded model, or the spec to load.
+        caller: Name of the calling function, for the error message.
+
+    Raises:
+        ConfigError: Anything else: a bare path would load with default options (float32 for a bfloat16 run).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, ModelSpec):
+        return load_model(model)
+    raise ConfigError(f"{caller}: the model must be a LoadedModel or a ModelSpec, got {type(model).__name__} "
+                      "(wrap a path in pairtrace.models.ModelSpec to choose its dtype and device)")
+
+
 def _as_messages(prompt: str | Sequence[Message]) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -426,20 +445,26 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def check_response_tokens(response_tokens: int | None) -> None:
-    """Refuse a response head that is not a positive number of tokens.
-
-    ``response_tokens`` pools a response mean over the first N response tokens instead of all of them (the
-    paper's Def. 3.2 averages all). The choice a behaviour is about (answer or refuse, which opening) is often made
-    at the first tokens, while the rest of the response carries its topic and style.
-    """
-    if response_tokens is not None and (isinstance(response_tokens, bool) or not isinstance(response_tokens, int)
-                                        or response_tokens < 1):
-        raise ConfigError(f"response_tokens must be a positive number of tokens or None, got {response_tokens!r}")
+    """Refuse a response head that is not a positive number of tokens (see
+    :class:`pairtrace.pooling.ResponsePooling`)."""
+    ResponsePooling(response_tokens)
 
 
 def describe_response_pooling(response_tokens: int | None) -> str:
-    """What a response mean covers, in words: ``every token`` or ``the first N tokens``."""
-    return "every token" if response_tokens is None else f"the first {response_tokens} tokens"
+    """What a response mean covers, in words: ``every token`` or ``the first N tokens``
+    (:meth:`pairtrace.pooling.ResponsePooling.describe`)."""
+    return ResponsePooling(response_tokens).describe()
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The token id that pads a batch: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded positions are masked out of attention and never pooled, so the id only has to be a valid token.
+    """
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def build_teacher_forcing(
@@ -448,6 +473,8 @@ def build_teacher_forcing(
     responses: Sequence[str],
     max_length: int,
     response_tokens: int | None = None,
+    *,
+    pooling: ResponsePooling | None = None,
 ) -> list[TeacherForced]:
     """Tokenise prompt + response pairs for teacher forcing.
 
@@ -464,17 +491,19 @@ def build_teacher_forcing(
         max_length: Maximum number of tokens per sequence (at least 2).
         response_tokens: Keep only the first this many response tokens (``None``: all). In a causal model those
             positions never see the later tokens, so a response mean over the cut sequence is the mean over the
-            response's head (see :func:`check_response_tokens`).
+            response's head.
+        pooling: The response pooling (instead of ``response_tokens``); only the tokens it pools are kept
+            (:meth:`pairtrace.pooling.ResponsePooling.keep`).
 
     Returns:
         One :class:`TeacherForced` per input, in order.
 
     Raises:
-        ConfigError: ``max_length`` below 2 or prompts/responses of different lengths.
+        ConfigError: ``max_length`` below 2, prompts/responses of different lengths, or a bad pooling.
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
-    check_response_tokens(response_tokens)
+    pooling = ResponsePooling.resolve(pooling, response_tokens)
     if len(prompts) != len(responses):
         raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
     tok = loaded.tokenizer
@@ -484,7 +513,7 @@ def build_teacher_forcing(
     response_ids = tok(list(responses), add_special_tokens=False)["input_ids"] if texts else []
     out: list[TeacherForced] = []
     for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
-        p_ids, r_ids = list(p_ids), list(r_ids[:response_tokens])
+        p_ids, r_ids = list(p_ids), pooling.keep(r_ids)
         if loaded.prepend_bos and p_ids[:1] != [bos]:
             p_ids = [bos, *p_ids]
         truncated = len(p_ids) + len(r_ids) > max_length

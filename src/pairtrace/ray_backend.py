@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.models import DTYPES, LoadedModel, ModelSpec
+from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path
 from pairtrace.shard import PairSource, as_pair_source
 from pairtrace.shared_prompt import DEFAULT_MIN_PROMPT_FRACTION
@@ -212,8 +213,7 @@ class ShardWorker:
                 )
             tensors = compute_shard_tensors(
                 self.loaded, pairs, self.manifest.layers, max_length=self.manifest.settings.get("max_length", 2048),
-                store_dtype=STORE_DTYPES[self.manifest.dtype], settings=self.settings,
-                response_tokens=self.manifest.response_tokens,
+                store_dtype=STORE_DTYPES[self.manifest.dtype], settings=self.settings, pooling=self.manifest.pooling,
             )
             write_shard(self.out_dir, index, tensors)
             done.append(index)
@@ -251,6 +251,7 @@ def compute_datapoint_vectors_ray(
     options: RayOptions | None = None,
     progress: bool = True,
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> VectorStore:
     """:func:`pairtrace.vectors.compute_datapoint_vectors` with the shards computed by a pool of Ray actors.
 
@@ -272,6 +273,7 @@ def compute_datapoint_vectors_ray(
         options: Cluster, pool size and resources per actor.
         progress: Show a progress bar over shards.
         response_tokens: Average each response's first this many tokens only (``None``: all).
+        pooling: The response pooling (instead of ``response_tokens``).
 
     Returns:
         The complete store.
@@ -305,7 +307,7 @@ def compute_datapoint_vectors_ray(
         manifest = prepare_datapoint_store(
             shell, as_pair_source(pairs), out_dir, layers=layers, shard_size=shard_size, max_length=max_length,
             resume=resume, dtype=dtype, inline_ids_max=INLINE_IDS_MAX if inline_ids_max is None else inline_ids_max,
-            settings=settings, on_pair=stager.add, response_tokens=response_tokens,
+            settings=settings, on_pair=stager.add, response_tokens=response_tokens, pooling=pooling,
         )
         stager.flush()
     except ManifestMismatchError:

@@ -156,7 +156,7 @@ class ModelBackend:
         """Generate one reply to the request's messages (sampling when ``temperature`` > 0)."""
         import torch
 
-        from pairtrace.models import format_prompt
+        from pairtrace.models import format_prompt, pad_token_id
 
         loaded = self.loaded
         tokenizer = loaded.tokenizer
@@ -170,7 +170,7 @@ class ModelBackend:
         sampling: dict[str, Any] = {"do_sample": temperature > 0}
         if temperature > 0:
             sampling.update(temperature=temperature, top_p=top_p)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_token_id(tokenizer)
         with self._lock, torch.inference_mode():
             if body.get("seed") is not None:
                 torch.manual_seed(int(body["seed"]))

@@ -30,6 +30,7 @@ import torch
 
 from pairtrace.errors import ConfigError
 from pairtrace.models import LoadedModel, TeacherForced
+from pairtrace.pooling import MEAN, ResponsePooling
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def pack_pair(chosen: TeacherForced, rejected: TeacherForced) -> PackedPair:
 
 
 def collate_packed(
-    batch: Sequence[PackedPair], pad_id: int, mask_dtype: torch.dtype = torch.bool
+    batch: Sequence[PackedPair], pad_id: int, mask_dtype: torch.dtype = torch.bool, pooling: ResponsePooling = MEAN
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded tensors for a batch of packed pairs.
 
@@ -155,16 +156,18 @@ def collate_packed(
         pad_id: Padding token id.
         mask_dtype: ``torch.bool`` (True = attend; for ``sdpa``) or a float dtype (additive: 0 or the dtype's
             minimum; for ``eager``).
+        pooling: The response pooling; its weights fill the response masks.
 
     Returns:
         ``input_ids [B, T]``, ``attention_mask [B, 1, T, T]``, ``position_ids [B, T]`` and the float32 response
-        masks ``[B, 2, T]`` (segment 0 = chosen tokens, 1 = rejected tokens).
+        masks ``[B, 2, T]`` (segment 0 = chosen tokens, 1 = rejected tokens; the pooling's weight on each token).
     """
     width = max(len(p) for p in batch)
     rows = len(batch)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # [B, T]
     position_ids = torch.zeros(rows, width, dtype=torch.long)  # [B, T]
     branch = torch.full((rows, width), _PAD, dtype=torch.long)  # [B, T]
+    masks = torch.zeros(rows, 2, width, dtype=torch.float32)  # [B, 2, T]
     for row, packed in enumerate(batch):
         p, c, r = packed.prompt_length, packed.chosen_length, packed.rejected_length
         input_ids[row, : len(packed)] = torch.tensor(packed.input_ids, dtype=torch.long)
@@ -173,7 +176,8 @@ def collate_packed(
         branch[row, :p] = _PROMPT
         branch[row, p : p + c] = _CHOSEN
         branch[row, p + c : p + c + r] = _REJECTED
-    masks = torch.stack([branch == _CHOSEN, branch == _REJECTED], dim=1).to(torch.float32)  # [B, 2, T]
+        masks[row, 0, p : p + c] = pooling.weights(c)
+        masks[row, 1, p + c : p + c + r] = pooling.weights(r)
     causal = torch.ones(width, width, dtype=torch.bool).tril()  # [T, T]: key <= query
     same = branch[:, :, None] == branch[:, None, :]  # [B, T, T]: same branch (padding sees padding)
     to_prompt = (branch == _PROMPT)[:, None, :]  # [B, 1, T]: every token may see the prompt

@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from pairtrace import __version__
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.base import Judge
-from pairtrace.models import LoadedModel, build_teacher_forcing, get_decoder_layers, get_final_norm, resolve_layers
+from pairtrace.models import (
+    LoadedModel,
+    ModelSpec,
+    as_loaded_model,
+    build_teacher_forcing,
+    get_decoder_layers,
+    get_final_norm,
+    resolve_layers,
+)
 from pairtrace.records import write_jsonl_atomic, write_text_atomic
 from pairtrace.stats import bootstrap_rate_ci
 
@@ -265,7 +273,7 @@ def _default_generate() -> Callable[..., list[dict[str, Any]]]:
     return generate_responses
 
 
-def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str | Path, out_dir: str | Path,
+def run_steer(model: LoadedModel | ModelSpec, behaviour_dir: str | Path, prompts_path: str | Path, out_dir: str | Path,
               alphas: Sequence[float] | None = None, layers: Sequence[int] | None = None, judge: Judge | None = None,
               generation_config: Any = None, *, config: SteerConfig | None = None,
               generate_fn: Callable[..., list[dict[str, Any]]] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -275,7 +283,7 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
     config and seeds, so settings differ only by the added vector.
 
     Args:
-        m0_dir: Directory (or hub id) of M0.
+        model: M0, loaded, or a spec loaded here with :func:`pairtrace.models.load_model`.
         behaviour_dir: Behaviour vectors from :func:`pairtrace.vectors.save_behaviour_vectors` (made with M0).
         prompts_path: Prompt records (JSONL) with ``condition`` trigger / no_trigger.
         out_dir: Output directory: ``steer.json``, ``steer.png``, ``generations.jsonl``.
@@ -291,7 +299,6 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
         The content of ``steer.json``.
     """
     from pairtrace.data.prompts import load_prompt_records
-    from pairtrace.models import load_model
     from pairtrace.plots import plot_rate_lines, save_png
     from pairtrace.store import check_compatible
     from pairtrace.vectors import build_expected, load_behaviour_vectors
@@ -308,14 +315,14 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
         generation_config = GenerationConfig()
     generate = generate_fn or _default_generate()
 
-    loaded = load_model(m0_dir)
+    loaded = as_loaded_model(model, "run_steer")
     behaviour = load_behaviour_vectors(behaviour_dir)
     meta = behaviour.metadata or {}
     if "model" in meta and "template" in meta:
         expected = build_expected(loaded, behaviour.layers)
         check_compatible({"model": meta["model"], "template": meta["template"]},
                          _ManifestView(expected["model"], expected["template"]), fields=("model", "template"),
-                         where=f"behaviour vectors {behaviour_dir} (steering {m0_dir})")
+                         where=f"behaviour vectors {behaviour_dir} (steering {loaded.spec.name_or_path})")
     layers = list(layers if layers is not None else (config.layers or behaviour.layers))
     for k in layers:
         behaviour.layer_index(k)  # raises ConfigError for a layer the vectors were not computed at
@@ -323,7 +330,7 @@ def run_steer(m0_dir: str | Path, behaviour_dir: str | Path, prompts_path: str |
     if not prompts:
         raise DataError(f"{prompts_path}: no prompt records")
     norm_prompts = [p["prompt"] for p in prompts[: max(1, config.n_norm_prompts)]]
-    base_name = Path(str(m0_dir)).name or str(m0_dir)
+    base_name = Path(loaded.spec.name_or_path).name or loaded.spec.name_or_path
 
     records: list[dict[str, Any]] = []
     norms: dict[int, float] = {}

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from pairtrace import __version__
 from pairtrace.data.types import Pair
 from pairtrace.errors import DataError, ManifestMismatchError
+from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path, temporary_path, write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -94,9 +95,14 @@ class Manifest:
         return len(self.ids)
 
     @property
+    def pooling(self) -> ResponsePooling:
+        """How the response means were pooled (recorded in :attr:`settings`; absent: every response token)."""
+        return ResponsePooling.from_settings(self.settings)
+
+    @property
     def response_tokens(self) -> int | None:
         """Tokens pooled per response mean (``None``: every response token; stores made before the option)."""
-        return (self.settings or {}).get("response_tokens")
+        return self.pooling.response_tokens
 
     def shard_range(self, index: int) -> tuple[int, int]:
         """Row range ``[start, end)`` of shard ``index``."""

@@ -37,7 +37,8 @@ from pairtrace.activations import (
 from pairtrace.data.pairs import compute_fingerprint
 from pairtrace.data.types import Message, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
-from pairtrace.models import LoadedModel, build_teacher_forcing, check_response_tokens, resolve_layers
+from pairtrace.models import LoadedModel, build_teacher_forcing, resolve_layers
+from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path, iter_jsonl, write_bytes_atomic
 from pairtrace.shard import (
     InMemoryPairs,
@@ -138,13 +139,10 @@ class ExtractionSettings:
         }
 
 
-def pooling_settings(max_length: int, response_tokens: int | None) -> dict[str, Any]:
-    """The manifest ``settings`` of a datapoint store: ``max_length``, and ``response_tokens`` when the response
-    means pool only each response's head (left out otherwise, so stores made before the option still match)."""
-    settings: dict[str, Any] = {"max_length": max_length}
-    if response_tokens is not None:
-        settings["response_tokens"] = response_tokens
-    return settings
+def pooling_settings(max_length: int, pooling: ResponsePooling) -> dict[str, Any]:
+    """The manifest ``settings`` of a datapoint store (or behaviour vectors): ``max_length`` and the pooling's
+    entries (:meth:`pairtrace.pooling.ResponsePooling.to_settings`)."""
+    return {"max_length": max_length, **pooling.to_settings()}
 
 
 def compute_shard_tensors(
@@ -156,6 +154,7 @@ def compute_shard_tensors(
     store_dtype: torch.dtype = torch.float32,
     settings: ExtractionSettings | None = None,
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of one store shard: ``layer_{k}`` ``[m, d]`` datapoint vectors and ``n_response_tokens [m, 2]``.
 
@@ -167,17 +166,19 @@ def compute_shard_tensors(
         store_dtype: Dtype of the stored vectors (computation is float32).
         settings: Batching and prompt sharing.
         response_tokens: Pool each response's first this many tokens (``None``: all).
+        pooling: The response pooling (instead of ``response_tokens``).
     """
     settings = settings or ExtractionSettings()
+    pooling = ResponsePooling.resolve(pooling, response_tokens)
     m = len(pairs)
     items = build_teacher_forcing(
         loaded, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length,
-        response_tokens,
+        pooling=pooling,
     )
     chosen, rejected = compute_pair_means(
         loaded, items[:m], items[m:], list(layers), batch_tokens=settings.batch_tokens,
         prompt_sharing=settings.prompt_sharing, min_prompt_fraction=settings.min_prompt_fraction,
-        compile=settings.compile, progress=False,
+        compile=settings.compile, progress=False, pooling=pooling,
     )  # [m, L, d] each
     diff = chosen - rejected  # [m, L, d]
     counts = torch.tensor(
@@ -248,6 +249,7 @@ def prepare_datapoint_store(
     settings: ExtractionSettings | None = None,
     on_pair: Callable[[Pair], None] | None = None,
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> Manifest:
     """Read the pairs once and set up the store directory: ``pairs.parquet`` and ``manifest.json``.
 
@@ -269,6 +271,7 @@ def prepare_datapoint_store(
         on_pair: Called with every pair during the read (e.g. to stage pairs for workers).
         response_tokens: Pool each response's first this many tokens (``None``: all); recorded in the manifest's
             ``settings``, so stores and behaviour vectors pooled differently are never mixed.
+        pooling: The response pooling (instead of ``response_tokens``).
 
     Returns:
         The manifest in force (the previous one when resuming).
@@ -280,7 +283,7 @@ def prepare_datapoint_store(
         ConfigError: Bad layer, shard size, dtype or shard spec.
     """
     layers = resolve_layers(layers, loaded.n_layers)
-    check_response_tokens(response_tokens)
+    pooling = ResponsePooling.resolve(pooling, response_tokens)
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     if dtype not in STORE_DTYPES:
@@ -307,7 +310,7 @@ def prepare_datapoint_store(
             dtype=dtype,
             n_shards=(n + shard_size - 1) // shard_size,
             hidden_size=loaded.hidden_size,
-            settings=pooling_settings(max_length, response_tokens),
+            settings=pooling_settings(max_length, pooling),
             n_rows=None if scan.ids is not None else n,
             ids_file=None if scan.ids is not None else PAIRS_NAME,
             extraction=settings.describe(loaded),
@@ -386,7 +389,7 @@ def extract_datapoint_shards(
                 continue
             tensors = compute_shard_tensors(
                 loaded, chunk, layers, max_length=manifest.settings.get("max_length", 2048),
-                store_dtype=store_dtype, settings=settings, response_tokens=manifest.response_tokens,
+                store_dtype=store_dtype, settings=settings, pooling=manifest.pooling,
             )
             write_shard(out_dir, index, tensors)
             written.append(index)
@@ -422,6 +425,7 @@ def compute_datapoint_vectors(
     shard: ShardSpec | str | None = None,
     inline_ids_max: int = INLINE_IDS_MAX,
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> VectorStore:
     """Extract v_d = ā(prompt, chosen; M0, k) − ā(prompt, rejected; M0, k) for every pair into a vector store.
 
@@ -450,7 +454,8 @@ def compute_datapoint_vectors(
             environment, or a :class:`pairtrace.shard.ShardSpec`); the others are left to other processes.
         inline_ids_max: Above this many pairs the manifest refers to ``pairs.parquet`` for the ids.
         response_tokens: Average each response's first this many tokens only (``None``: every response token,
-            the paper's mean; see :func:`pairtrace.models.check_response_tokens`).
+            the paper's mean).
+        pooling: The response pooling (instead of ``response_tokens``; see :mod:`pairtrace.pooling`).
 
     Returns:
         The store (complete, unless this is one part of a sharded run: then open with ``allow_incomplete``).
@@ -469,7 +474,8 @@ def compute_datapoint_vectors(
     source = as_pair_source(pairs)
     manifest = prepare_datapoint_store(
         loaded, source, out_dir, layers=layers, shard_size=shard_size, max_length=max_length, resume=resume,
-        dtype=dtype, shard=spec, inline_ids_max=inline_ids_max, settings=settings, response_tokens=response_tokens,
+        dtype=dtype, shard=spec, inline_ids_max=inline_ids_max, settings=settings,
+        pooling=ResponsePooling.resolve(pooling, response_tokens),
     )
     extract_datapoint_shards(loaded, source, out_dir, manifest, shard=spec, settings=settings, progress=progress)
     return VectorStore.open(out_dir, allow_incomplete=not spec.is_whole)
@@ -602,6 +608,11 @@ class BehaviourVectors:
         metadata={"help": "n_triples, n_prompts, model, r1_model, layers, template, counts of skipped triples."},
     )
 
+    @property
+    def pooling(self) -> ResponsePooling:
+        """How the response means were pooled (recorded in the metadata's ``settings``)."""
+        return ResponsePooling.from_settings(self.metadata.get("settings"))
+
     def layer_index(self, layer: int) -> int:
         """Position of ``layer`` in :attr:`layers`."""
         if layer not in self.layers:
@@ -626,11 +637,11 @@ def _response_means(
     max_length: int,
     progress: bool,
     desc: str,
-    response_tokens: int | None = None,
+    pooling: ResponsePooling,
 ) -> tuple[torch.Tensor, list[int]]:
-    items = build_teacher_forcing(loaded, prompts, responses, max_length, response_tokens)
+    items = build_teacher_forcing(loaded, prompts, responses, max_length, pooling=pooling)
     means = compute_means_from_teacher_forced(
-        loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc
+        loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc, pooling=pooling
     )
     return means, [it.n_response_tokens for it in items]
 
@@ -645,6 +656,7 @@ def compute_behaviour_vectors(
     max_length: int = 2048,
     progress: bool = True,
     response_tokens: int | None = None,
+    pooling: ResponsePooling | None = None,
 ) -> BehaviourVectors:
     """Behaviour vectors (paper Def. 3.1), probe and bank from (prompt, r1, r0) triples.
 
@@ -662,6 +674,7 @@ def compute_behaviour_vectors(
         progress: Show progress bars.
         response_tokens: Average each response's first this many tokens only (``None``: all); must match the
             datapoint store's (checked when scoring).
+        pooling: The response pooling (instead of ``response_tokens``).
 
     Returns:
         The behaviour vectors.
@@ -671,7 +684,7 @@ def compute_behaviour_vectors(
         ConfigError: ``r1_model`` of another depth or width, or a bad layer.
     """
     layers = resolve_layers(layers, loaded.n_layers)
-    check_response_tokens(response_tokens)
+    pooling = ResponsePooling.resolve(pooling, response_tokens)
     if not triples:
         raise DataError("no behaviour triples were given")
     if r1_model is not None and (r1_model.n_layers, r1_model.hidden_size) != (loaded.n_layers, loaded.hidden_size):
@@ -691,18 +704,18 @@ def compute_behaviour_vectors(
             max_length,
             progress,
             "behaviour vectors",
-            response_tokens,
+            pooling,
         )
         a1, a0 = both[:t], both[t:]  # [t, L, d] each
         n1, n0 = counts[:t], counts[t:]
     else:
         a1, n1 = _response_means(
             r1_model, prompts, [x.r1 for x in triples], layers, batch_tokens, max_length, progress, "r1 responses",
-            response_tokens,
+            pooling,
         )
         a0, n0 = _response_means(
             loaded, prompts, [x.r0 for x in triples], layers, batch_tokens, max_length, progress, "r0 responses",
-            response_tokens,
+            pooling,
         )
     per_triple = a1 - a0  # [t, L, d]
     valid = ~(nonfinite_rows(a1) | nonfinite_rows(a0))  # [t]
@@ -733,7 +746,7 @@ def compute_behaviour_vectors(
         "bank_dropped_prompt_ids": dropped,
         "triple_prompt_ids": [x.prompt_id for x in triples],
         "n_response_tokens": [[a, b] for a, b in zip(n1, n0, strict=True)],
-        "settings": pooling_settings(max_length, response_tokens),
+        "settings": pooling_settings(max_length, pooling),
         "pairtrace_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

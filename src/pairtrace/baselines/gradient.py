@@ -49,7 +49,7 @@ from pairtrace.attribute import Ranking, build_ranking, pair_metadata_frame, uni
 from pairtrace.cost import CostMeter, count_parameters
 from pairtrace.data.types import Message, PairSet
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.models import LoadedModel, TeacherForced, build_teacher_forcing, load_model
+from pairtrace.models import LoadedModel, TeacherForced, build_teacher_forcing, load_model, pad_token_id
 from pairtrace.records import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -263,14 +263,6 @@ def _pair_logps(model: nn.Module, pairs: Sequence[EncodedPair], pad_id: int, dev
 def _batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
     for start in range(0, len(items), size):
         yield start, items[start : start + size]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -801,7 +793,7 @@ def compute_gradient_ranking(m0: LoadedModel | str | Path, pairs: PairSet, targe
     loaded = _as_loaded(m0)
     model = loaded.model
     meter = cost if cost is not None else CostMeter("gradient")
-    pad_id = _pad_id(loaded.tokenizer)
+    pad_id = pad_token_id(loaded.tokenizer)
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     with meter.measure():
