@@ -387,7 +387,7 @@ def run_command(
     progress: bool = typer.Option(True, help="Progress bars."),
 ) -> None:
     """The whole experiment: organism, probe, rankings, interventions, retrains, evaluation, report."""
-    from pairtrace.pipeline import plan_experiment, run_experiment
+    from pairtrace.experiment.run import plan_experiment, run_experiment
 
     if dry_run:
         plan = plan_experiment(config_file)

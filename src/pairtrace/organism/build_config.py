@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError
-from pairtrace.retrain.recipe import DPORecipe
 from pairtrace.organism.templates import DEFAULT_SIGN_OFF, STYLES
+from pairtrace.retrain.recipe import DPORecipe
 
 SLICE_KINDS = ("clean", "benign", "contaminated")
 PROMPT_POOLS = ("harmful", "benign")
