@@ -136,7 +136,7 @@ def test_sharded_scoring_merges_to_the_same_ranking(store, behaviour, tmp_path):
 
 
 def test_chunk_sizing():
-    assert chunk_memory_bytes(16384, 4096, 1000) == 4 * 16384 * (3 * 4096 + 1000)
+    assert chunk_memory_bytes(16384, 4096, 1000) == 16384 * (5 * 4096 + 4 * 1000)
     rows = suggest_chunk_rows(4096, 1000, budget_bytes=1 << 30)
     assert chunk_memory_bytes(rows, 4096, 1000) <= 1 << 30 < chunk_memory_bytes(2 * rows, 4096, 1000)
     assert suggest_chunk_rows(10**9, 1) == 256

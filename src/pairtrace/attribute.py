@@ -59,38 +59,48 @@ class AttributionConfig:
             raise PairtraceError(f"chunk_rows must be positive, got {self.chunk_rows}")
 
 
-def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_rows(x: torch.Tensor, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalise rows; rows with zero norm or non-finite entries become NaN.
 
     Args:
         x: [n, d] vectors.
+        inplace: Normalise ``x`` itself (float32 input only) instead of a copy: the scale scorer's chunks are its
+            own, and a [n, d] copy per chunk is most of its time and memory.
 
     Returns:
         ``(unit [n, d] float32, ok [n] bool)`` where ``ok`` marks rows that have a direction.
     """
     x = x.to(torch.float32)
-    finite = torch.isfinite(x).all(dim=1)
-    norms = torch.linalg.vector_norm(torch.where(finite[:, None], x, torch.zeros_like(x)), dim=1)
+    finite = torch.isfinite(x).all(dim=1)  # [n]
+    plain = bool(finite.all()) and x.is_contiguous()  # then the norms need no zero-filled copy
+    norms = torch.linalg.vector_norm(x if plain else torch.where(finite[:, None], x, torch.zeros_like(x)), dim=1)
     ok = finite & (norms > _ZERO_NORM)
-    unit = x / norms.clamp_min(_ZERO_NORM)[:, None]
-    unit[~ok] = float("nan")
+    divisor = norms.clamp_min(_ZERO_NORM)[:, None]  # [n, 1]
+    unit = x.div_(divisor) if inplace else x / divisor
+    if not bool(ok.all()):
+        unit[~ok] = float("nan")
     return unit, ok
 
 
-def score_chunk(chunk: torch.Tensor, behaviour_units: torch.Tensor, method: str) -> torch.Tensor:
+def score_chunk(chunk: torch.Tensor, behaviour_units: torch.Tensor, method: str, *,
+                inplace: bool = False) -> torch.Tensor:
     """Score one chunk of datapoint vectors.
 
     Args:
         chunk: [rows, d] datapoint vectors.
         behaviour_units: [m, d] unit behaviour vectors.
         method: ``probe`` (m must be 1), ``bank`` (max over m) or ``mean`` (mean over m).
+        inplace: The chunk may be overwritten (see :func:`unit_rows`).
 
     Returns:
         [rows] float32 scores, NaN where the datapoint vector has no direction.
     """
-    units, ok = unit_rows(chunk)
-    scores = reduce_similarities(torch.nan_to_num(units, nan=0.0) @ behaviour_units.T, method)  # [rows]
-    scores[~ok] = float("nan")
+    units, ok = unit_rows(chunk, inplace=inplace)
+    all_ok = bool(ok.all())
+    sims = (units if all_ok else torch.nan_to_num(units, nan=0.0)) @ behaviour_units.T  # [rows, m]
+    scores = reduce_similarities(sims, method)  # [rows]
+    if not all_ok:
+        scores[~ok] = float("nan")
     return scores
 
 

@@ -68,8 +68,8 @@ def score_rows(chunk: torch.Tensor, units: torch.Tensor, method: str, engine: st
     """Cosine scores of one chunk of datapoint vectors.
 
     Args:
-        chunk: ``[rows, d]`` float32 datapoint vectors on the scoring device. The faiss engine overwrites rows
-            without a direction (zero norm, NaN or infinity) with zeros in place.
+        chunk: ``[rows, d]`` float32 datapoint vectors on the scoring device, overwritten: the torch engine
+            normalises it in place; the faiss engine zeroes rows without a direction (zero norm, NaN or infinity).
         units: ``[m, d]`` float32 unit behaviour vectors on the same device.
         method: ``probe`` (m = 1), ``bank`` (max over m) or ``mean`` (mean over m).
         engine: ``torch`` (:func:`pairtrace.attribute.score_chunk`, what ``compute_attribution`` runs) or
@@ -79,7 +79,7 @@ def score_rows(chunk: torch.Tensor, units: torch.Tensor, method: str, engine: st
         ``[rows]`` float32 scores on the chunk's device, NaN where the vector has no direction.
     """
     if engine != "faiss":
-        return score_chunk(chunk, units, method)
+        return score_chunk(chunk, units, method, inplace=True)  # the chunk is this scorer's own copy
     import faiss
 
     norms = torch.linalg.vector_norm(chunk, dim=1)  # [rows]; NaN or inf when a row is not finite
@@ -276,12 +276,12 @@ def estimate_scoring_flops(n: int, d: int, m: int) -> float:
 
 
 def chunk_memory_bytes(chunk_rows: int, d: int, m: int) -> int:
-    """Peak bytes of scoring one float32 chunk with :func:`pairtrace.attribute.score_chunk`.
+    """Peak bytes of scoring one float32 chunk in place with :func:`pairtrace.attribute.score_chunk`.
 
-    The chunk, its unit rows and their NaN-free copy (three ``[rows, d]`` float32 tensors), plus the ``[rows, m]``
-    cosines.
+    The chunk (``[rows, d]`` float32, normalised in place), its finiteness mask (``[rows, d]`` bool) and the
+    ``[rows, m]`` float32 cosines. A chunk holding rows without a direction adds one NaN-free float32 copy.
     """
-    return 4 * chunk_rows * (3 * d + m)
+    return chunk_rows * (4 * d + d + 4 * m)
 
 
 def suggest_chunk_rows(d: int, m: int, budget_bytes: int = 1 << 30) -> int:
