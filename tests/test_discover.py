@@ -21,12 +21,12 @@ from pairtrace.discover import (
     discover_clusters,
     evaluate_clusters,
     load_generation_records,
-    load_labels,
     run_discover,
     select_columns,
     select_differing_prompts,
 )
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.labels import load_labels
 
 
 def gen(pid: str, prompt: str, response: str, model: str, sample: int = 0) -> dict:

@@ -49,6 +49,7 @@ from scipy.spatial.distance import squareform
 from pairtrace import __version__
 from pairtrace.attribute import unit_rows
 from pairtrace.errors import ConfigError, DataError
+from pairtrace.labels import load_labels
 from pairtrace.models import LoadedModel, ModelSpec, as_loaded_model
 from pairtrace.pooling import ResponsePooling, mean_of_responses
 from pairtrace.records import atomic_path, iter_jsonl, write_text_atomic
@@ -709,42 +710,6 @@ def _counts(values, limit: int = 10) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ labels (optional)
-
-
-def load_labels(path: str | Path) -> pd.DataFrame:
-    """Read ground-truth labels (columns ``id``, ``behaviour``, ``contaminated``) from JSONL, JSON, CSV or Parquet.
-
-    Raises:
-        DataError: Unreadable file or a missing column.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"labels file not found: {path}")
-    name = path.name.lower()
-    try:
-        if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
-        elif name.endswith(".csv"):
-            frame = pd.read_csv(path)
-        elif name.endswith(".json"):
-            frame = pd.read_json(path)
-        else:
-            frame = pd.read_json(path, lines=True)
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot read labels ({exc})") from exc
-    if "id" not in frame.columns:
-        raise DataError(f"{path}: labels need field 'id'")
-    if "behaviour" not in frame.columns and "contaminated" not in frame.columns:
-        raise DataError(f"{path}: labels need field 'behaviour' or 'contaminated'")
-    frame = frame.copy()
-    frame["id"] = frame["id"].astype(str)
-    frame = frame.drop_duplicates("id", keep="last")
-    if "behaviour" not in frame.columns:
-        frame["behaviour"] = np.where(frame["contaminated"].astype(bool), "contaminated", "(none)")
-    frame["behaviour"] = frame["behaviour"].astype(object).where(frame["behaviour"].notna(), "(none)").astype(str)
-    if "contaminated" in frame.columns:
-        frame["contaminated"] = frame["contaminated"].astype(bool)
-    return frame
 
 
 def evaluate_clusters(discovery: Discovery, labels: pd.DataFrame) -> dict[str, Any]:

@@ -382,24 +382,18 @@ def compute_roc_curves(rankings: dict[str, Path], labels_path: Path) -> dict[str
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from pairtrace.attribute import load_ranking
-    from pairtrace.discover import load_labels
+    from pairtrace.labels import label_scores, load_labels
 
     labels = load_labels(labels_path)
-    if "contaminated" not in labels.columns:
-        return {}
-    truth = labels.set_index("id")["contaminated"]
     curves = {}
     for method, path in rankings.items():
-        table = load_ranking(path).table
-        table = table[table["id"].astype(str).isin(truth.index)]
-        y = truth.reindex(table["id"].astype(str)).to_numpy(dtype=bool)
-        if y.all() or not y.any():
+        scored = label_scores(load_ranking(path).table, labels)
+        if scored is None:
+            return {}
+        if scored.y.all() or not scored.y.any():
             continue
-        scores = table["score"].to_numpy(dtype=float)
-        floor = np.nanmin(scores) - 1.0 if np.isfinite(scores).any() else 0.0
-        scores = np.where(np.isfinite(scores), scores, floor)
-        fpr, tpr, _ = roc_curve(y, scores)
-        curves[method] = (fpr, tpr, float(roc_auc_score(y, scores)))
+        fpr, tpr, _ = roc_curve(scored.y, scored.scores)
+        curves[method] = (fpr, tpr, float(roc_auc_score(scored.y, scored.scores)))
     return curves
 
 
