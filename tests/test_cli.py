@@ -161,3 +161,17 @@ def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):
     assert view["n_columns"] == 6  # the sign-off pairs open alike: no direction over the first 2 tokens
     result = invoke(*common, "--out", tmp_path / "e", "--also-response-tokens", "head")
     assert result.exit_code == 2 and "neither a number of tokens nor 'all'" in result.output
+
+
+def test_importing_the_command_line_loads_no_heavy_library():
+    """``pairtrace --help`` stays fast: the command line's module imports neither torch, transformers nor pandas."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pairtrace.cli, sys; "
+        "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

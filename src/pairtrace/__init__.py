@@ -22,7 +22,7 @@ _EXPORTS = {
     "Pair": "pairtrace.data.types",
     "PairSet": "pairtrace.data.types",
     "load_model": "pairtrace.models",
-    "ModelSpec": "pairtrace.models",
+    "ModelSpec": "pairtrace.model_spec",
     "compute_response_means": "pairtrace.activations",
     "compute_datapoint_vectors": "pairtrace.vectors",
     "compute_behaviour_vectors": "pairtrace.vectors",

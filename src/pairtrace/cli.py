@@ -22,7 +22,7 @@ from rich.console import Console
 from pairtrace.errors import ConfigError, PairtraceError
 from pairtrace.generate import GenerationConfig
 from pairtrace.judges.factory import JudgeOptions
-from pairtrace.models import ModelSpec
+from pairtrace.model_spec import ModelSpec
 from pairtrace.options import OptionGroup, cli_options, load_yaml
 from pairtrace.retrain.recipe import DPORecipe
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from torch import nn
 
 from pairtrace.data.types import Message
 from pairtrace.errors import ConfigError
+from pairtrace.model_spec import DTYPE_NAMES, ModelSpec
 from pairtrace.pooling import ResponsePooling
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEMPLATE_MODES = ("auto", "chat", "plain")
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 PLAIN_FORMAT = (
     "plain-v1: single user turn = its content; otherwise 'Role: content' turns joined by a blank line, "
@@ -37,38 +37,6 @@ PLAIN_FORMAT = (
 
 _SAMPLE_BYTES = 1 << 16  # bytes read per sampled range when fingerprinting weight files
 _SAMPLE_POINTS = (0.0, 1 / 3, 2 / 3, 1.0)  # relative positions of the sampled ranges in a file's data section
-
-
-@dataclass
-class ModelSpec:
-    """Which model to load and how."""
-
-    name_or_path: str = field(metadata={"help": "Local directory or Hugging Face hub id of the model."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU that supports it "
-                          "and on a CPU with AMX, else float32)."},
-    )
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda or cuda:N."})
-    chat_template: str = field(
-        default="auto",
-        metadata={"help": "auto (the tokenizer's template if it has one, else plain), chat, or plain."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the hub (off unless asked)."}
-    )
-
-    def __post_init__(self) -> None:
-        self.name_or_path = str(self.name_or_path)
-        if self.dtype not in DTYPES and self.dtype != "auto":
-            raise ConfigError(f"ModelSpec field 'dtype': {self.dtype!r} is not one of {[*sorted(DTYPES), 'auto']}")
-        if self.chat_template not in TEMPLATE_MODES:
-            raise ConfigError(
-                f"ModelSpec field 'chat_template': {self.chat_template!r} is not one of {list(TEMPLATE_MODES)}"
-            )
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"ModelSpec field 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
 
 
 @dataclass
