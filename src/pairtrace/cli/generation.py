@@ -1,0 +1,123 @@
+"""Commands that sample and judge: generate, judge, evaluate, triples, and the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pairtrace.cli.common import JUDGE, MODEL_NAME, SAMPLING, ConfigOpt, app, command, console, out_option, require
+from pairtrace.generate import GenerationConfig
+from pairtrace.judges.factory import JudgeOptions
+from pairtrace.model_spec import ModelSpec
+
+
+@command(
+    "generate", model=MODEL_NAME, sampling=SAMPLING,
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace generate --model runs/organism/organism/m1 --prompts prompts.jsonl --out gens.jsonl\n\n"
+        "  pairtrace generate --model m0/ --prompts prompts.jsonl --samples 4 --temperature 0.7 --seed 1 --out g.jsonl"
+    ),
+)
+def generate(
+    prompts: Path = typer.Option(None, help="Prompt records (JSONL: id, base_id, set, condition, prompt, ...)."),
+    out: Path = out_option(help="Generation JSONL (resumed when it exists)."),
+    model_name: str = typer.Option(None, help="Value of the records' `model` field (default: the directory name)."),
+    model: ModelSpec = None,
+    sampling: GenerationConfig = None,
+    config: Path = ConfigOpt,
+) -> None:
+    """Sample responses with the chat template applied (batched, seeded, resumable)."""
+    require(locals(), "prompts", "out")
+    from pairtrace.generate import run_generate
+
+    stats = run_generate(model.name_or_path, prompts, out, sampling, model_name=model_name)
+    console.print(f"[green]wrote[/] {out}: {stats.get('n_new')} new, {stats.get('n_existing')} kept")
+
+
+@command(
+    "judge", judge_options=JUDGE,
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace judge gens.jsonl --out judgements.jsonl\n\n"
+        "  pairtrace judge gens.jsonl --judge openai --judge-url http://localhost:8000/v1 --judge-model gpt-x "
+        "--out judgements.jsonl"
+    ),
+)
+def judge(
+    generations: Path = typer.Argument(None, help="Generation JSONL."),
+    out: Path = out_option(help="Judgement JSONL (appended; resumed when it exists)."),
+    retry_unknown: bool = typer.Option(False, help="Judge again the records that ended unknown last time."),
+    judge_options: JudgeOptions = None,
+    config: Path = ConfigOpt,
+) -> None:
+    """Judge generations (harmful / safe / unknown), resumably. A failure is never counted as safe."""
+    require(locals(), "generations", "out")
+    from pairtrace.judges.factory import build_judge
+    from pairtrace.judges.judging import run_judge_generations
+
+    stats = run_judge_generations(generations, build_judge(judge_options), out, retry_unknown=retry_unknown)
+    console.print(f"[green]judged[/] into {out}: {stats}")
+
+
+@command(
+    "evaluate", judge_options=JUDGE,
+    epilog=(
+        "Examples:\n\n"
+        "  pairtrace evaluate gens.jsonl --out eval.json\n\n"
+        "  pairtrace evaluate gens.jsonl --judgements judgements.jsonl --out eval.json"
+    ),
+)
+def evaluate(
+    generations: Path = typer.Argument(None, help="Generation JSONL (one or both models)."),
+    out: Path = out_option(help="Evaluation JSON."),
+    judgements: Path = typer.Option(None, help="Judgement JSONL (default: <out>.judgements.jsonl, resumed)."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    judge_options: JudgeOptions = None,
+    config: Path = ConfigOpt,
+) -> None:
+    """Harmful rate per set and condition with 95% intervals, benign helpfulness and over-refusal."""
+    require(locals(), "generations", "out")
+    from pairtrace.evaluate import print_evaluation, run_evaluate
+    from pairtrace.judges.factory import build_judge
+
+    result = run_evaluate(generations, build_judge(judge_options), out, judgements_path=judgements, n_boot=n_boot,
+                          seed=seed)
+    print_evaluation(result)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@command("triples", epilog="Example:\n\n  pairtrace triples gens.jsonl judgements.jsonl --out triples.jsonl")
+def triples(
+    generations: Path = typer.Argument(None, help="Generation JSONL with M1 and M0 records over linked prompts."),
+    judgements: Path = typer.Argument(None, help="Judgement JSONL for those generations."),
+    out: Path = out_option(help="Triple JSONL (stats beside it)."),
+    m1: str = typer.Option("m1", help="Model name of M1 in the generation records."),
+    m0: str = typer.Option("m0", help="Model name of M0 in the generation records."),
+    unknown: str = typer.Option("exclude", help="exclude (drop prompts with unknown verdicts) | ignore."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Build (prompt, r1, r0) triples with the paper's 4-condition filter."""
+    require(locals(), "generations", "judgements", "out")
+    from pairtrace.triples import run_build_triples
+
+    stats = run_build_triples(generations, judgements, out, m1=m1, m0=m0,
+                              unknown=unknown)
+    console.print(f"[green]wrote[/] {out}: {stats.get('n_triples', stats)}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=(
+        "Examples (all flags of `python -m pairtrace.serve --help` pass through):\n\n"
+        "  pairtrace serve --backend rule --port 8000\n\n"
+        "  pairtrace serve --backend model --model_path runs/organism/organism/m1 --port 8001"
+    ),
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve a model or the rule judge through an OpenAI-compatible chat-completions API on localhost."""
+    from pairtrace.serve import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
