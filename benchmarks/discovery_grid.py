@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from pairtrace.discover import cluster_features
+from pairtrace.clustering import cluster_features
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

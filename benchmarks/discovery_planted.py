@@ -9,7 +9,7 @@ clean pairs, c' + t·u·topic + n·ε (topics in turn); u ~ U(0.5, 1.5), ε ~ N(
 *weak*: s = 0.6; *noisy*: n = 3; *topics*: t = 3.
 
 Each method is a :class:`~pairtrace.discover.DiscoverConfig` passed to
-:func:`~pairtrace.discover.discover_clusters`, on two column sets: the union of each prompt's top-30 pairs by
+:func:`~pairtrace.clustering.discover_clusters`, on two column sets: the union of each prompt's top-30 pairs by
 cosine, and all 390 pairs. The score is the mean over the planted behaviours of the F1 of the best-matching pair
 cluster (1.0 = every planted pair of a behaviour among the columns in one cluster, with nothing else), averaged
 over seeds. A second table gives the mean number of pair clusters chosen (true number: 4, three behaviours + clean).
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pairtrace.discover import DiscoverConfig, PromptResponses, discover_clusters
+from pairtrace.clustering import discover_clusters
+from pairtrace.discover import DiscoverConfig
+from pairtrace.discover_matrix import PromptResponses
 
 DIM = 128
 N_BEHAVIOURS = 3

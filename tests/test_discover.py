@@ -11,20 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
+from pairtrace.clustering import cluster_features, discover_clusters
 from pairtrace.data.types import Pair
-from pairtrace.discover import (
-    DiscoverConfig,
+from pairtrace.discover import DiscoverConfig, run_discover
+from pairtrace.discover_matrix import (
     PromptResponses,
-    _heatmap_columns,
-    cluster_features,
-    compute_distinctive_words,
-    discover_clusters,
-    evaluate_clusters,
     load_generation_records,
-    run_discover,
     select_columns,
     select_differing_prompts,
 )
+from pairtrace.discover_summaries import _heatmap_columns, compute_distinctive_words, evaluate_clusters
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.labels import load_labels
 
@@ -134,7 +130,7 @@ def test_load_generation_records_names_the_line_and_field(tmp_path):
 
 def test_prompt_behaviour_vectors_follow_def_3_1_and_skip_empty_responses(tiny_loaded):
     from pairtrace.activations import compute_response_means_reference
-    from pairtrace.discover import compute_prompt_behaviour_vectors
+    from pairtrace.discover_matrix import compute_prompt_behaviour_vectors
 
     item = PromptResponses("a", "Write a poem.", ["No.", "", "No."], ["The sea is blue.", "Waves."])
     (vector,) = compute_prompt_behaviour_vectors(tiny_loaded, [item], 2, progress=False)

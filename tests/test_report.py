@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from pairtrace.attribute import build_ranking, save_ranking
-from pairtrace.discover import DiscoverConfig, PromptResponses, discover_clusters, save_discovery, summarise_clusters
+from pairtrace.clustering import discover_clusters
+from pairtrace.discover import DiscoverConfig
+from pairtrace.discover_matrix import PromptResponses
+from pairtrace.discover_summaries import save_discovery, summarise_clusters
 from pairtrace.errors import DataError
 from pairtrace.report import (
     build_report_context,

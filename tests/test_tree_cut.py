@@ -9,7 +9,7 @@ import pytest
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
-from pairtrace.discover import cluster_features, default_min_cluster_size
+from pairtrace.clustering import cluster_features, default_min_cluster_size
 from pairtrace.tree_cut import compute_stability_cut
 
 

@@ -16,7 +16,7 @@ the disjoint nodes of size ≥ ``min_size`` with the largest total stability: a 
 stability beats the best its two subtrees can do apart. The root is never a cluster (it has no parent).
 
 Leaves under no chosen node (they sit in groups smaller than ``min_size``) are returned as 0; the caller assigns
-them (``pairtrace.discover.cluster_features`` gives each to the cluster with the nearest centroid).
+them (``pairtrace.clustering.cluster_features`` gives each to the cluster with the nearest centroid).
 """
 
 from __future__ import annotations
