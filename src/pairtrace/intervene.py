@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace import __version__
-from pairtrace.data.pairs import detect_source_kind, iter_records, load_pairs, pair_from_record, pair_to_record
+from pairtrace.data.layouts import pair_from_record, pair_to_record
+from pairtrace.data.pairs import load_pairs
+from pairtrace.data.readers import detect_source_kind, iter_records
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.records import atomic_path, write_jsonl_atomic, write_text_atomic

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from pairtrace.data.pairs import iter_records, pair_from_record
+from pairtrace.data.layouts import pair_from_record
+from pairtrace.data.readers import iter_records
 from pairtrace.data.types import BadRecord, Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.records import atomic_path

@@ -1,4 +1,4 @@
-"""Tests for pairtrace.data.pairs: readers, layouts, aliases, bad records, fingerprints and writers."""
+"""Tests for pairtrace.data (pairs, layouts, readers): readers, layouts, aliases, bad records, fingerprints, writers."""
 
 from __future__ import annotations
 
@@ -12,18 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pairtrace.data import pairs as pairs_module
-from pairtrace.data.pairs import (
-    compute_fingerprint,
-    detect_layout,
-    detect_source_kind,
-    iter_records,
-    load_pairs,
-    pair_from_record,
-    pair_to_record,
-    save_pairs_jsonl,
-)
+from pairtrace.data import layouts as layouts_module
+from pairtrace.data.layouts import detect_layout, pair_from_record, pair_to_record
+from pairtrace.data.pairs import compute_fingerprint, load_pairs, save_pairs_jsonl
 from pairtrace.data.paths import shared_data_dir
+from pairtrace.data.readers import detect_source_kind, iter_records
 from pairtrace.data.types import BadRecord, Pair
 from pairtrace.errors import ConfigError, DataError
 
@@ -540,4 +533,4 @@ def test_save_pairs_jsonl_failure_leaves_no_file(tmp_path):
 
 
 def test_module_exports_layout_names():
-    assert pairs_module.LAYOUTS == ("standard", "conversational", "olmo", "hh")
+    assert layouts_module.LAYOUTS == ("standard", "conversational", "olmo", "hh")

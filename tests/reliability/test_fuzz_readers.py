@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pairtrace.data.pairs import CHOSEN_MODEL_KEYS, ID_KEYS, REJECTED_MODEL_KEYS, SOURCE_KEYS, load_pairs
+from pairtrace.data.layouts import CHOSEN_MODEL_KEYS, ID_KEYS, REJECTED_MODEL_KEYS, SOURCE_KEYS
+from pairtrace.data.pairs import load_pairs
 from pairtrace.data.types import BadRecord, PairSet
 from pairtrace.errors import DataError
 
