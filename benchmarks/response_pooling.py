@@ -29,9 +29,9 @@ from sklearn.metrics import roc_auc_score
 
 from discovery_grid import best_cluster  # same folder: the script's directory is on sys.path
 from pairtrace.activations import compute_means_from_teacher_forced
+from pairtrace.behaviour import load_triples
 from pairtrace.data.pairs import load_pairs
 from pairtrace.models import TeacherForced, build_teacher_forcing, load_model
-from pairtrace.vectors import load_triples
 
 
 def keep_head(items: list[TeacherForced], n_tokens: int | None) -> list[TeacherForced]:

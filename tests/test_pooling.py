@@ -67,7 +67,7 @@ def test_pooling_round_trips_through_a_store_manifest(tmp_path, tiny_loaded, tin
 
 
 def test_behaviour_vectors_record_their_pooling(tiny_loaded):
-    from pairtrace.vectors import Triple, compute_behaviour_vectors
+    from pairtrace.behaviour import Triple, compute_behaviour_vectors
 
     triples = [Triple(({"role": "user", "content": "Hi?"},), "Sure, here is a short answer.", "No.", "p0")]
     bv = compute_behaviour_vectors(tiny_loaded, triples, layers=[2], progress=False, pooling=ResponsePooling(2))

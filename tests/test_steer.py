@@ -151,7 +151,8 @@ class LengthJudge(Judge):
 
 def write_steering_inputs(tmp_path, tiny_loaded, layers):
     """Random behaviour vectors at ``layers`` and harmful prompts with and without a trigger; returns the prompts."""
-    from pairtrace.vectors import BehaviourVectors, build_expected, save_behaviour_vectors
+    from pairtrace.behaviour import BehaviourVectors, save_behaviour_vectors
+    from pairtrace.store import build_expected
 
     probe = torch.stack([random_vector(64, seed=k) for k in layers])  # [L, d]
     expected = build_expected(tiny_loaded, layers)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from pairtrace.behaviour import load_triples
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.triples import build_triples, run_build_triples
-from pairtrace.vectors import load_triples
 
 VERDICT = {"H": (90.0, True), "S": (0.0, False), "U": (None, None)}
 

@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from pairtrace.activations import compute_response_means, compute_response_means_reference
-from pairtrace.data.types import Pair
-from pairtrace.errors import DataError, ManifestMismatchError
-from pairtrace.models import load_model
-from pairtrace.store import VectorStore, check_compatible, shard_path
-from pairtrace.vectors import (
+from pairtrace.behaviour import (
     Triple,
     compute_behaviour_vectors,
-    compute_datapoint_vectors,
     load_behaviour_vectors,
     load_triples,
     save_behaviour_vectors,
 )
+from pairtrace.data.types import Pair
+from pairtrace.errors import DataError, ManifestMismatchError
+from pairtrace.models import load_model
+from pairtrace.store import VectorStore, check_compatible, shard_path
+from pairtrace.vectors import compute_datapoint_vectors
 from testing_utils import build_pair_set, build_tiny_model_dir, build_tiny_pairs, user
 
 TESTS_DIR = Path(__file__).parent

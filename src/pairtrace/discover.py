@@ -181,8 +181,8 @@ def run_discover(model: LoadedModel | ModelSpec, vectors_dir: str | Path, genera
     import time
 
     from pairtrace.data.pairs import load_pairs
-    from pairtrace.store import VectorStore, check_compatible
-    from pairtrace.vectors import build_expected, compute_datapoint_vectors
+    from pairtrace.store import VectorStore, build_expected, check_compatible
+    from pairtrace.vectors import compute_datapoint_vectors
 
     config = config or DiscoverConfig()
     started = time.perf_counter()

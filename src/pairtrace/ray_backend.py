@@ -189,7 +189,8 @@ class ShardWorker:
 
     def __init__(self, spec: dict[str, Any], out_dir: str, settings: dict[str, Any]) -> None:
         from pairtrace.models import load_model
-        from pairtrace.vectors import ExtractionSettings, build_expected
+        from pairtrace.store import build_expected
+        from pairtrace.vectors import ExtractionSettings
 
         self.out_dir = Path(out_dir)
         self.manifest = Manifest.load(self.out_dir)

@@ -284,7 +284,7 @@ def run_steer(model: LoadedModel | ModelSpec, behaviour_dir: str | Path, prompts
 
     Args:
         model: M0, loaded, or a spec loaded here with :func:`pairtrace.models.load_model`.
-        behaviour_dir: Behaviour vectors from :func:`pairtrace.vectors.save_behaviour_vectors` (made with M0).
+        behaviour_dir: Behaviour vectors from :func:`pairtrace.behaviour.save_behaviour_vectors` (made with M0).
         prompts_path: Prompt records (JSONL) with ``condition`` trigger / no_trigger.
         out_dir: Output directory: ``steer.json``, ``steer.png``, ``generations.jsonl``.
         alphas: Strengths (overrides ``config.alphas``).
@@ -298,10 +298,10 @@ def run_steer(model: LoadedModel | ModelSpec, behaviour_dir: str | Path, prompts
     Returns:
         The content of ``steer.json``.
     """
+    from pairtrace.behaviour import load_behaviour_vectors
     from pairtrace.data.prompts import load_prompt_records
     from pairtrace.plots import plot_rate_lines, save_png
-    from pairtrace.store import check_compatible
-    from pairtrace.vectors import build_expected, load_behaviour_vectors
+    from pairtrace.store import build_expected, check_compatible
 
     config = config or SteerConfig()
     alphas = [float(a) for a in (alphas if alphas is not None else config.alphas)]

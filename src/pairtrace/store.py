@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -34,6 +34,9 @@ from pairtrace.data.types import Pair
 from pairtrace.errors import DataError, ManifestMismatchError
 from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path, temporary_path, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from pairtrace.models import LoadedModel
 
 MANIFEST_NAME = "manifest.json"
 PAIRS_NAME = "pairs.parquet"
@@ -288,6 +291,21 @@ def _comparable(field_name: str, value: Any) -> Any:
     if field_name == "layers" and value is not None:
         return sorted(value)
     return value
+
+
+def build_expected(loaded: LoadedModel, layers: Sequence[int]) -> dict[str, Any]:
+    """The ``model``/``layers``/``template`` values that :func:`check_compatible` compares."""
+    return {
+        "model": dict(loaded.identity),
+        "layers": list(layers),
+        "template": {"mode": loaded.template_mode, "hash": loaded.identity["template_hash"]},
+    }
+
+
+def pooling_settings(max_length: int, pooling: ResponsePooling) -> dict[str, Any]:
+    """The manifest ``settings`` of a datapoint store (or behaviour vectors): ``max_length`` and the pooling's
+    entries (:meth:`pairtrace.pooling.ResponsePooling.to_settings`)."""
+    return {"max_length": max_length, **pooling.to_settings()}
 
 
 def check_compatible(

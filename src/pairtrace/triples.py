@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pairtrace.behaviour import Triple
 from pairtrace.errors import ConfigError, DataError
 from pairtrace.judges.judging import JudgementKey, judgement_key, load_judgements
 from pairtrace.records import check_record_fields, read_jsonl, write_json_atomic, write_jsonl_atomic
-from pairtrace.vectors import Triple
 
 UNKNOWN_POLICIES = ("exclude", "ignore")
 """``exclude``: drop a base prompt when any of its responses has an unknown (or missing) verdict.
@@ -192,7 +192,7 @@ def _pair_responses(m1_cell: _Cell, m0_cell: _Cell, counts: Counter[str]) -> lis
 
 
 def triple_to_record(triple: Triple) -> dict[str, Any]:
-    """JSON-ready form read by :func:`pairtrace.vectors.load_triples`."""
+    """JSON-ready form read by :func:`pairtrace.behaviour.load_triples`."""
     return {"prompt": [dict(m) for m in triple.prompt], "r1": triple.r1, "r0": triple.r0, "prompt_id": triple.prompt_id}
 
 

@@ -64,7 +64,7 @@ def build_planted_pairs(n_unrelated: int = 36, seed: int = 0) -> PairSet:
 
 def build_targets(pairs: PairSet) -> list:
     """Behaviour triples identical to the planted pairs: r1 = the compliance, r0 = the refusal."""
-    from pairtrace.vectors import Triple
+    from pairtrace.behaviour import Triple
 
     return [Triple(p.prompt, p.chosen, p.rejected, p.id) for p in pairs if p.id.startswith("t")]
 

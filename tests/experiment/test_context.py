@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from pairtrace.behaviour import Triple
 from pairtrace.data.pairs import pair_to_record
 from pairtrace.data.prompts import build_prompt_record
 from pairtrace.experiment import run as run_module
@@ -18,7 +19,6 @@ from pairtrace.experiment.inputs import resolve_inputs
 from pairtrace.experiment.rankers import compute_rankings
 from pairtrace.experiment.run_config import load_run_config
 from pairtrace.experiment.validation import generate_and_judge
-from pairtrace.vectors import Triple
 from testing_utils import build_tiny_model_dir, build_tiny_pairs
 
 
@@ -50,6 +50,7 @@ def bf16_run(tmp_path: Path, tiny_model_dir: Path, one_torch_thread) -> Path:
 def test_every_stage_receives_the_bfloat16_m0_loaded_once(bf16_run: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import pairtrace.baselines.gradient as gradient
+    import pairtrace.behaviour as behaviour
     import pairtrace.discover as discover
     import pairtrace.generate as generate
     import pairtrace.models as models
@@ -66,7 +67,7 @@ def test_every_stage_receives_the_bfloat16_m0_loaded_once(bf16_run: Path, tmp_pa
 
     monkeypatch.setattr(models, "load_model", counting_load)
     for module, name in ((generate, "generate_responses"), (vectors, "compute_datapoint_vectors"),
-                         (vectors, "compute_behaviour_vectors"), (gradient, "compute_gradient_ranking"),
+                         (behaviour, "compute_behaviour_vectors"), (gradient, "compute_gradient_ranking"),
                          (discover, "run_discover"), (steer, "run_steer")):
         real = getattr(module, name)
 

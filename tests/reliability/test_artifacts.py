@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import pairtrace
 from pairtrace.attribute import AttributionConfig, compute_attribution, load_ranking, save_ranking
+from pairtrace.behaviour import Triple, compute_behaviour_vectors, load_behaviour_vectors, save_behaviour_vectors
 from pairtrace.cli import app
 from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
 from pairtrace.data.prompts import build_prompt_record, save_prompt_records
@@ -30,13 +31,7 @@ from pairtrace.judges.judging import judge_generations
 from pairtrace.judges.rule import RuleJudge
 from pairtrace.models import ModelSpec, load_model
 from pairtrace.options import load_yaml
-from pairtrace.vectors import (
-    Triple,
-    compute_behaviour_vectors,
-    compute_datapoint_vectors,
-    load_behaviour_vectors,
-    save_behaviour_vectors,
-)
+from pairtrace.vectors import compute_datapoint_vectors
 from testing_utils import build_tiny_model_dir, build_tiny_pairs, user
 
 from .counters import record_caught

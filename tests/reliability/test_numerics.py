@@ -18,12 +18,13 @@ import torch
 from pairtrace.activations import nonfinite_rows
 from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
 from pairtrace.baselines.random import compute_random_ranking
+from pairtrace.behaviour import Triple, compute_behaviour_vectors
 from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
 from pairtrace.data.types import Pair
 from pairtrace.intervene import InterventionSpec, run_intervention, select_top_ids
 from pairtrace.models import load_model
 from pairtrace.store import shard_path
-from pairtrace.vectors import Triple, compute_behaviour_vectors, compute_datapoint_vectors
+from pairtrace.vectors import compute_datapoint_vectors
 from testing_utils import build_tiny_pairs, user
 
 from .counters import record_caught

@@ -119,8 +119,8 @@ def behaviour(
 ) -> None:
     """Compute behaviour vectors (per triple), the pooled probe and the per-prompt bank."""
     require(locals(), "triples", "out")
+    from pairtrace.behaviour import compute_behaviour_vectors, load_triples, save_behaviour_vectors
     from pairtrace.models import load_model
-    from pairtrace.vectors import compute_behaviour_vectors, load_triples, save_behaviour_vectors
 
     triple_list = load_triples(triples)
     loaded = load_model(model)
@@ -153,8 +153,8 @@ def attribute(
     """Rank pairs by cosine between datapoint vectors and behaviour vectors (best first)."""
     require(locals(), "vectors_dir", "behaviour_dir", "out")
     from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
+    from pairtrace.behaviour import load_behaviour_vectors
     from pairtrace.store import VectorStore
-    from pairtrace.vectors import load_behaviour_vectors
 
     store = VectorStore.open(vectors_dir)
     bv = load_behaviour_vectors(behaviour_dir)

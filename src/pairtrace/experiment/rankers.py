@@ -61,9 +61,10 @@ class RankingInputs:
 def compute_attribution_vectors(ctx: RunContext, triples: list[Any], layers: list[int]) -> AttributionVectors:
     """Datapoint vectors of every pair and behaviour vectors of every triple through M0, timed for the probe's
     cost (with the token counts of its FLOPs estimate)."""
+    from pairtrace.behaviour import compute_behaviour_vectors, save_behaviour_vectors
     from pairtrace.cost import CostMeter, count_parameters
     from pairtrace.models import build_teacher_forcing
-    from pairtrace.vectors import compute_behaviour_vectors, compute_datapoint_vectors, save_behaviour_vectors
+    from pairtrace.vectors import compute_datapoint_vectors
 
     cfg = ctx.config.attribution
     pairs, m0 = ctx.pairs(), ctx.model("m0")
