@@ -9,15 +9,18 @@ import pytest
 import torch
 
 from pairtrace.attribute import RANKING_COLUMNS, load_ranking, save_ranking
-from pairtrace.baselines.gradient import (
-    GradientCheckpoint,
-    GradientConfig,
+from pairtrace.baselines.gradient import GradientConfig, compute_gradient_ranking, select_warmup_indices
+from pairtrace.baselines.gradient_features import (
     RandomProjector,
+    compute_gradient_features,
+    compute_pair_gradients,
+    mean_target_cosine,
+    precondition_adam,
+)
+from pairtrace.baselines.lora_warmup import (
+    GradientCheckpoint,
     attach_lora,
     collate_sequences,
-    compute_gradient_features,
-    compute_gradient_ranking,
-    compute_pair_gradients,
     compute_reference_logps,
     compute_sequence_logps,
     detach_lora,
@@ -25,10 +28,7 @@ from pairtrace.baselines.gradient import (
     encode_targets,
     load_checkpoints,
     lora_parameters,
-    mean_target_cosine,
-    precondition_adam,
     save_checkpoints,
-    select_warmup_indices,
 )
 from pairtrace.cost import CostMeter, count_parameters
 from pairtrace.errors import ConfigError, DataError
