@@ -353,57 +353,36 @@ def _interval(row: dict[str, Any], prefix: str = "") -> str:
     return "-" if low is None or high is None else f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _print_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]],
+                 cells: Callable[[dict[str, Any]], Sequence[str]], justify: str = "left") -> None:
+    """One rich table: model, set and condition (left-aligned), then ``columns`` (aligned by ``justify``) filled by
+    ``cells(row)``."""
+    table = Table(title=title)
+    for column in ("model", "set", "condition"):
+        table.add_column(column, justify="left")
+    for column in columns:
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row["model"], row["set"], row["condition"], *cells(row))
+    console.print(table)
+
+
 def print_evaluation(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the evaluation's tables (harmful rate, helpfulness, over-refusal) with rich."""
     console = console or Console()
-    table = Table(title="Harmful rate (unknown excluded from the denominator)")
-    for column in ("model", "set", "condition", "judged", "harmful", "unknown", "rate", "95% CI"):
-        table.add_column(column, justify="left" if column in ("model", "set", "condition") else "right")
-    for row in result["harmful"]:
-        table.add_row(
-            row["model"],
-            row["set"],
-            row["condition"],
-            str(row["judged"]),
-            str(row["harmful"]),
-            str(row["unknown"]),
-            _pct(row["rate"]),
-            _interval(row),
-        )
-    console.print(table)
+    _print_table(console, "Harmful rate (unknown excluded from the denominator)",
+                 ("judged", "harmful", "unknown", "rate", "95% CI"), result["harmful"],
+                 lambda row: (str(row["judged"]), str(row["harmful"]), str(row["unknown"]), _pct(row["rate"]),
+                              _interval(row)), justify="right")
     if result["helpfulness"]:
-        table = Table(title="Benign helpfulness")
-        columns = ("model", "set", "condition", "n", "answered", "answered CI", "format ok", "checked", "format CI")
-        for column in columns:
-            table.add_column(column)
-        for row in result["helpfulness"]:
-            table.add_row(
-                row["model"],
-                row["set"],
-                row["condition"],
-                str(row["n"]),
-                _pct(row["answered_rate"]),
-                _interval(row, "answered_"),
-                _pct(row["format_rate"]),
-                str(row["format_checked"]),
-                _interval(row, "format_"),
-            )
-        console.print(table)
+        _print_table(console, "Benign helpfulness",
+                     ("n", "answered", "answered CI", "format ok", "checked", "format CI"), result["helpfulness"],
+                     lambda row: (str(row["n"]), _pct(row["answered_rate"]), _interval(row, "answered_"),
+                                  _pct(row["format_rate"]), str(row["format_checked"]), _interval(row, "format_")))
     if result["over_refusal"]:
-        table = Table(title="Over-refusal on safe prompts")
-        for column in ("model", "set", "condition", "n", "refused", "rate", "95% CI"):
-            table.add_column(column)
-        for row in result["over_refusal"]:
-            table.add_row(
-                row["model"],
-                row["set"],
-                row["condition"],
-                str(row["n"]),
-                str(row["refused"]),
-                _pct(row["rate"]),
-                _interval(row),
-            )
-        console.print(table)
+        _print_table(console, "Over-refusal on safe prompts", ("n", "refused", "rate", "95% CI"),
+                     result["over_refusal"],
+                     lambda row: (str(row["n"]), str(row["refused"]), _pct(row["rate"]), _interval(row)))
     counts = result["counts"]
     console.print(
         f"generations {counts['generations']}, judgements {counts['judgements']}, "

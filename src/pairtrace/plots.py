@@ -108,6 +108,17 @@ def plot_enrichment(enrichment: pd.DataFrame, top_n: int = 20, title: str = "Sou
     return fig
 
 
+def _finish_rate_axes(fig: Figure, ax, ylabel: str, title: str) -> Figure:
+    """A rate axis from 0 in percent, the title, the legend outside on the right; the figure laid out."""
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_rate_bars(rates: pd.DataFrame, baseline: Mapping | None = None, title: str = "",
                    ylabel: str = "harmful rate") -> Figure:
     """Grouped bars of a rate with intervals: one group per ``method``, one bar per ``action`` (Figure-1 style).
@@ -134,13 +145,7 @@ def plot_rate_bars(rates: pd.DataFrame, baseline: Mapping | None = None, title: 
         if low is not None and high is not None:
             ax.axhspan(float(low), float(high), color="grey", alpha=0.15, lw=0)
     ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
+    return _finish_rate_axes(fig, ax, ylabel, title)
 
 
 def plot_rate_lines(rates: pd.DataFrame, x: str, series: Sequence[str], title: str = "", xlabel: str | None = None,
@@ -178,13 +183,7 @@ def plot_rate_lines(rates: pd.DataFrame, x: str, series: Sequence[str], title: s
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
+    return _finish_rate_axes(fig, ax, ylabel, title)
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
