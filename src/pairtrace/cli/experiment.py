@@ -9,8 +9,13 @@ from rich.console import Console
 
 from pairtrace.cli.common import MODEL_NAME, RECIPE, ConfigOpt, app, command, console, out_option, require
 from pairtrace.model_spec import ModelSpec
-from pairtrace.options import load_yaml
+from pairtrace.options import OptionGroup, load_yaml
+from pairtrace.retrain.engine_options import RetrainEngineOptions
 from pairtrace.retrain.recipe import DPORecipe
+
+RETRAIN_ENGINE = OptionGroup(RetrainEngineOptions, panel="Retrain engine", lead=("engine",))
+"""``--engine inprocess|accelerate|command`` with ``--num-processes --accelerate-config --command ...``: the run
+config's ``validation.retrain``."""
 
 
 @command(
@@ -102,11 +107,13 @@ def intervene(
 
 
 @command(
-    "retrain", model=MODEL_NAME, recipe=RECIPE,
+    "retrain", model=MODEL_NAME, recipe=RECIPE, engine=RETRAIN_ENGINE,
     epilog=(
         "Example:\n\n  pairtrace retrain --model runs/organism/organism/m0 "
         "--pairs runs/switch-probe-96/preference_mix.jsonl --learning-rate 8e-4 --lr-scheduler-type constant "
         "--sft-weight 0.75 --out runs/retrain-switch-probe-96\n\n"
+        "  pairtrace retrain --model m0/ --pairs mix.jsonl --engine accelerate --num-processes 8 "
+        "--accelerate-config zero3.yaml --gradient-checkpointing --out runs/retrain\n\n"
         "  pairtrace retrain --config configs/retrain.yaml   # keys = option names, section 'retrain' or top level"
     ),
 )
@@ -117,22 +124,28 @@ def retrain(
     ref_cache: Path = typer.Option(None, help="Folder caching M0's reference log-probs across retrains."),
     model: ModelSpec = None,
     recipe: DPORecipe = None,
+    engine: RetrainEngineOptions = None,
     config: Path = ConfigOpt,
 ) -> None:
     """DPO from M0 (--model: the starting checkpoint and frozen reference) with one recipe (the baseline and every
-    intervention use the same): TRL's DPOTrainer."""
+    intervention use the same), on a retrain engine: TRL's DPOTrainer in this process or under accelerate launch,
+    or your own command."""
     require(locals(), "pairs", "out")
     from pairtrace.data.pairs import load_pairs, pair_to_record
     from pairtrace.records import write_jsonl_atomic
-    from pairtrace.retrain.trl_dpo import train_dpo
+    from pairtrace.retrain.engines import RetrainRequest, get_retrainer
 
     out_dir = Path(out)
     train_file = write_jsonl_atomic(
         [pair_to_record(p, "conversational") for p in load_pairs(pairs, split=split)], out_dir / "train.jsonl",
     )  # any input layout, as the prompt + assistant-turn messages the trainer reads
-    summary = train_dpo(model.name_or_path, train_file, out_dir / "model", recipe, ref_cache_dir=ref_cache)
-    console.print(f"[green]wrote[/] {out_dir / 'model'}: {summary['n_pairs']} pairs, {summary['steps']} steps, "
-                  f"loss {summary['train_loss']:.4f}, {summary['seconds']:.0f} s")
+    request = RetrainRequest(m0=model, train_file=train_file, model_dir=out_dir / "model", recipe=recipe,
+                             ref_cache_dir=ref_cache, options=engine)
+    summary = get_retrainer(engine.engine)(request)
+    loss = "?" if summary.train_loss is None else f"{summary.train_loss:.4f}"
+    console.print(f"[green]wrote[/] {out_dir / 'model'} ({summary.engine}): {summary.n_pairs} pairs, "
+                  f"{summary.steps if summary.steps is not None else '?'} steps, loss {loss}, "
+                  f"{summary.seconds or 0:.0f} s")
 
 
 organism_app = typer.Typer(help="The built-in model organism (M0 -> DPO on a contaminated mix -> M1).",

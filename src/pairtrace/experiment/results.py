@@ -114,6 +114,16 @@ def experiment_metrics(ctx: RunContext, name: str, units: list[RetrainUnit],
     return summarise_evaluation(evaluation, name), per_seed
 
 
+def retrain_engines(ctx: RunContext, outcomes: dict[str, Any]) -> dict[str, Any]:
+    """The retrain engine that ran (from each retrain's summary; several give a sorted list, e.g. after a resume
+    with another engine) and the run's engine options."""
+    from dataclasses import asdict
+
+    ran = sorted({str(o["train"]["engine"]) for o in outcomes.values() if (o.get("train") or {}).get("engine")})
+    engine = ran[0] if len(ran) == 1 else ran or ctx.config.validation.retrain.engine
+    return {"retrain": engine, "retrain_options": asdict(ctx.config.validation.retrain)}
+
+
 def collect_results(ctx: RunContext, plan: Plan, rankings: dict[str, Any], quality: dict[str, Any],
                     sources: dict[str, Any] | None, outcomes: dict[str, Any], discovery: dict[str, Any] | None,
                     steer: dict[str, Any] | None, config_path: str | None = None) -> dict[str, Any]:
@@ -159,6 +169,6 @@ def collect_results(ctx: RunContext, plan: Plan, rankings: dict[str, Any], quali
         "sources": sources,
         "discovery": discovery,
         "steer": steer,
-        "engines": {"retrain": ctx.config.validation.retrain_engine, "generation": "hf"},
+        "engines": {**retrain_engines(ctx, outcomes), "generation": "hf"},
         "commands": [f"pairtrace run {config_path or 'CONFIG'} --out {ctx.out}", f"pairtrace report {ctx.out}"],
     }

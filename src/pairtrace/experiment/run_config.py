@@ -25,6 +25,7 @@ from pairtrace.generate import GenerationConfig
 from pairtrace.judges.factory import JudgeOptions
 from pairtrace.options import OptionError, field_types, from_mapping, load_yaml
 from pairtrace.organism.build_config import OrganismConfig, build_organism_config
+from pairtrace.retrain.engine_options import RetrainEngineOptions
 from pairtrace.retrain.recipe import DPORecipe
 from pairtrace.steer import SteerConfig
 
@@ -182,11 +183,25 @@ class ValidationSection:
                   "one with a GPU)."},
     )
     keep_models: bool = field(default=True, metadata={"help": "Keep retrained checkpoints on disk."})
-    retrain_engine: str = field(
-        default="inprocess",
-        metadata={"help": "Retrain engine (pairtrace.retrain.engines): 'inprocess' runs TRL's DPOTrainer in this "
-                  "process; engines registered with register_retrainer are named here."},
+    retrain: RetrainEngineOptions = field(
+        default_factory=RetrainEngineOptions,
+        metadata={"help": "How each retrain runs (pairtrace.retrain.engines): engine inprocess (TRL's DPOTrainer in "
+                  "this process), accelerate (accelerate launch on num_processes processes, DeepSpeed / FSDP from "
+                  "accelerate_config), command (a user command template) or a registered engine; see "
+                  "docs/scale.md, 'Retraining engines'."},
     )
+
+    def __post_init__(self) -> None:
+        from pairtrace.retrain.engines import RETRAINERS
+
+        if self.retrain.engine not in RETRAINERS:
+            raise OptionError(f"{{retrain}}.engine: unknown retrain engine {self.retrain.engine!r}; known: "
+                              f"{sorted(RETRAINERS)} (register others with register_retrainer)", "retrain")
+
+    @property
+    def retrain_engine(self) -> str:
+        """The name of the retrain engine (``retrain.engine``)."""
+        return self.retrain.engine
 
 
 @dataclass

@@ -56,7 +56,7 @@ def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key:
     if exp.method == "random":
         selection = {"random_seed": cfg.seed}
     return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
-                     cfg.validation.retrain_engine, ctx.models_digest(), cfg.generation, cfg.judge,
+                     cfg.validation.retrain.key_material(), ctx.models_digest(), cfg.generation, cfg.judge,
                      file_digest(ctx.inputs.eval_prompts))
 
 
@@ -168,8 +168,9 @@ def retrain_and_evaluate(ctx: RunContext, unit: RetrainUnit) -> dict[str, Any]:
     # M0's weights and the tokenisation (switched pairs reuse both sides, filtered ones a subset).
     request = RetrainRequest(m0=ctx.spec_of("m0"), train_file=train_file, model_dir=model_dir,
                              recipe=replace(ctx.config.validation.recipe, seed=unit.seed),
-                             ref_cache_dir=Path(ctx.inputs.ref_cache), progress=ctx.progress)
-    trained = get_retrainer(ctx.config.validation.retrain_engine)(request)
+                             ref_cache_dir=Path(ctx.inputs.ref_cache), progress=ctx.progress,
+                             options=ctx.config.validation.retrain)
+    trained = get_retrainer(ctx.config.validation.retrain.engine)(request)
     ctx.register(name, ctx.model_spec(model_dir))
     gens = generate_and_judge(ctx, f"retrains/{name}", [name], ctx.inputs.eval_prompts,
                               ctx.config.generation.eval_samples, seed_offset=1)

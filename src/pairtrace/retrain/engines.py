@@ -2,8 +2,11 @@
 
 Causal validation never meets a training recipe's internals: it hands a :class:`RetrainRequest` (M0, the exported
 pairs, an output folder, the shared :class:`~pairtrace.retrain.recipe.DPORecipe`) to a registered engine and gets
-back a :class:`RetrainSummary` and a Hugging Face model folder. ``inprocess`` (TRL's ``DPOTrainer`` in this process)
-is the engine of the built-in organism; users register their own train function with :func:`register_retrainer`.
+back a :class:`RetrainSummary` and a Hugging Face model folder. The engines: ``inprocess`` (TRL's ``DPOTrainer`` in
+this process, float32: the built-in organism's), ``accelerate`` (the same trainer under ``accelerate launch`` on N
+processes, with DDP, DeepSpeed or FSDP) and ``command`` (a user command template); the request carries the
+:class:`~pairtrace.retrain.engine_options.RetrainEngineOptions`. Users register their own train function with
+:func:`register_retrainer`.
 
     @register_retrainer("my_cluster")
     def train_on_cluster(request: RetrainRequest) -> RetrainSummary: ...
@@ -12,11 +15,12 @@ is the engine of the built-in organism; users register their own train function 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairtrace.errors import ConfigError, PairtraceError
+from pairtrace.retrain.engine_options import RetrainEngineOptions
 from pairtrace.retrain.recipe import DPORecipe
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ class RetrainRequest:
         recipe: The DPO hyper-parameters shared by every retrain of a run (its ``seed`` is this retrain's seed).
         ref_cache_dir: Folder caching M0's reference log-probabilities across retrains (``None``: no cache).
         progress: Show progress bars.
+        options: The engine and its options (``validation.retrain`` of a run config).
     """
 
     m0: ModelSpec
@@ -42,6 +47,7 @@ class RetrainRequest:
     recipe: DPORecipe
     ref_cache_dir: Path | None = None
     progress: bool = True
+    options: RetrainEngineOptions = field(default_factory=RetrainEngineOptions)
 
 
 @dataclass(frozen=True)
@@ -105,3 +111,20 @@ def retrain_in_process(request: RetrainRequest) -> RetrainSummary:
     check_model_folder(Path(request.model_dir), "inprocess")
     return RetrainSummary(n_pairs=info.get("n_pairs"), steps=info.get("steps"), train_loss=info.get("train_loss"),
                           seconds=info.get("seconds"), engine="inprocess")
+
+
+@register_retrainer("accelerate")
+def retrain_with_accelerate(request: RetrainRequest) -> RetrainSummary:
+    """TRL's ``DPOTrainer`` under ``accelerate launch`` on ``options.num_processes`` processes (bf16 on GPUs that
+    support it, gradient checkpointing and DeepSpeed / FSDP as asked), the recipe's global batch kept exact."""
+    from pairtrace.retrain.launch import retrain_with_accelerate as run
+
+    return run(request)
+
+
+@register_retrainer("command")
+def retrain_with_command(request: RetrainRequest) -> RetrainSummary:
+    """A user command template (e.g. open-instruct's DPO script) filled from the request."""
+    from pairtrace.retrain.launch import retrain_with_command as run
+
+    return run(request)

@@ -88,6 +88,13 @@ def _char_length(example: dict[str, Any]) -> int:
     return prompt + max(len(example["chosen"][0]["content"]), len(example["rejected"][0]["content"]))
 
 
+def sort_by_length(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The examples shortest first (ties in file order): with ``group_by_length``, similar lengths sit side by side,
+    so the reference pass (which reads the data in order) pads little too."""
+    order = sorted(range(len(examples)), key=lambda i: (_char_length(examples[i]), i))
+    return [examples[i] for i in order]
+
+
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -106,14 +113,16 @@ class ReferenceCache:
         identity: Identifies the reference model and tokenisation (weights fingerprint, tokenizer, max length).
     """
 
-    def __init__(self, directory: str | Path, identity: str) -> None:
+    def __init__(self, directory: str | Path, identity: str, *, writable: bool = True) -> None:
         digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
         self.path = Path(directory) / f"ref-logps-{digest}.json"
         self.values: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.writable = writable
 
     def save(self) -> None:
-        """Write the cache atomically."""
-        write_text_atomic(json.dumps(self.values), self.path)
+        """Write the cache atomically (nothing when it was opened read-only, e.g. on a worker of rank > 0)."""
+        if self.writable:
+            write_text_atomic(json.dumps(self.values), self.path)
 
 
 TESTED_TRL = "1.16.0"
@@ -122,8 +131,12 @@ TRAINER_HOOKS = ("_get_train_sampler", "_precompute_ref_logps")
 """``DPOTrainer`` methods overridden below: private to trl, so checked before use."""
 
 
-def _trainer_class(group_by_length: bool, cache: ReferenceCache | None):
-    """``DPOTrainer`` with a length-grouped training sampler and a reference log-probability cache (each optional)."""
+def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_batch: int | None = None):
+    """``DPOTrainer`` with a length-grouped training sampler and a reference log-probability cache (each optional).
+
+    ``global_batch`` is the sampler's group size when several processes share each optimisation step (the
+    recipe's batch size); by default it is this process's batch x gradient accumulation (one process).
+    """
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
@@ -148,8 +161,8 @@ def _trainer_class(group_by_length: bool, cache: ReferenceCache | None):
             # reference pass runs only when the cache misses).
             generator = torch.Generator()
             generator.manual_seed(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=lengths, generator=generator)
+            group = global_batch or self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(group, lengths=lengths, generator=generator)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if cache is None:
@@ -220,11 +233,12 @@ def train_dpo(
         torch.set_num_threads(previous_threads)
 
 
-def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool):
-    """TRL's ``DPOConfig`` for a recipe: float32, no gradient checkpointing, no saving or logging."""
+def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool, **overrides: Any):
+    """TRL's ``DPOConfig`` for a recipe: float32, no gradient checkpointing, no saving or logging (``overrides``:
+    other ``DPOConfig`` arguments, e.g. a distributed run's per-device batch and accumulation)."""
     from trl import DPOConfig
 
-    return DPOConfig(
+    arguments = dict(
         output_dir=output_dir,
         loss_type=[LOSS_TYPES[recipe.loss_type], *(["sft"] if recipe.sft_weight else [])],
         loss_weights=[1.0, recipe.sft_weight] if recipe.sft_weight else None,
@@ -239,6 +253,7 @@ def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool):
         max_length=recipe.max_length,
         **quiet_trainer_arguments(recipe.seed, progress),
     )
+    return DPOConfig(**{**arguments, **overrides})
 
 
 def quiet_trainer_arguments(seed: int, progress: bool) -> dict[str, Any]:
@@ -260,7 +275,8 @@ def quiet_trainer_arguments(seed: int, progress: bool) -> dict[str, Any]:
     }
 
 
-def _reference_cache(m0_dir: Path, tokenizer: Any, recipe: DPORecipe, ref_cache_dir: str | Path | None):
+def _reference_cache(m0_dir: Path, tokenizer: Any, recipe: DPORecipe, ref_cache_dir: str | Path | None,
+                     writable: bool = True):
     """The reference log-probability cache of ``m0_dir``, or ``None`` (not asked for, or no local weights)."""
     if ref_cache_dir is None or not recipe.precompute_ref_log_probs:
         return None
@@ -274,7 +290,7 @@ def _reference_cache(m0_dir: Path, tokenizer: Any, recipe: DPORecipe, ref_cache_
         weights, compute_template_hash("chat", tokenizer.chat_template),
         _sha256_text(tokenizer.backend_tokenizer.to_str()), recipe.max_length,
     ])
-    return ReferenceCache(ref_cache_dir, identity)
+    return ReferenceCache(ref_cache_dir, identity, writable=writable)
 
 
 def _run_dpo(
@@ -293,9 +309,7 @@ def _run_dpo(
     model = AutoModelForCausalLM.from_pretrained(str(m0_dir), dtype=torch.float32)
     cache = _reference_cache(m0_dir, tokenizer, recipe, ref_cache_dir)
     if recipe.group_by_length:
-        # Similar lengths side by side: the reference pass (which reads the data in order) pads little too.
-        order = sorted(range(len(examples)), key=lambda i: (_char_length(examples[i]), i))
-        examples = [examples[i] for i in order]
+        examples = sort_by_length(examples)
     with tempfile.TemporaryDirectory(prefix="pairtrace-dpo-") as tmp:
         trainer = _trainer_class(recipe.group_by_length, cache)(
             model=model, args=_dpo_config(recipe, tmp, progress), train_dataset=Dataset.from_list(examples),
