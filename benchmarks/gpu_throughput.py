@@ -13,13 +13,21 @@ Model FLOPs per token run (useful work only): ``2 * k * (4 d^2 + 3 d f) + 4 * k 
 ``f`` the MLP width, ``k`` the layers run and ``c`` the number of keys the token attends to (its causal context,
 packed pairs included). Embedding lookups, norms and the float32 sums are not counted.
 
-Run on a GPU (about 3 minutes)::
+Then, on the 1B shape: the shared-prompt path (one packed sequence per pair, custom 4D mask) against the plain
+one under SDPA (time and largest relative difference of the means); bfloat16 against float32 (the same random
+weights run in both; cosine of the pair vectors, whose sums accumulate in float32 either way); and, when vLLM is
+installed, vLLM generation tokens/s on the 1B shape saved with random weights (token ids in, no tokenizer).
+Each part is skipped, with a line saying so, when the time left of ``--budget-s`` is too short.
+
+Run on a GPU (about 6 minutes on one H100, at most ``--budget-s`` = 480 s)::
 
     python benchmarks/gpu_throughput.py --seconds 40
 
-CPU dry run (a tiny shape, float32, seconds)::
+CPU dry run (a tiny shape, float32, seconds; every part but vLLM)::
 
     python benchmarks/gpu_throughput.py --dry-run
+
+Without a CUDA device and without ``--dry-run`` it prints why and exits with status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -182,6 +190,105 @@ def run_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype:
     return result
 
 
+def shared_vs_plain(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """The shared-prompt path (packed pairs, custom 4D mask, SDPA) against the plain one on the same pairs."""
+    loaded = build_model(shape, device, dtype)
+    layer = default_layer(loaded.n_layers)
+    chosen, rejected = synthetic_pairs(args.pairs_per_call, args.prompt_tokens, args.response_tokens,
+                                       loaded.model.config.vocab_size, seed=1)
+    out = {"shape": shape, "attention": loaded.model.config._attn_implementation}
+    means = {}
+    for mode in ("never", "always"):
+        kwargs = {"batch_tokens": args.batch_tokens, "prompt_sharing": mode}
+        compute_pair_means(loaded, chosen[:8], rejected[:8], [layer], progress=False, **kwargs)  # warm-up
+        plan = plan_pair_batches(loaded, chosen, rejected, batch_tokens=args.batch_tokens, prompt_sharing=mode)
+        synchronize(device)
+        start = time.perf_counter()
+        means[mode] = compute_pair_means(loaded, chosen, rejected, [layer], progress=False, **kwargs)
+        seconds = time.perf_counter() - start
+        out[mode] = {"seconds": round(seconds, 3), "tokens_run": plan.n_tokens,
+                     "pair_tokens_per_s": plan.n_plain_tokens / seconds}
+    diffs = []
+    for plain, shared in zip(means["never"], means["always"], strict=True):
+        ok = torch.isfinite(plain).all(dim=-1) & torch.isfinite(shared).all(dim=-1)
+        a, b = plain[ok].float(), shared[ok].float()
+        diffs.append(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item())
+    out["max_relative_difference"] = max(diffs)
+    out["speed_up"] = out["never"]["seconds"] / out["always"]["seconds"]
+    del loaded
+    free_memory(device)
+    return out
+
+
+def bf16_agreement(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """The same random weights in float32 and in bfloat16: cosine of the pair vectors (float32 sums in both)."""
+    loaded = build_model(shape, device, torch.float32)
+    layer = default_layer(loaded.n_layers)
+    n = min(args.pairs_per_call, 128)
+    chosen, rejected = synthetic_pairs(n, args.prompt_tokens, args.response_tokens,
+                                       loaded.model.config.vocab_size, seed=2)
+    vectors = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        loaded.model.to(dtype)
+        loaded.dtype = dtype
+        c, r = compute_pair_means(loaded, chosen, rejected, [layer], progress=False, batch_tokens=args.batch_tokens)
+        vectors[name] = (c - r).reshape(n, -1).float()
+    cos = torch.nn.functional.cosine_similarity(vectors["float32"], vectors["bfloat16"], dim=-1)
+    cos = cos[torch.isfinite(cos)]
+    del loaded
+    free_memory(device)
+    return {"shape": shape, "pairs": n, "min_cosine": cos.min().item(), "median_cosine": cos.median().item()}
+
+
+def vllm_generation(shape: str, args: argparse.Namespace) -> dict | None:
+    """vLLM generation tokens/s on a random-weight model of ``shape`` saved to a temporary folder (None: vLLM is
+    not installed)."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm import LLM, SamplingParams
+
+    from pairtrace.vllm_backend import free_memory_fraction, release_engine
+
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = build_model(shape, torch.device("cuda"), torch.bfloat16)
+        loaded.model.save_pretrained(folder)
+        del loaded
+        free_memory(torch.device("cuda"))
+        started = time.perf_counter()
+        llm = LLM(model=folder, skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+                  gpu_memory_utilization=free_memory_fraction())
+        load_s = time.perf_counter() - started
+        try:
+            rng = random.Random(3)
+            vocab = SHAPES[shape]["vocab_size"]
+            prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt_tokens)]}
+                       for _ in range(args.vllm_requests)]
+            params = [SamplingParams(temperature=0.7, max_tokens=args.response_tokens, ignore_eos=True,
+                                     seed=_seed) for _seed in range(args.vllm_requests)]
+            llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+        finally:
+            release_engine(llm)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"shape": shape, "requests": args.vllm_requests, "generated_tokens": generated,
+            "seconds": round(seconds, 2), "generated_tokens_per_s": generated / seconds, "load_s": round(load_s, 1)}
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks to the device and reset the peak counter."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the shapes and print tokens/s and MFU."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -194,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=None, help="token budget per forward (default: device's)")
     parser.add_argument("--prompt-sharing", default="auto", choices=["auto", "always", "never"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks")
+    parser.add_argument("--check-shape", default="1b", choices=sorted(SHAPES),
+                        help="shape of the shared-prompt, bfloat16 and vLLM checks")
+    parser.add_argument("--vllm-requests", type=int, default=512, help="requests of the vLLM generation check")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining parts past this time")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU in float32 (tests the script)")
     args = parser.parse_args(argv)
+    began = time.perf_counter()
     if args.dry_run:
         args.shapes, args.seconds, args.pairs_per_call = ["tiny"], min(args.seconds, 1.0), 8
-        args.prompt_tokens, args.response_tokens = 24, 16
+        args.prompt_tokens, args.response_tokens, args.check_shape = 24, 16, "tiny"
         device, dtype = torch.device("cpu"), torch.float32
     elif not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU machine", file=sys.stderr)
@@ -215,10 +327,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['achieved_tflops']:7.1f} TFLOP/s, MFU {r['mfu']:.1%} of {args.peak_tflops:g}, "
               f"efficiency vs bare truncated forward {r['efficiency_vs_floor']:.2f}, "
               f"batch {r['batch_tokens']} tokens, built in {r['build_s']} s")
+    checks: dict = {}
+
+    def time_left(part: str, needs_s: float) -> bool:
+        left = args.budget_s - (time.perf_counter() - began)
+        if left < needs_s:
+            print(f"{part}: skipped ({left:.0f} s left of --budget-s {args.budget_s:g}, needs about {needs_s:g})")
+            checks[part] = "skipped: time budget"
+            return False
+        return True
+
+    if time_left("shared_vs_plain", 30 if device.type == "cuda" else 0):
+        c = checks["shared_vs_plain"] = shared_vs_plain(args.check_shape, args, device, dtype)
+        print(f"shared prompt vs plain ({c['shape']}, {c['attention']}): plain {c['never']['seconds']} s, shared "
+              f"{c['always']['seconds']} s ({c['always']['tokens_run']} vs {c['never']['tokens_run']} tokens run), "
+              f"speed-up {c['speed_up']:.2f}x, max relative difference {c['max_relative_difference']:.1e}")
+    if time_left("bf16_agreement", 40 if device.type == "cuda" else 0):
+        c = checks["bf16_agreement"] = bf16_agreement(args.check_shape, args, device)
+        print(f"bfloat16 vs float32 ({c['shape']}, {c['pairs']} pairs, float32 sums): cosine of pair vectors min "
+              f"{c['min_cosine']:.5f}, median {c['median_cosine']:.6f}")
+    if device.type != "cuda":
+        print("vllm_generation: skipped (vLLM needs a CUDA device)")
+        checks["vllm_generation"] = "skipped: no CUDA device"
+    elif time_left("vllm_generation", 120):
+        c = checks["vllm_generation"] = vllm_generation(args.check_shape, args)
+        if c is None:
+            print("vllm_generation: skipped (vllm is not installed)")
+            checks["vllm_generation"] = "skipped: vllm not installed"
+        else:
+            print(f"vLLM generation ({c['shape']}, random weights, bf16): {c['generated_tokens_per_s']:.0f} generated "
+                  f"tokens/s ({c['requests']} requests x {args.response_tokens} tokens in {c['seconds']} s; engine "
+                  f"start {c['load_s']} s)")
+    print(f"total {time.perf_counter() - began:.0f} s")
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_throughput.json"
-        path.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        path.write_text(json.dumps({"args": vars(args), "results": results, "checks": checks}, indent=1))
         print(f"wrote {path}")
     return 0
 

@@ -104,9 +104,16 @@ def test_unknown_config_key_and_missing_inputs_are_clear_errors(tmp_path):
 
 
 def test_run_dry_run_validates_the_paper_config():
+    from pairtrace.experiment.run_config import load_run_config
+
     result = invoke("run", "configs/olmo2-7b.yaml", "--dry-run")
-    assert result.exit_code == 0, result.output
-    assert "valid" in result.output and "30000" in result.output
+    assert "datapoint vectors" in result.output  # the resource plan is printed either way
+    if load_run_config("configs/olmo2-7b.yaml").validation.retrain.engine == "inprocess":
+        # one float32 process cannot hold a 7B DPO: refused, with the fix named
+        assert result.exit_code != 0 and "ZeRO-3" in result.output, result.output
+    else:
+        assert result.exit_code == 0, result.output
+        assert "valid" in result.output and "30000" in result.output
 
 
 def test_sharded_and_streamed_extraction_merge_to_the_same_vectors(vectors_dir, tiny_model_dir, hh_path, tmp_path):

@@ -46,8 +46,18 @@ class GenerationConfig:
     n_samples: int = field(default=1, metadata={"help": "Responses per prompt."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
     seed: int = field(default=0, metadata={"help": "Run seed (each batch is seeded from it and its first item)."})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "Generation engine: auto (vLLM when it is installed and a CUDA GPU is present, else "
+                  "Hugging Face), hf or vllm. Same prompts, sampling settings and seeds on both; vLLM's sampler "
+                  "draws other (equally distributed) samples."},
+    )
 
     def __post_init__(self) -> None:
+        from pairtrace.generation_engines import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise OptionError(f"{{backend}} must be one of {list(BACKENDS)}, got {self.backend!r}", "backend")
         if self.temperature < 0:
             raise OptionError(f"{{temperature}} must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
@@ -277,7 +287,7 @@ def check_resumable(existing: Sequence[dict[str, Any]], config: GenerationConfig
 
 
 def run_generate(
-    model_path: str | Path,
+    model_path: str | Path | Any,
     prompts_path: str | Path,
     out_path: str | Path,
     config: GenerationConfig | None = None,
@@ -288,10 +298,13 @@ def run_generate(
     """Generate responses for a prompt file into a JSONL file, resuming where an earlier run stopped.
 
     Records already in ``out_path`` (same id, model and sample) are kept and not generated again; new ones are
-    appended batch by batch, so an interrupted run loses at most one batch.
+    appended batch by batch, so an interrupted run loses at most one batch. ``config.backend`` picks the engine
+    (:func:`pairtrace.generation_engines.resolve_engine`); vLLM loads the weights itself (the Hugging Face model
+    is then never loaded).
 
     Args:
-        model_path: Model directory or hub id (loaded with :func:`pairtrace.models.load_model`).
+        model_path: Model directory or hub id, or a :class:`pairtrace.models.ModelSpec` (its dtype, device,
+            revision and chat template are used).
         prompts_path: Prompt records (JSONL).
         out_path: Generation records (JSONL), created or extended.
         config: Sampling settings (default :class:`GenerationConfig`).
@@ -299,22 +312,26 @@ def run_generate(
         progress: Show a progress bar.
 
     Returns:
-        ``{"n_prompts", "n_existing", "n_new", "n_total", "seconds", "out", "config"}``.
+        ``{"n_prompts", "n_existing", "n_new", "n_total", "seconds", "out", "config", "engine"}``.
     """
     from pairtrace.data.prompts import load_prompt_records
-    from pairtrace.models import load_model
+    from pairtrace.generation_engines import generate_with, resolve_engine
+    from pairtrace.models import ModelSpec, load_model
 
     config = config or GenerationConfig()
+    spec = model_path if isinstance(model_path, ModelSpec) else ModelSpec(name_or_path=str(model_path))
+    engine = resolve_engine(config.backend, spec.device, key="backend (--backend)")
     start = time.perf_counter()
     records = load_prompt_records(prompts_path)
     out_path = Path(out_path)
-    name = model_name or Path(str(model_path).rstrip("/")).name
+    name = model_name or Path(spec.name_or_path.rstrip("/")).name
     existing = load_generations(out_path) if out_path.is_file() else []
     check_resumable(existing, config, name, out_path)
     done = {generation_key(r) for r in existing}
-    loaded = load_model(model_path)
-    new = generate_responses(
-        loaded, records, config, model_name=name, progress=progress, skip=done,
+    # Hugging Face: the loaded model (a bare path loads as before: load_model's defaults); vLLM: the spec
+    model = load_model(spec if isinstance(model_path, ModelSpec) else model_path) if engine == "hf" else spec
+    new = generate_with(
+        model, records, config, model_name=name, engine=engine, progress=progress, skip=done,
         on_batch=lambda batch: append_generations(batch, out_path),
     )
     return {
@@ -325,4 +342,5 @@ def run_generate(
         "seconds": round(time.perf_counter() - start, 2),
         "out": str(out_path),
         "config": asdict(config),
+        "engine": engine,
     }

@@ -14,11 +14,15 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pairtrace.errors import ConfigError, DataError
 
+if TYPE_CHECKING:
+    from pairtrace.generate import GenerationConfig
+
 logger = logging.getLogger(__name__)
+
 
 def vllm_available() -> bool:
     """Whether vLLM can be used here: it imports and CUDA is present."""
@@ -45,7 +49,8 @@ class _Formatter:
     model: Any
 
 
-def _formatter(model_path: str, revision: str | None, chat_template: str) -> _Formatter:
+def _formatter(model_path: str, revision: str | None, chat_template: str,
+               trust_remote_code: bool = False) -> _Formatter:
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -53,7 +58,7 @@ def _formatter(model_path: str, revision: str | None, chat_template: str) -> _Fo
 
     from pairtrace.models import _resolve_template_mode, _tokenizer_prepends_bos
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     try:
         generation_config = HFGenerationConfig.from_pretrained(model_path, revision=revision)
     except OSError:  # no generation_config.json: the tokenizer's tokens decide
@@ -69,18 +74,19 @@ def _formatter(model_path: str, revision: str | None, chat_template: str) -> _Fo
 def generate_responses_vllm(
     model_path: str | Path,
     prompt_records: Sequence[dict[str, Any]],
-    config,
+    config: GenerationConfig,
     *,
     model_name: str,
     revision: str | None = None,
     dtype: str = "bfloat16",
     chat_template: str = "auto",
+    trust_remote_code: bool = False,
     progress: bool = True,
     skip: Iterable[tuple[str, str, int]] = (),
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     requests_per_call: int = 1024,
     tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``config.n_samples`` responses per prompt record with vLLM.
 
@@ -95,13 +101,16 @@ def generate_responses_vllm(
         revision: Hub revision.
         dtype: Weights dtype for vLLM.
         chat_template: ``auto``, ``chat`` or ``plain`` (as :class:`pairtrace.models.ModelSpec`).
+        trust_remote_code: Allow custom modelling code from the hub.
         progress: Show a progress bar.
         skip: Keys ``(id, model, sample)`` already generated.
         on_batch: Called with each finished group of records (e.g. to append them to a file).
         requests_per_call: Requests handed to vLLM per call (vLLM batches them itself); records are delivered
             to ``on_batch`` after each call.
         tensor_parallel_size: GPUs per model replica.
-        gpu_memory_utilization: Fraction of GPU memory vLLM may take.
+        gpu_memory_utilization: Fraction of the GPU's memory vLLM may take (weights and KV cache); default
+            :func:`free_memory_fraction` (90% of what is free now, so a model already loaded in this process
+            keeps its memory). The engine is shut down and its memory freed before this function returns.
 
     Returns:
         The new generation records, in prompt order then sample order.
@@ -112,10 +121,9 @@ def generate_responses_vllm(
     """
     if not vllm_available():
         raise ConfigError("vLLM generation needs the vllm package and a CUDA GPU; use the Hugging Face backend")
-    from tqdm.auto import tqdm
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from pairtrace.generate import _batch_seed, _encode_prompts, _stop_token_ids
+    from pairtrace.generate import _encode_prompts, _stop_token_ids
 
     for i, record in enumerate(prompt_records):
         for name in ("id", "prompt"):
@@ -131,12 +139,32 @@ def generate_responses_vllm(
     if not items:
         return []
     path = str(model_path)
-    shell = _formatter(path, revision, chat_template)
+    shell = _formatter(path, revision, chat_template, trust_remote_code)
     needed = sorted({i for i, _ in items})
     encoded = dict(zip(needed, _encode_prompts(shell, [prompt_records[i] for i in needed]), strict=True))
     stop_ids = _stop_token_ids(shell)
-    llm = LLM(model=path, tokenizer=path, revision=revision, dtype=dtype, seed=config.seed, trust_remote_code=False,
-              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = free_memory_fraction()
+    llm = LLM(model=path, tokenizer=path, revision=revision, dtype=dtype, seed=config.seed,
+              trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+              gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        return _generate(llm, shell, encoded, stop_ids, items, prompt_records, config, model_name=model_name,
+                         progress=progress, on_batch=on_batch, requests_per_call=requests_per_call)
+    finally:
+        release_engine(llm)
+
+
+def _generate(llm: Any, shell: _Formatter, encoded: dict[int, list[int]], stop_ids: list[int],
+              items: list[tuple[int, int]], prompt_records: Sequence[dict[str, Any]], config: GenerationConfig, *,
+              model_name: str, progress: bool, on_batch: Callable[[list[dict[str, Any]]], None] | None,
+              requests_per_call: int) -> list[dict[str, Any]]:
+    """Run the requests through a started engine, in groups; the records of :func:`generate_responses_vllm`."""
+    from tqdm.auto import tqdm
+    from vllm import SamplingParams
+
+    from pairtrace.generate import _batch_seed
+
     greedy = config.temperature == 0
     tok = shell.tokenizer
     results: dict[tuple[int, int], dict[str, Any]] = {}
@@ -149,6 +177,8 @@ def generate_responses_vllm(
                 top_p=1.0 if greedy else config.top_p,
                 max_tokens=config.max_new_tokens,
                 stop_token_ids=stop_ids,
+                # one request = one (prompt, sample): seeded as the Hugging Face path seeds a batch whose first
+                # item it is
                 seed=_batch_seed(config.seed, (str(prompt_records[i]["id"]), s)),
             )
             for i, s in group
@@ -177,4 +207,35 @@ def generate_responses_vllm(
     return [results[key] for key in sorted(results)]
 
 
-__all__ = ["generate_responses_vllm", "vllm_available"]
+def free_memory_fraction(share_of_free: float = 0.9) -> float:
+    """The ``gpu_memory_utilization`` that gives vLLM ``share_of_free`` of the GPU memory free now (vLLM counts
+    the fraction of the whole device, and refuses to start when that much is not free)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return max(0.05, min(0.95, share_of_free * free / total))
+
+
+def release_engine(llm: Any) -> None:
+    """Shut a vLLM engine down and free its GPU memory, so the next stage (or the next model) can load."""
+    import contextlib
+    import gc
+
+    import torch
+
+    with contextlib.suppress(Exception):  # the helpers moved between vLLM versions; freeing is best effort
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    engine = getattr(llm, "llm_engine", None)
+    with contextlib.suppress(Exception):
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+    del llm, engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["free_memory_fraction", "generate_responses_vllm", "release_engine", "vllm_available"]

@@ -105,6 +105,7 @@ class RunContext:
         self._specs: dict[str, ModelSpec] = {}
         self._judge: Judge | None = None
         self._pairs: Any = None
+        self._engine: str | None = None
         self.model_loads: list[str] = []
         """Names of the models loaded so far, in order (each model once)."""
         if not progress:
@@ -164,6 +165,40 @@ class RunContext:
             self._models[name] = load_model(spec)
             self.model_loads.append(name)
         return self._models[name]
+
+    # ------------------------------------------------------------------ generation engine
+    def generation_engine(self) -> str:
+        """The engine of the run's probe and evaluation generations, ``hf`` or ``vllm``: ``generation.backend``
+        resolved once on this machine (:func:`pairtrace.generation_engines.resolve_engine`).
+
+        Raises:
+            ConfigError: ``generation.backend: vllm`` where vLLM or a GPU is missing (named, with the fix).
+        """
+        if self._engine is None:
+            from pairtrace.generation_engines import resolve_engine
+
+            self._engine = resolve_engine(self.config.generation.backend, self.config.models.device)
+        return self._engine
+
+    def generation_model(self, name: str) -> LoadedModel | ModelSpec:
+        """What the generation engine needs for model ``name``: the loaded model for Hugging Face (loaded once,
+        shared with the other stages), the spec alone for vLLM (which loads the weights itself; the Hugging Face
+        copy, if this process holds one, is released first so the weights are never in memory twice)."""
+        if self.generation_engine() == "hf":
+            return self.model(name)
+        if name in self._models:
+            logger.info("releasing the Hugging Face copy of %s before vLLM loads it", name)
+            self.release(name)
+        return self.spec_of(name)
+
+    def generation_key(self) -> dict[str, Any]:
+        """The sampling settings as a stage key: ``generation`` without its ``backend`` setting, plus the engine
+        it resolved to when that is not Hugging Face (so keys of Hugging Face runs are those of runs made before
+        the backend option existed, and vLLM samples never pass for Hugging Face ones)."""
+        settings = dataclasses.asdict(self.config.generation)
+        settings.pop("backend", None)
+        engine = self.generation_engine()
+        return settings if engine == "hf" else {**settings, "engine": engine}
 
     def release(self, name: str) -> None:
         """Drop a loaded model (e.g. M1 once its generations are sampled), freeing its memory."""

@@ -114,6 +114,26 @@ def experiment_metrics(ctx: RunContext, name: str, units: list[RetrainUnit],
     return summarise_evaluation(evaluation, name), per_seed
 
 
+def generation_engines(ctx: RunContext, plan: Plan) -> dict[str, Any]:
+    """Which engine sampled each generation stage: ``probe_generations`` and ``evaluation`` as written by the
+    stage (``engine.json``; ``hf`` for outputs older than that file), ``steer`` always Hugging Face (it needs
+    hooks), ``None`` for a stage that did not run. Evaluation retrains that differ give a sorted list."""
+    import json
+
+    def engine_of(folder: Path) -> str | None:
+        if not (folder / "generations.jsonl").is_file():
+            return None
+        path = folder / "engine.json"
+        return json.loads(path.read_text(encoding="utf-8"))["engine"] if path.is_file() else "hf"
+
+    evaluation = sorted({e for u in plan.units if (e := engine_of(ctx.path("retrains", u.name))) is not None})
+    return {
+        "probe_generations": engine_of(ctx.path("probe")),
+        "evaluation": (evaluation[0] if len(evaluation) == 1 else evaluation) or None,
+        "steer": "hf" if ctx.config.extras.steer else None,
+    }
+
+
 def retrain_engines(ctx: RunContext, outcomes: dict[str, Any]) -> dict[str, Any]:
     """The retrain engine that ran (from each retrain's summary; several give a sorted list, e.g. after a resume
     with another engine) and the run's engine options."""
@@ -169,6 +189,6 @@ def collect_results(ctx: RunContext, plan: Plan, rankings: dict[str, Any], quali
         "sources": sources,
         "discovery": discovery,
         "steer": steer,
-        "engines": {**retrain_engines(ctx, outcomes), "generation": "hf"},
+        "engines": {**retrain_engines(ctx, outcomes), **generation_engines(ctx, plan)},
         "commands": [f"pairtrace run {config_path or 'CONFIG'} --out {ctx.out}", f"pairtrace report {ctx.out}"],
     }

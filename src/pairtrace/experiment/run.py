@@ -23,6 +23,7 @@ from pairtrace.experiment.checks import compute_checks
 from pairtrace.experiment.context import RunContext
 from pairtrace.experiment.inputs import resolve_inputs
 from pairtrace.experiment.plan import build_plan
+from pairtrace.experiment.resources import ResourceOptions
 from pairtrace.experiment.results import collect_results, compute_attribution_quality
 from pairtrace.experiment.run_config import RunConfig, load_run_config
 from pairtrace.experiment.tables import render_tables
@@ -38,10 +39,11 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     cfg, cache = ctx.config, ctx.cache
     started = time.perf_counter()
     build_plan(cfg)  # refuse unknown rankers, actions or seeds before any work
+    ctx.generation_engine()  # refuse generation.backend: vllm where vLLM cannot run, before any work
     inputs = resolve_inputs(ctx)
 
     # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
-    probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), cfg.generation, cfg.judge)
+    probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(), cfg.judge)
     probe = cache.run("probe_generations", probe_key, lambda: generate_and_judge(
         ctx, "probe", ["m0", "m1"], inputs.probe_prompts, cfg.generation.probe_samples))
     ctx.release("m1")
@@ -163,14 +165,27 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, *, progress: bo
     return execute(RunContext(config, out_dir, progress=progress), config_path=str(config_path))
 
 
-def plan_experiment(config_path: str | Path) -> dict[str, Any]:
-    """Validate a run config without running anything, and describe what a run would do.
+def plan_experiment(config_path: str | Path, resources: ResourceOptions | None = None) -> dict[str, Any]:
+    """Validate a run config without running anything, and describe what a run would do and what it needs.
+
+    Args:
+        config_path: The run config.
+        resources: Assumptions of the resource plan (GPU, utilisation, typical lengths; defaults: an 80 GB H100
+            at 40% MFU).
 
     Returns:
         The plan: inputs, methods, k values (shares of the mix when the data size is not known), the shared DPO
-        recipe, the retrains, the DPO seeds and the number of retrains.
+        recipe, the retrains, the DPO seeds, the number of retrains, the generation backend, and the resource plan
+        (``resources``: per stage tokens, FLOPs, GPU-hours and peak memory per process; ``resource_plan``: the
+        same as text lines).
+
+    Raises:
+        ConfigError: An invalid config, or a stage that cannot fit in a GPU's memory (the message holds the
+            resource plan and names the fix).
     """
     from dataclasses import asdict
+
+    from pairtrace.experiment.resources import plan_resources, render_resource_plan
 
     config: RunConfig = load_run_config(config_path)
     plan = build_plan(config)
@@ -180,6 +195,10 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
         for which in ("m0", "m1"):
             ModelSpec(name_or_path=getattr(config.models, which), revision=getattr(config.models, f"{which}_revision"),
                       dtype=config.models.dtype, device=config.models.device, chat_template=config.models.template)
+    needs = plan_resources(config, resources)
+    text = render_resource_plan(needs)
+    if needs.refusals:
+        raise ConfigError(f"{config_path}: the run cannot fit as configured.\n{text}")
     return {
         "inputs": {"organism": config.organism is not None, "m0": config.models.m0, "m1": config.models.m1,
                    "pairs": config.data.pairs, "pairs_revision": config.data.revision},
@@ -187,6 +206,9 @@ def plan_experiment(config_path: str | Path) -> dict[str, Any]:
                         "gradient": asdict(config.attribution.gradient)},
         "recipe": asdict(config.validation.recipe),
         "retrain_engine": config.validation.retrain_engine,
+        "generation_backend": config.generation.backend,
         "judge": config.judge.kind,
         **plan.describe(),
+        "resources": needs.to_dict(),
+        "resource_plan": text.splitlines(),
     }

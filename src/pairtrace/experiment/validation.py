@@ -23,26 +23,30 @@ logger = logging.getLogger(__name__)
 
 def generate_and_judge(ctx: RunContext, name: str, models: list[str], prompts: str | Path, n_samples: int,
                        seed_offset: int = 0) -> dict[str, str]:
-    """Sample each named model (M0, M1 or one registered with the context) on a prompt file; judge every sample.
+    """Sample each named model (M0, M1 or one registered with the context) on a prompt file with the run's
+    generation engine (:meth:`RunContext.generation_engine`); judge every sample.
 
     Returns:
-        The paths of ``generations.jsonl`` and ``judgements.jsonl`` under ``OUT/<name>/``.
+        The paths of ``generations.jsonl`` and ``judgements.jsonl`` under ``OUT/<name>/``, and the ``engine``
+        that sampled them (also written to ``OUT/<name>/engine.json``).
     """
-    from pairtrace.generate import generate_responses
+    from pairtrace.generation_engines import generate_with
     from pairtrace.judges.judging import judge_generations
 
     out_dir = ctx.path(name)
     prompt_records = read_jsonl(prompts)
+    engine = ctx.generation_engine()
     records: list[dict[str, Any]] = []
     for model_name in models:
-        records.extend(generate_responses(ctx.model(model_name), prompt_records,
-                                          ctx.sampling(n_samples, seed_offset), model_name=model_name,
-                                          progress=ctx.progress))
+        records.extend(generate_with(ctx.generation_model(model_name), prompt_records,
+                                     ctx.sampling(n_samples, seed_offset), model_name=model_name, engine=engine,
+                                     progress=ctx.progress))
     gens = write_jsonl_atomic(records, out_dir / "generations.jsonl")
+    write_json_atomic({"engine": engine, "models": models}, out_dir / "engine.json")
     judgements = out_dir / "judgements.jsonl"
     judgements.unlink(missing_ok=True)
     judge_generations(records, ctx.judge(), judgements, resume=False, progress=ctx.progress)
-    return {"generations": str(gens), "judgements": str(judgements)}
+    return {"generations": str(gens), "judgements": str(judgements), "engine": engine}
 
 
 def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key: str | None) -> str:
@@ -56,7 +60,7 @@ def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key:
     if exp.method == "random":
         selection = {"random_seed": cfg.seed}
     return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
-                     cfg.validation.retrain.key_material(), ctx.models_digest(), cfg.generation, cfg.judge,
+                     cfg.validation.retrain.key_material(), ctx.models_digest(), ctx.generation_key(), cfg.judge,
                      file_digest(ctx.inputs.eval_prompts))
 
 
