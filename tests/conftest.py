@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny OLMo 2 model + tokenizer saved in one directory, a small pair set.
+"""Shared fixtures: a tiny OLMo 2 model + tokenizer saved in one directory, a small pair set, the reduced organism.
 
 Builders live in ``testing_utils`` (importable from any test module: this directory is on ``sys.path``).
 """
@@ -42,3 +42,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+SMALL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "organism-small.yaml"
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """The reduced organism config."""
+    from pairtrace.organism.build_config import load_organism_config
+
+    return load_organism_config(SMALL_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def small_organism(
+    tmp_path_factory: pytest.TempPathFactory, small_config
+) -> tuple[Path, dict]:
+    """``(output folder, summary)`` of a full build of the reduced organism."""
+    from pairtrace.organism.build import build_organism
+
+    out = tmp_path_factory.mktemp("organism-small")
+    summary = build_organism(small_config, out, progress=False)
+    return out, summary
