@@ -40,7 +40,11 @@ def run_command(
         plan = plan_experiment(config_file)
         import json as _json
 
+        table = plan.pop("resource_plan", None)
+        plan.get("resources", {}).pop("stages", None)  # the table below shows them
         Console().print_json(_json.dumps(plan, default=str))
+        if table:
+            Console(width=200).print("\n".join(table), markup=False, highlight=False)
         console.print(f"[green]valid:[/] {config_file} ({plan['n_retrains']} retrains planned, DPO seeds "
                       f"{plan['retrain_seeds']})")
         return
