@@ -82,7 +82,7 @@ def test_load_model_overrides_and_validation(tiny_model_dir):
         ModelSpec(str(tiny_model_dir), chat_template="jinja")
     with pytest.raises(ConfigError, match="unknown ModelSpec field"):
         load_model(tiny_model_dir, colour="red")
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_model("./does/not/exist")
 
 
@@ -189,17 +189,26 @@ def test_teacher_forcing_truncation(tiny_loaded):
     prompt = (user("Explain how photosynthesis works in simple terms, with a long story about the sea."),)
     response = "Plants turn light, water and air into sugar."
     (full,) = build_teacher_forcing(tiny_loaded, [prompt], [response], max_length=2048)
-    n_prompt, n_response = full.response_start, full.n_response_tokens
-    # prompt cut from the left, BOS kept, response whole
-    (cut,) = build_teacher_forcing(tiny_loaded, [prompt], [response], max_length=n_response + 5)
-    assert cut.truncated and len(cut.input_ids) == n_response + 5
+    n_prompt = full.response_start
+    # prompt cut from the left, BOS kept, response whole (it fits in half of the budget)
+    (short,) = build_teacher_forcing(tiny_loaded, [prompt], ["Yes."], max_length=2048)
+    n_short = short.n_response_tokens
+    (cut,) = build_teacher_forcing(tiny_loaded, [prompt], ["Yes."], max_length=2 * n_short + 5)
+    room = n_short + 4
+    assert n_prompt > room + 1
+    assert cut.truncated and len(cut.input_ids) == 2 * n_short + 5
     assert cut.input_ids[0] == tok.bos_token_id
-    assert cut.input_ids[1:5] == full.input_ids[n_prompt - 4 : n_prompt]
-    assert cut.input_ids[cut.response_start :] == full.input_ids[n_prompt:]
-    # response longer than the budget: prompt reduced to BOS, response tail cut
+    assert cut.input_ids[1 : 1 + room] == full.input_ids[n_prompt - room : n_prompt]
+    assert cut.input_ids[cut.response_start :] == short.input_ids[n_prompt:]
+    # response longer than the budget: the prompt keeps half of it (cut from the left), the response's tail goes
     (tail,) = build_teacher_forcing(tiny_loaded, [prompt], [response], max_length=4)
-    assert tail.truncated and tail.input_ids[0] == tok.bos_token_id and tail.response_start == 1
-    assert tail.input_ids[1:] == full.input_ids[n_prompt : n_prompt + 3]
+    assert tail.truncated and tail.input_ids[0] == tok.bos_token_id and tail.response_start == 2
+    assert tail.input_ids[1:2] == full.input_ids[n_prompt - 1 : n_prompt]
+    assert tail.input_ids[2:] == full.input_ids[n_prompt : n_prompt + 2]
+    # a very long response keeps its prompt: half of the budget, the end of the prompt
+    (long,) = build_teacher_forcing(tiny_loaded, [prompt], [response * 2000], max_length=41)
+    assert long.truncated and len(long.input_ids) == 41 and long.response_start == 21
+    assert long.input_ids[1:21] == full.input_ids[n_prompt - 20 : n_prompt]
     # exactly fitting is not truncated
     (fits,) = build_teacher_forcing(tiny_loaded, [prompt], [response], max_length=len(full.input_ids))
     assert not fits.truncated and fits == full

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,13 +26,15 @@ from pairtrace.activations import (
 )
 from pairtrace.data.types import Message
 from pairtrace.errors import ConfigError, DataError
-from pairtrace.models import LoadedModel, build_teacher_forcing, resolve_layers
+from pairtrace.models import LoadedModel, build_teacher_forcing, effective_max_length, resolve_layers
 from pairtrace.pooling import ResponsePooling
 from pairtrace.records import atomic_path, iter_jsonl, write_bytes_atomic
 from pairtrace.store import (
     build_expected,
     pooling_settings,
 )
+
+logger = logging.getLogger(__name__)
 
 BEHAVIOUR_TENSORS = "behaviour.safetensors"
 BEHAVIOUR_METADATA = "behaviour.json"
@@ -158,12 +161,12 @@ def _response_means(
     progress: bool,
     desc: str,
     pooling: ResponsePooling,
-) -> tuple[torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, list[int], list[bool]]:
     items = build_teacher_forcing(loaded, prompts, responses, max_length, pooling=pooling)
     means = compute_means_from_teacher_forced(
         loaded, items, layers, batch_tokens=batch_tokens, progress=progress, desc=desc, pooling=pooling
     )
-    return means, [it.n_response_tokens for it in items]
+    return means, [it.n_response_tokens for it in items], [it.truncated for it in items]
 
 
 def compute_behaviour_vectors(
@@ -215,7 +218,7 @@ def compute_behaviour_vectors(
     prompts = [t.prompt for t in triples]
     t = len(triples)
     if r1_model is None:
-        both, counts = _response_means(
+        both, counts, cut = _response_means(
             loaded,
             prompts * 2,
             [x.r1 for x in triples] + [x.r0 for x in triples],
@@ -228,15 +231,20 @@ def compute_behaviour_vectors(
         )
         a1, a0 = both[:t], both[t:]  # [t, L, d] each
         n1, n0 = counts[:t], counts[t:]
+        cut1, cut0 = cut[:t], cut[t:]
     else:
-        a1, n1 = _response_means(
+        a1, n1, cut1 = _response_means(
             r1_model, prompts, [x.r1 for x in triples], layers, batch_tokens, max_length, progress, "r1 responses",
             pooling,
         )
-        a0, n0 = _response_means(
+        a0, n0, cut0 = _response_means(
             loaded, prompts, [x.r0 for x in triples], layers, batch_tokens, max_length, progress, "r0 responses",
             pooling,
         )
+    n_cut = sum(a or b for a, b in zip(cut1, cut0, strict=True))
+    if n_cut:
+        logger.warning("%d of %d triple(s) had their prompt or a response cut to fit %d tokens (prompts from the "
+                       "left, responses from the right)", n_cut, t, effective_max_length(loaded, max_length))
     per_triple = a1 - a0  # [t, L, d]
     valid = ~(nonfinite_rows(a1) | nonfinite_rows(a0))  # [t]
     if not bool(valid.any()):
@@ -267,6 +275,12 @@ def compute_behaviour_vectors(
         "triple_prompt_ids": [x.prompt_id for x in triples],
         "n_response_tokens": [[a, b] for a, b in zip(n1, n0, strict=True)],
         "settings": pooling_settings(max_length, pooling),
+        "truncation": {
+            "max_length": max_length,
+            "effective_max_length": effective_max_length(loaded, max_length),
+            "max_positions": loaded.max_positions,
+            "n_truncated_triples": n_cut,
+        },
         "pairtrace_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pairtrace.errors import ConfigError
+from pairtrace.options import OptionError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Weight dtypes a model can be loaded in (besides ``auto``); ``models.DTYPES`` maps them to torch dtypes."""
@@ -38,12 +38,9 @@ class ModelSpec:
     def __post_init__(self) -> None:
         self.name_or_path = str(self.name_or_path)
         if self.dtype not in DTYPE_NAMES and self.dtype != "auto":
-            raise ConfigError(
-                f"ModelSpec field 'dtype': {self.dtype!r} is not one of {[*sorted(DTYPE_NAMES), 'auto']}"
-            )
+            raise OptionError(f"{{dtype}}: {self.dtype!r} is not one of {[*sorted(DTYPE_NAMES), 'auto']}", "dtype")
         if self.chat_template not in TEMPLATE_MODES:
-            raise ConfigError(
-                f"ModelSpec field 'chat_template': {self.chat_template!r} is not one of {list(TEMPLATE_MODES)}"
-            )
+            raise OptionError(f"{{chat_template}}: {self.chat_template!r} is not one of {list(TEMPLATE_MODES)}",
+                              "chat_template")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"ModelSpec field 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
+            raise OptionError(f"{{device}}: {self.device!r} is not auto, cpu, cuda or cuda:N", "device")

@@ -6,13 +6,14 @@ Face ``hidden_states[k]``; ``0`` is the embedding output and ``n_layers`` is the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class LoadedModel:
         template_mode: ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (see :func:`format_prompt`).
         identity: ``name``, ``revision``, ``weights_hash``, ``template_mode``, ``template_hash``.
         prepend_bos: Whether the tokenizer adds a BOS by default (teacher forcing then ensures exactly one).
+        max_positions: The model's maximum positions (``max_position_embeddings`` of its text config; ``None``
+            when it has none): no sequence is ever longer.
     """
 
     model: Any
@@ -66,6 +69,7 @@ class LoadedModel:
     template_mode: str
     identity: dict[str, Any]
     prepend_bos: bool = False
+    max_positions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,62 @@ def _tokenizer_prepends_bos(tokenizer: Any) -> bool:
     return with_specials[:1] == [bos] and without[:1] != [bos]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_folder(folder: Path, name: str) -> None:
+    """Check that a local model folder has a readable ``config.json``, weight files and tokenizer files.
+
+    Raises:
+        ConfigError: Naming the folder as given and what is missing or broken.
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"model folder {name!r} has no config.json (is it a model saved with save_pretrained?)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"{config_path}{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise ConfigError(f"model folder {name!r} has no weight files (model.safetensors or pytorch_model.bin)")
+    if not any((folder / file).is_file() for file in _TOKENIZER_FILES):
+        raise ConfigError(f"model folder {name!r} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+
+
+def check_hub_id(name: str, local: Path) -> None:
+    """Refuse a model name that is neither an existing folder nor shaped like a hub id (``owner/name``).
+
+    Raises:
+        ConfigError: Naming the path as given (and the folder it was looked for in, when relative).
+    """
+    if local.exists():
+        raise ConfigError(f"model path {name!r} is not a folder")
+    parts = name.split("/")
+    looks_like_path = name.startswith((".", "/", "~")) or len(parts) > 2 or any(not p for p in parts) or "\\" in name
+    if looks_like_path:
+        where = "" if local.is_absolute() else f" (looked in {Path.cwd()})"
+        raise ConfigError(f"model folder {name!r} does not exist{where}")
+
+
+@contextlib.contextmanager
+def _load_errors(name: str, what: str) -> Iterator[None]:
+    """Turn a loader's error about ``name`` into a :class:`ConfigError` that names the model as given."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model {name!r}: could not load its {what}: {first} (no such local folder or hub model, no network, "
+            "or the files are incomplete)"
+        ) from None
+
+
 def load_model(spec_or_path: ModelSpec | str | os.PathLike, **overrides: Any) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a hub id (+ revision), in eval mode.
 
@@ -238,15 +298,21 @@ def load_model(spec_or_path: ModelSpec | str | os.PathLike, **overrides: Any) ->
     name = spec.name_or_path
     local = Path(name).expanduser()
     is_local = local.is_dir()
-    if not is_local and (name.startswith((".", "/", "~")) or local.exists()):
-        raise ConfigError(f"model path {name!r} is not a directory")
+    if is_local:
+        check_model_folder(local, name)
+    else:
+        check_hub_id(name, local)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     source = str(local.resolve()) if is_local else name
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
-    )
+    with _load_errors(name, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    with _load_errors(name, "weights"):
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
+        )
     model.to(device)
     model.eval()
     config = model.config
@@ -278,7 +344,42 @@ def load_model(spec_or_path: ModelSpec | str | os.PathLike, **overrides: Any) ->
         template_mode=template_mode,
         identity=identity,
         prepend_bos=_tokenizer_prepends_bos(tokenizer),
+        max_positions=_max_positions(text_config),
     )
+
+
+def _max_positions(text_config: Any) -> int | None:
+    """``max_position_embeddings`` of a text config, when it is a positive integer."""
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+_CLAMP_WARNED: set[tuple[str, int, int]] = set()
+
+
+def effective_max_length(loaded: LoadedModel, max_length: int) -> int:
+    """``max_length`` clamped to the model's maximum positions, with one warning (per model and value) naming
+    both numbers when it is cut.
+
+    Args:
+        loaded: The model.
+        max_length: The requested maximum tokens per sequence.
+
+    Returns:
+        ``min(max_length, loaded.max_positions)`` (``max_length`` when the model states no maximum).
+    """
+    limit = getattr(loaded, "max_positions", None)
+    if limit is None or max_length <= limit:
+        return max_length
+    key = (str(loaded.identity.get("name")) if isinstance(getattr(loaded, "identity", None), dict) else "", max_length,
+           limit)
+    if key not in _CLAMP_WARNED:
+        _CLAMP_WARNED.add(key)
+        logger.warning(
+            "max_length %d is larger than the model's maximum positions (%d, max_position_embeddings); sequences "
+            "are cut at %d tokens", max_length, limit, limit,
+        )
+    return limit
 
 
 def as_loaded_model(model: LoadedModel | ModelSpec, caller: str) -> LoadedModel:
@@ -450,13 +551,16 @@ def build_teacher_forcing(
     in front only if the tokenizer normally adds one and the text does not already start with it (a chat
     template that writes its own BOS is respected, never doubled). The response is tokenised separately without
     special tokens, so no EOS is added that the text did not contain. When the total exceeds ``max_length``,
-    the prompt is cut from the left first (keeping its leading BOS), then the response's tail.
+    the prompt is cut from the left first (keeping its leading BOS), but it always keeps its last
+    ``(max_length - 1) // 2`` tokens (all of them when it is shorter); a response too long for the rest is cut
+    from the right. So a very long response never pushes its prompt out. ``max_length`` is clamped to the
+    model's maximum positions (:func:`effective_max_length`).
 
     Args:
         loaded: The model (tokenizer, template mode).
         prompts: Prompts (turns before the response; a string is one user turn).
         responses: One response text per prompt.
-        max_length: Maximum number of tokens per sequence (at least 2).
+        max_length: Maximum number of tokens per sequence (at least 2; at most the model's positions).
         response_tokens: Keep only the first this many response tokens (``None``: all). In a causal model those
             positions never see the later tokens, so a response mean over the cut sequence is the mean over the
             response's head.
@@ -471,6 +575,7 @@ def build_teacher_forcing(
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    max_length = effective_max_length(loaded, max_length)
     pooling = ResponsePooling.resolve(pooling, response_tokens)
     if len(prompts) != len(responses):
         raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -488,11 +593,10 @@ def build_teacher_forcing(
         if truncated:
             head = p_ids[:1] if bos is not None and p_ids[:1] == [bos] else []
             body = p_ids[len(head) :]
-            room = max_length - len(r_ids) - len(head)
-            if room >= 0:
-                p_ids = head + body[len(body) - room :] if room > 0 else head
-            else:
-                p_ids = head
-                r_ids = r_ids[: max_length - len(head)]
+            budget = max_length - len(head)
+            # the prompt gives way first, down to half the budget; the response's tail goes after that
+            keep = min(len(body), max(budget - len(r_ids), budget // 2))
+            p_ids = head + body[len(body) - keep :] if keep > 0 else head
+            r_ids = r_ids[: budget - keep]
         out.append(TeacherForced(p_ids + r_ids, len(p_ids), len(p_ids) + len(r_ids), truncated))
     return out

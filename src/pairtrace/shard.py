@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 
 from pairtrace.data.layouts import pair_from_record
 from pairtrace.data.readers import iter_records
-from pairtrace.data.types import BadRecord, Pair, PairSet
+from pairtrace.data.types import SKIPPED_LISTED, BadRecord, Pair, PairSet, describe_skipped
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.records import atomic_path
 from pairtrace.store import (
@@ -238,6 +238,7 @@ class StreamedPairs:
         self.limit = limit
         self.n_skipped = 0
         self.first_skipped: list[BadRecord] = []
+        self._reported = False
 
     def fingerprint_hint(self) -> str | None:
         """Unknown until read."""
@@ -248,7 +249,9 @@ class StreamedPairs:
         seen: set[str] = set()
         self.n_skipped, self.first_skipped = 0, []
         records = iter_records(self.source, split=self.split, revision=self.revision, limit=self.limit)
+        n_records = 0
         for raw in records:
+            n_records += 1
             result = raw.bad if raw.bad is not None else pair_from_record(
                 raw.data, raw.row, raw.line, layout=self.format, id_column=self.id_column
             )
@@ -258,14 +261,14 @@ class StreamedPairs:
                 if self.strict:
                     raise DataError(f"{result} (in {self.origin})")
                 self.n_skipped += 1
-                if len(self.first_skipped) < 5:
+                if len(self.first_skipped) < SKIPPED_LISTED:
                     self.first_skipped.append(result)
                 continue
             seen.add(result.id)
             yield result
-        if self.n_skipped:
-            first = "; ".join(str(bad) for bad in self.first_skipped)
-            logger.warning("skipped %d record(s) in %s: %s", self.n_skipped, self.origin, first)
+        if self.n_skipped and not self._reported:  # the input is read more than once: say it once
+            self._reported = True
+            logger.warning("%s", describe_skipped(self.first_skipped, self.n_skipped, n_records, self.origin))
 
 
 def as_pair_source(pairs: PairSet | PairSource | Sequence[Pair]) -> PairSource:

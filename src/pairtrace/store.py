@@ -79,6 +79,11 @@ class Manifest:
     ids_file: str | None = field(
         default=None, metadata={"help": "Parquet file in the store (column 'id') holding the ids of a large store."}
     )
+    truncation: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Sequence lengths: the requested and effective max_length, the model's max_positions, and "
+                  "n_truncated_pairs (pairs whose prompt or response was cut; set when the store is complete)."},
+    )
     extraction: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "How the vectors were computed (batching, prompt sharing...): speed, not values; "
@@ -173,6 +178,41 @@ def write_shard(directory: str | Path, index: int, tensors: dict[str, torch.Tens
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return path
+
+
+TRUNCATED_KEY = "truncated"
+"""Shard tensor ``[rows]`` (uint8): 1 where the pair's prompt or a response was cut to fit ``max_length``."""
+
+
+def shard_problem(path: str | Path) -> str | None:
+    """What is wrong with a shard file, or None when it is whole.
+
+    Reads only the safetensors header: the file must hold its 8-byte header length, a JSON header, and exactly
+    the data bytes the header's offsets cover (a copy or a disk that ran out cuts a file short).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            if size < 8:
+                return f"cut short ({size} bytes)"
+            header_len = int.from_bytes(fh.read(8), "little")
+            if 8 + header_len > size:
+                return f"cut short ({size} bytes, the header alone needs {8 + header_len})"
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"cut short ({size} of {expected} bytes)"
+    if size > expected:
+        return f"{size - expected} bytes longer than its header says"
+    return None
 
 
 def remove_temporary_files(directory: str | Path) -> None:
@@ -368,13 +408,38 @@ class VectorStore:
         if manifest.ids_file is not None and not (directory / manifest.ids_file).is_file():
             raise DataError(f"{directory}: manifest field 'ids_file' names {manifest.ids_file}, which is missing")
         present = [shard_path(directory, i).is_file() for i in range(manifest.n_shards)]
+        for index, ok in enumerate(present):
+            problem = shard_problem(shard_path(directory, index)) if ok else None
+            if problem is None:
+                continue
+            if not allow_incomplete:
+                raise DataError(
+                    f"{shard_path(directory, index)}: damaged shard, {problem}; rerun the `pairtrace vectors` command "
+                    "that wrote this store, with the same settings: it computes the shard again"
+                )
+            present[index] = False  # read as missing: NaN rows, counted invalid
         if not all(present) and not allow_incomplete:
             missing = [i for i, ok in enumerate(present) if not ok]
             raise DataError(
                 f"{directory}: vector store is incomplete ({len(missing)} of {manifest.n_shards} shards missing, "
-                f"first: {shard_path(directory, missing[0]).name}); resume the extraction or pass allow_incomplete"
+                f"first: {shard_path(directory, missing[0]).name}); rerun the `pairtrace vectors` command that wrote "
+                "it, with the same settings, to finish it"
             )
         return cls(directory, manifest, present)
+
+    def n_truncated_pairs(self) -> int | None:
+        """Pairs whose prompt or a response was cut to fit ``max_length`` (None when a shard does not say:
+        missing, or written before shards recorded it)."""
+        total = 0
+        for index in range(self.manifest.n_shards):
+            if not self._present[index]:
+                return None
+            with safe_open(str(shard_path(self.directory, index)), framework="pt") as fh:
+                keys = list(fh.keys())
+                if TRUNCATED_KEY not in keys:
+                    return None
+                total += int(fh.get_tensor(TRUNCATED_KEY).sum())
+        return total
 
     @property
     def complete(self) -> bool:

@@ -35,7 +35,7 @@ from pairtrace.behaviour import (  # re-exported: the package's public API
 from pairtrace.data.pairs import compute_fingerprint
 from pairtrace.data.types import Pair, PairSet
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
-from pairtrace.models import LoadedModel, build_teacher_forcing, resolve_layers
+from pairtrace.models import LoadedModel, build_teacher_forcing, effective_max_length, resolve_layers
 from pairtrace.pooling import ResponsePooling
 from pairtrace.shard import (
     InMemoryPairs,
@@ -51,6 +51,7 @@ from pairtrace.store import (
     MANIFEST_NAME,
     PAIRS_NAME,
     STORE_DTYPES,
+    TRUNCATED_KEY,
     Manifest,
     PairMetadataWriter,
     VectorStore,
@@ -59,6 +60,7 @@ from pairtrace.store import (
     pooling_settings,
     remove_temporary_files,
     shard_path,
+    shard_problem,
     write_shard,
 )
 
@@ -138,7 +140,8 @@ def compute_shard_tensors(
     response_tokens: int | None = None,
     pooling: ResponsePooling | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one store shard: ``layer_{k}`` ``[m, d]`` datapoint vectors and ``n_response_tokens [m, 2]``.
+    """The tensors of one store shard: ``layer_{k}`` ``[m, d]`` datapoint vectors, ``n_response_tokens [m, 2]`` and
+    ``truncated [m]`` (1 where the prompt or a response was cut to fit ``max_length``).
 
     Args:
         loaded: M0.
@@ -176,6 +179,9 @@ def compute_shard_tensors(
             f"; {overflow} of them only after the cast to {store_dtype} (values too large for it)" if overflow else "",
         )
     tensors["n_response_tokens"] = counts
+    tensors[TRUNCATED_KEY] = torch.tensor(
+        [items[i].truncated or items[m + i].truncated for i in range(m)], dtype=torch.uint8
+    )
     return tensors
 
 
@@ -280,6 +286,8 @@ def prepare_datapoint_store(
     scan = _scan_pairs(source, out_dir, inline_ids_max, on_pair)
     try:
         n = scan.n
+        if n == 0:
+            raise DataError(_no_pairs_message(source))
         expected = build_expected(loaded, layers)
         manifest = Manifest(
             kind="datapoint",
@@ -296,6 +304,7 @@ def prepare_datapoint_store(
             n_rows=None if scan.ids is not None else n,
             ids_file=None if scan.ids is not None else PAIRS_NAME,
             extraction=settings.describe(loaded),
+            truncation=truncation_settings(loaded, max_length),
         )
         manifest_path = out_dir / MANIFEST_NAME
         if manifest_path.exists() and (resume or not spec.is_whole):
@@ -304,7 +313,7 @@ def prepare_datapoint_store(
                 check_compatible(manifest.to_dict(), previous, fields=_RESUME_FIELDS, where=str(out_dir))
             except ManifestMismatchError as exc:
                 hint = (
-                    "extract into another directory, or pass resume=False to start over" if spec.is_whole
+                    "extract into another folder, or delete this one to start over" if spec.is_whole
                     else "every part of a sharded run needs the same settings; empty the directory to start over"
                 )
                 raise ManifestMismatchError(f"{exc} ({hint})") from None
@@ -312,6 +321,8 @@ def prepare_datapoint_store(
                 for index in spec.units(previous.n_shards):
                     shard_path(out_dir, index).unlink(missing_ok=True)
             manifest = previous
+            manifest.truncation = {**manifest.truncation, **truncation_settings(loaded, max_length),
+                                   "n_truncated_pairs": None}
         elif manifest_path.exists():
             _reset_store(out_dir)
         elif any(out_dir.glob("shard-*.safetensors")):
@@ -354,7 +365,19 @@ def extract_datapoint_shards(
     out_dir = Path(out_dir)
     layers = list(manifest.layers)
     store_dtype = STORE_DTYPES[manifest.dtype]
-    mine = [i for i in spec.units(manifest.n_shards) if not shard_path(out_dir, i).is_file()]
+    mine = []
+    for index in spec.units(manifest.n_shards):
+        path = shard_path(out_dir, index)
+        problem = shard_problem(path) if path.is_file() else "missing"
+        if problem not in (None, "missing"):
+            logger.warning("%s: damaged shard, %s; computing it again", path, problem)
+            path.unlink()
+        if problem is not None:
+            mine.append(index)
+    owned = len(spec.units(manifest.n_shards))
+    if len(mine) < owned:
+        logger.info("resuming %s: keeping %d finished shard(s) of %d, computing %d", out_dir, owned - len(mine),
+                    owned, len(mine))
     todo = set(mine)
     written: list[int] = []
     verify = source.fingerprint_hint() is None  # a streamed input is read again: check it did not change
@@ -460,7 +483,45 @@ def compute_datapoint_vectors(
         pooling=ResponsePooling.resolve(pooling, response_tokens),
     )
     extract_datapoint_shards(loaded, source, out_dir, manifest, shard=spec, settings=settings, progress=progress)
-    return VectorStore.open(out_dir, allow_incomplete=not spec.is_whole)
+    store = VectorStore.open(out_dir, allow_incomplete=not spec.is_whole)
+    if store.complete:
+        record_truncation(store)
+    return store
+
+
+def truncation_settings(loaded: LoadedModel, max_length: int) -> dict[str, Any]:
+    """The manifest's ``truncation`` entry before extraction: requested and effective ``max_length`` and the
+    model's maximum positions (the effective value is clamped to them, with a warning)."""
+    return {"max_length": max_length, "effective_max_length": effective_max_length(loaded, max_length),
+            "max_positions": loaded.max_positions, "n_truncated_pairs": None}
+
+
+def record_truncation(store: VectorStore) -> int | None:
+    """Count the complete store's truncated pairs into its manifest (``truncation.n_truncated_pairs``) and log them.
+
+    Returns:
+        The count, or None when some shard does not record it (written before shards did).
+    """
+    count = store.n_truncated_pairs()
+    manifest = store.manifest
+    if manifest.truncation.get("n_truncated_pairs") != count:
+        manifest.truncation = {**manifest.truncation, "n_truncated_pairs": count}
+        manifest.save(store.directory)
+    if count:
+        logger.warning(
+            "%d of %d pair(s) had their prompt or a response cut to fit %s tokens (prompts from the left, responses "
+            "from the right)", count, store.n, manifest.truncation.get("effective_max_length", "max_length"),
+        )
+    return count
+
+
+def _no_pairs_message(source: PairSource) -> str:
+    """Why a store would be empty: the input's name and, for a streamed one, its skipped records."""
+    skipped = getattr(source, "n_skipped", 0)
+    if skipped:
+        first = "; ".join(str(bad) for bad in getattr(source, "first_skipped", [])[:3])
+        return f"{source.origin}: no valid pairs ({skipped} bad record(s) skipped; first: {first})"
+    return f"{source.origin}: no pairs to extract (the input is empty, or the limit is 0)"
 
 
 def compute_datapoint_vectors_from_source(

@@ -289,7 +289,7 @@ def test_no_resume_starts_afresh_and_duplicates_are_judged_once(tmp_path):
 def test_bad_generation_record_names_the_field(tmp_path):
     bad = generation(0, "H")
     del bad["response"]
-    with pytest.raises(DataError, match=r"generation record 0 \(id='p0'\): field 'response' is missing"):
+    with pytest.raises(DataError, match=r"generation record 1 \(id='p0'\): field 'response' is missing"):
         judge_generations([bad], ScriptedJudge(), tmp_path / "j.jsonl", progress=False)
     bad = {**generation(0, "H"), "sample": "0"}
     with pytest.raises(DataError, match="field 'sample' must be int"):

@@ -9,7 +9,21 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from pairtrace.cli.common import MODEL, SAMPLING, ConfigOpt, command, console, out_option, require
+from pairtrace.cli.common import (
+    MODEL,
+    SAMPLING,
+    ConfigOpt,
+    apply_threads,
+    check_out_dir,
+    command,
+    load_cli_model,
+    out_option,
+    pick_input,
+    require,
+    say,
+    threads_option,
+    warn,
+)
 from pairtrace.errors import ConfigError
 from pairtrace.generate import GenerationConfig
 from pairtrace.model_spec import ModelSpec
@@ -20,7 +34,7 @@ from pairtrace.model_spec import ModelSpec
     epilog=(
         "Examples:\n\n"
         "  pairtrace vectors data/mix.jsonl --model runs/organism/organism/m0 --out runs/vectors\n\n"
-        "  pairtrace vectors allenai/olmo-2-1124-7b-preference-mix --data-revision <sha> --split train "
+        "  pairtrace vectors allenai/olmo-2-1124-7b-preference-mix --data-revision SHA --split train "
         "--model allenai/OLMo-2-1124-7B-SFT --layers 20 --dtype bfloat16 --stream --out vec/\n\n"
         "  pairtrace vectors mix.parquet --model m0/ --shard $SLURM_ARRAY_TASK_ID/8 --out vec/\n\n"
         "  pairtrace vectors mix.parquet --model m0/ --backend ray --ray-workers 8 --ray-gpus-per-worker 1 --out vec/"
@@ -28,11 +42,13 @@ from pairtrace.model_spec import ModelSpec
 )
 def vectors(
     pairs: str = typer.Argument(None, help="Pairs: JSONL(.gz), JSON, Parquet, saved dataset dir or hub id."),
+    pairs_flag: str = typer.Option(None, "--pairs", help="The pairs, as a flag (instead of PAIRS)."),
     out: Path = out_option(help="Output directory (shards + manifest.json)."),
-    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s) k = hidden_states[k]; default 0.625 n."),
+    layers: list[int] = typer.Option(None, "--layers", "--layer", "-l",
+                                     help="Layer(s) k = hidden_states of index k; default 0.625 n."),
     split: str = typer.Option(None, help="Split of a saved dataset / hub dataset."),
     data_revision: str = typer.Option(None, help="Revision of a hub dataset (pin it for reproducibility)."),
-    limit: int = typer.Option(None, help="Only the first N records."),
+    limit: int = typer.Option(None, min=1, help="Only the first N records."),
     strict: bool = typer.Option(False, help="Stop at the first bad record instead of skipping and counting."),
     stream: bool = typer.Option(False, help="Stream the pairs from disk (memory flat in the number of pairs)."),
     shard: str = typer.Option(None, help="Compute only part i of n ('i/n', 0-based, or 'auto' from SLURM/torchrun)."),
@@ -42,18 +58,23 @@ def vectors(
     ray_address: str = typer.Option(None, help="Ray cluster address (default: running or local cluster)."),
     shard_size: int = typer.Option(1024, help="Pairs per shard (the unit of resumption)."),
     batch_tokens: int = typer.Option(None, help="Token budget per forward batch (default: 2048 CPU, 32768 GPU)."),
-    max_length: int = typer.Option(2048, help="Maximum tokens per sequence; prompts are truncated from the left."),
+    max_length: int = typer.Option(2048, min=2, help="Maximum tokens per sequence (at most the model's positions); "
+                                   "prompts are truncated from the left, responses from the right."),
     response_tokens: int = typer.Option(None, help="Pool each response over its first N tokens (default: all)."),
     prompt_sharing: str = typer.Option("auto", help="auto | always | never: encode the shared prompt once."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks that run."),
     store_dtype: str = typer.Option("float32", help="Storage dtype of the vectors: float32 | bfloat16 | float16."),
+    threads: int = threads_option(),
     model: ModelSpec = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Compute datapoint vectors v_d = mean(chosen) - mean(rejected) through M0 (resumable, shardable)."""
+    pairs = pick_input(pairs, pairs_flag, "pairs")
     require(locals(), "pairs", "out")
+    check_out_dir(out)
+    apply_threads(threads)
     from pairtrace.data.pairs import load_pairs
-    from pairtrace.models import load_model
+    from pairtrace.errors import DataError
 
     common = dict(layers=layers or None, shard_size=shard_size, batch_tokens=batch_tokens, max_length=max_length,
                   prompt_sharing=prompt_sharing, compile=compile, dtype=store_dtype, response_tokens=response_tokens)
@@ -63,13 +84,17 @@ def vectors(
         from pairtrace.vectors import compute_datapoint_vectors_from_source
 
         store = compute_datapoint_vectors_from_source(
-            load_model(model), pairs, out, split=split, revision=data_revision, strict=strict, limit=limit,
+            load_cli_model(model), pairs, out, split=split, revision=data_revision, strict=strict, limit=limit,
             shard=shard, **common,
         )
     else:
         pair_set = load_pairs(pairs, split=split, revision=data_revision, strict=strict, limit=limit)
-        console.print(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
-                      f"skipped {len(pair_set.skipped)} bad record(s)")
+        if not len(pair_set):
+            what = (f"all {pair_set.n_records} record(s) are bad (listed above)" if pair_set.n_records
+                    else "it holds no records")
+            raise DataError(f"{pairs}: no pairs to extract: {what}")
+        say(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
+            f"skipped {len(pair_set.skipped)} bad record(s)")
         if backend == "ray":
             from pairtrace.ray_backend import RayOptions, compute_datapoint_vectors_ray
 
@@ -81,8 +106,13 @@ def vectors(
         else:
             from pairtrace.vectors import compute_datapoint_vectors
 
-            store = compute_datapoint_vectors(load_model(model), pair_set, out, shard=shard, **common)
-    console.print(f"[green]wrote[/] datapoint vectors at layers {list(store.layers)} to {out}")
+            store = compute_datapoint_vectors(load_cli_model(model), pair_set, out, shard=shard, **common)
+    truncation = store.manifest.truncation
+    if truncation.get("n_truncated_pairs"):
+        warn(f"{truncation['n_truncated_pairs']} of {store.n} pair(s) were cut to fit "
+             f"{truncation.get('effective_max_length')} tokens (prompts from the left, responses from the right; "
+             f"--max-length {max_length}, the model's positions: {truncation.get('max_positions')})")
+    say(f"datapoint vectors at layers {list(store.layers)} to {out}", ok="wrote")
 
 
 @command("merge-vectors", options=False, epilog="Example:\n\n  pairtrace merge-vectors vec-part0 vec-part1 --out vec/")
@@ -93,43 +123,55 @@ def merge_vectors(
     """Join the parts of a sharded extraction into one store (manifests must agree)."""
     from pairtrace.shard import merge_stores
 
+    check_out_dir(out)
     store = merge_stores(parts, out)
-    console.print(f"[green]merged[/] {store.n} datapoint vectors into {out}")
+    say(f"{store.n} datapoint vectors into {out}", ok="merged")
 
 
 @command(
     "behaviour", model=MODEL,
     epilog=(
         "Examples:\n\n"
-        "  pairtrace behaviour triples.jsonl --model runs/organism/m0 --out runs/behaviour\n\n"
+        "  pairtrace behaviour runs/organism/behaviour/triples.jsonl --model runs/organism/organism/m0 "
+        "--out runs/behaviour\n\n"
         "  pairtrace behaviour triples.jsonl --model m0/ --r1-model m1/ --layers 2 --out beh/"
     ),
 )
 def behaviour(
     triples: str = typer.Argument(None, help="JSONL of {prompt, r1, r0[, prompt_id]} triples."),
     out: Path = out_option(help="Output directory (behaviour.safetensors + JSON)."),
-    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layer(s); default round(0.625 n)."),
+    layers: list[int] = typer.Option(None, "--layers", "--layer", "-l", help="Layer(s); default round(0.625 n)."),
     r1_model: str = typer.Option(None, help="Teacher-force r1 through this model (default: M0, as the paper); "
                                  "loaded with the same model options."),
-    max_length: int = typer.Option(2048, help="Maximum tokens per sequence."),
+    max_length: int = typer.Option(2048, min=2, help="Maximum tokens per sequence (at most the model's positions)."),
     response_tokens: int = typer.Option(None, help="Pool each response over its first N tokens (default: all; "
                                         "as the datapoint vectors)."),
+    threads: int = threads_option(),
     model: ModelSpec = None,
     config: Path = ConfigOpt,
 ) -> None:
     """Compute behaviour vectors (per triple), the pooled probe and the per-prompt bank."""
     require(locals(), "triples", "out")
+    check_out_dir(out)
+    apply_threads(threads)
     from pairtrace.behaviour import compute_behaviour_vectors, load_triples, save_behaviour_vectors
-    from pairtrace.models import load_model
+    from pairtrace.errors import DataError
 
     triple_list = load_triples(triples)
-    loaded = load_model(model)
-    r1_loaded = load_model(dataclasses.replace(model, name_or_path=r1_model)) if r1_model else None
+    if not triple_list:
+        raise DataError(f"{triples}: no triples (the file is empty)")
+    loaded = load_cli_model(model)
+    r1_loaded = load_cli_model(dataclasses.replace(model, name_or_path=r1_model), "--r1-model") if r1_model else None
     bv = compute_behaviour_vectors(loaded, triple_list, layers=layers or None, r1_model=r1_loaded,
                                    max_length=max_length, response_tokens=response_tokens)
     save_behaviour_vectors(bv, out)
-    console.print(f"[green]wrote[/] probe + bank ({bv.bank.shape[0]} prompts, {len(triple_list)} triples) "
-                  f"at layers {list(bv.layers)} to {out}")
+    truncation = bv.metadata.get("truncation", {})
+    if truncation.get("n_truncated_triples"):
+        warn(f"{truncation['n_truncated_triples']} of {len(triple_list)} triple(s) were cut to fit "
+             f"{truncation['effective_max_length']} tokens (prompts from the left, responses from the right; "
+             f"--max-length {max_length}, the model's positions: {truncation.get('max_positions')})")
+    say(f"probe + bank ({bv.bank.shape[0]} prompts, {len(triple_list)} triples) at layers {list(bv.layers)} to {out}",
+        ok="wrote")
 
 
 @command(
@@ -145,13 +187,15 @@ def attribute(
     behaviour_dir: Path = typer.Option(None, "--behaviour", help="Directory from `pairtrace behaviour`."),
     out: Path = out_option(help="Output directory (ranking.parquet, ranking.jsonl)."),
     method: str = typer.Option("probe", help="probe | bank | mean."),
-    layer: int = typer.Option(None, help="Layer to score at (default: the first stored layer)."),
+    layer: int = typer.Option(None, "--layer", "--layers", "-l",
+                              help="Layer to score at (default: the first stored layer)."),
     chunk_rows: int = typer.Option(65536, help="Datapoint vectors per scoring chunk."),
     top: int = typer.Option(10, help="Print the N best-ranked pairs."),
     config: Path = ConfigOpt,
 ) -> None:
     """Rank pairs by cosine between datapoint vectors and behaviour vectors (best first)."""
     require(locals(), "vectors_dir", "behaviour_dir", "out")
+    check_out_dir(out)
     from pairtrace.attribute import AttributionConfig, compute_attribution, save_ranking
     from pairtrace.behaviour import load_behaviour_vectors
     from pairtrace.store import VectorStore
@@ -163,7 +207,7 @@ def attribute(
     )
     path = save_ranking(ranking, out)
     print_ranking(ranking, top)
-    console.print(f"[green]wrote[/] {path} ({ranking.metadata['n_nan']} pair(s) without a score, ranked last)")
+    say(f"{path} ({ranking.metadata['n_nan']} pair(s) without a score, ranked last)", ok="wrote")
 
 
 def print_ranking(ranking, top: int) -> None:
@@ -193,12 +237,12 @@ def sources(
 ) -> None:
     """Which chosen models / rejected models / sources are over-represented in the top-k (hypergeometric test)."""
     require(locals(), "ranking", "k", "out")
+    check_out_dir(out)
     from pairtrace.sources import run_sources
 
     summary = run_sources(ranking, k, out, p_max=p_max,
                           min_enrichment=min_enrichment, statistic=statistic)
-    console.print(f"[green]wrote[/] {out}; suggested source ablation: "
-                  f"{(summary.get('ablation') or {}).get('chosen_models')}")
+    say(f"{out}; suggested source ablation: {(summary.get('ablation') or {}).get('chosen_models')}", ok="wrote")
 
 
 @command(
@@ -229,6 +273,7 @@ def discover(
 ) -> None:
     """Find behaviours nobody named: cluster the behaviour x datapoint cosine matrix, summarise each cluster."""
     require(locals(), "vectors_dir", "generations_m0", "generations_m1", "pairs", "out")
+    check_out_dir(out)
     from pairtrace.discover import DiscoverConfig, run_discover
 
     settings = DiscoverConfig(linkage=linkage, n_clusters=n_clusters, top_k_per_prompt=top_k_per_prompt,
@@ -236,10 +281,9 @@ def discover(
                               also_response_tokens=parse_response_token_views(also_response_tokens or []))
     summary = run_discover(model, vectors_dir, generations_m0, generations_m1, pairs, out, settings,
                            labels_path=labels)
-    console.print(f"[green]wrote[/] {out}: {len(summary.get('pair_clusters', []))} pair clusters")
+    say(f"{out}: {len(summary.get('pair_clusters', []))} pair clusters", ok="wrote")
     for view in summary.get("views", []):
-        console.print(f"  view {view['name']}: {len(view.get('pair_clusters', []))} pair clusters "
-                      f"({out}/{view['dir']})")
+        say(f"  view {view['name']}: {len(view.get('pair_clusters', []))} pair clusters ({out}/{view['dir']})")
 
 
 def parse_response_token_views(values: list[Any]) -> list[int | None]:
@@ -268,7 +312,7 @@ def steer(
     prompts: Path = typer.Option(None, help="Prompt records with condition trigger / no_trigger."),
     out: Path = out_option(help="Output directory."),
     alphas: list[float] = typer.Option([0.0, 0.25, 0.5, 1.0], help="Strengths, in units of the residual norm."),
-    layers: list[int] = typer.Option(None, "--layers", "-l", help="Layers (default: the vectors' layers)."),
+    layers: list[int] = typer.Option(None, "--layers", "--layer", "-l", help="Layers (default: the vectors' layers)."),
     last_prompt_token: bool = typer.Option(
         False, help="Also steer the last prompt position, which predicts the first response token."
     ),
@@ -278,9 +322,10 @@ def steer(
 ) -> None:
     """Steering check: add alpha * v to M0's residual stream at layer k on generated positions; behaviour rates."""
     require(locals(), "behaviour_dir", "prompts", "out")
+    check_out_dir(out)
     from pairtrace.steer import SteerConfig, run_steer
 
     settings = SteerConfig(alphas=alphas, layers=layers or None, include_last_prompt_token=last_prompt_token)
     summary = run_steer(model, behaviour_dir, prompts, out, alphas=alphas, layers=layers or None, config=settings,
                         generation_config=sampling)
-    console.print(f"[green]wrote[/] {out} ({len(summary.get('results', []))} rates)")
+    say(f"{out} ({len(summary.get('results', []))} rates)", ok="wrote")

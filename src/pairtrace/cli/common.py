@@ -7,8 +7,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pairtrace.errors import ConfigError, PairtraceError
 from pairtrace.generate import GenerationConfig
@@ -53,13 +55,41 @@ def friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except PairtraceError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+            error(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a file the user named cannot be read or written (exists, is a folder, no access)
+            error(describe_os_error(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: finished shards and records are kept; rerun to resume[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def error(message: str) -> None:
+    """Print ``error: <message>`` on stderr, the message as plain text (``[k]`` or ``<sha>`` kept as typed)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr, the message as plain text."""
+    console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def say(message: str, *, ok: str | None = None) -> None:
+    """Print a plain-text line on stderr, optionally led by a green word (``wrote``, ``done:``)."""
+    lead = f"[green]{ok}[/] " if ok else ""
+    console.print(f"{lead}{escape(message)}", soft_wrap=True, highlight=False)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``<file>: <reason>`` for an operating-system error about a file (the file as the user named it)."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    target = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return f"{exc.filename}{target}: {reason}"
 
 
 def command(name: str, *, epilog: str, on: typer.Typer = app, options: bool = True,
@@ -88,6 +118,106 @@ def out_option(default: Any = None, *, help: str) -> Any:
     return typer.Option(default, "--out", "-o", help=help)
 
 
+def threads_option() -> Any:
+    """The ``--threads`` option: CPU threads for torch (instead of setting ``OMP_NUM_THREADS``)."""
+    return typer.Option(None, "--threads", min=1,
+                        help="CPU threads for the model (default: torch's choice, or OMP_NUM_THREADS).")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch's operations (nothing when None)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_out_dir(out: Any, flag: str = "--out") -> None:
+    """Refuse an output folder that is an existing file (before any work is done).
+
+    Raises:
+        ConfigError: Naming the flag and the file.
+    """
+    if out is None:
+        return
+    from pathlib import Path
+
+    path = Path(out)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "" if parent == path else f" (its parent {parent} is a file)"
+            raise ConfigError(f"{flag} {out}: is an existing file{where}; give a folder")
+
+
+def check_out_file(out: Any, flag: str = "--out") -> None:
+    """Refuse an output file that is an existing folder, or whose parent is a file.
+
+    Raises:
+        ConfigError: Naming the flag and the path.
+    """
+    if out is None:
+        return
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {out}: is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{flag} {out}: its parent {parent} is a file, not a folder")
+
+
+def load_cli_model(spec: ModelSpec, flag: str = "--model") -> Any:
+    """Load the model a command's ``flag`` names (:func:`pairtrace.models.load_model`), errors led by the flag.
+
+    Raises:
+        ConfigError: ``--model: model folder 'runs/m0' does not exist ...``.
+    """
+    from pairtrace.models import load_model
+
+    try:
+        return load_model(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def pick_input(positional: str | None, flag_value: str | None, name: str) -> str | None:
+    """One input given either as the positional ``NAME`` or as ``--name`` (never two different ones).
+
+    Raises:
+        ConfigError: Both were given and differ.
+    """
+    if positional is not None and flag_value is not None and str(positional) != str(flag_value):
+        raise ConfigError(f"{name.upper()} and --{name} name different inputs ({positional} and {flag_value}); "
+                          "give one")
+    return positional if positional is not None else flag_value
+
+
+def current_context() -> Any:
+    """The running command's context (typer ships its own copy of click in recent versions), or None."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # typer on top of the click package
+        get_current_context = click.get_current_context
+    return get_current_context(silent=True)
+
+
+def param_name(name: str) -> str:
+    """How the user types the parameter ``name`` of the current command: ``--vectors`` for an option (its first
+    flag), ``PAIRS`` for a positional argument."""
+    ctx = current_context()
+    params = getattr(getattr(ctx, "command", None), "params", [])
+    for param in params:
+        if param.name == name:
+            if not any(o.startswith("-") for o in param.opts):  # a positional argument
+                flag = "--" + name.replace("_", "-")
+                also = any(flag in getattr(other, "opts", ()) for other in params if other is not param)
+                return f"{name.upper()} (or {flag})" if also else name.upper()
+            longs = [o for o in param.opts if o.startswith("--")]
+            return (longs or param.opts)[0]
+    return "--" + name.replace("_", "-")
+
+
 def require(options: dict[str, Any], *names: str) -> None:
     """Fail clearly when required options were given neither as flags nor in the config.
 
@@ -97,8 +227,8 @@ def require(options: dict[str, Any], *names: str) -> None:
     """
     missing = [n for n in names if options.get(n) in (None, [], "")]
     if missing:
-        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-        raise ConfigError(f"missing required option(s): {flags} (give them as flags or in --config)")
+        flags = ", ".join(param_name(n) for n in missing)
+        raise ConfigError(f"missing required option(s): {flags} (give them on the command line or in --config)")
 
 
 def setup_logging(verbose: bool) -> None:

@@ -34,8 +34,10 @@ def run_command(
     progress: bool = typer.Option(True, help="Progress bars."),
 ) -> None:
     """The whole experiment: organism, probe, rankings, interventions, retrains, evaluation, report."""
+    from pairtrace.cli.common import check_out_dir
     from pairtrace.experiment.run import plan_experiment, run_experiment
 
+    check_out_dir(out)
     if dry_run:
         plan = plan_experiment(config_file)
         import json as _json
@@ -60,8 +62,10 @@ def report(
     out: Path = out_option(help="HTML file (default: RUN_DIR/report.html)."),
 ) -> None:
     """Write the self-contained HTML report of a run."""
+    from pairtrace.cli.common import check_out_file
     from pairtrace.report import write_report
 
+    check_out_file(out)
     path = write_report(run_dir, out)
     console.print(f"[green]wrote[/] {path}")
 
@@ -77,6 +81,7 @@ def report(
 )
 def intervene(
     pairs: str = typer.Argument(None, help="The dataset the ranking was computed on: file, saved dataset or hub id."),
+    pairs_flag: str = typer.Option(None, "--pairs", help="The dataset, as a flag (instead of PAIRS)."),
     ranking: Path = typer.Option(None, help="Ranking directory from `pairtrace attribute` (selection 'ranking')."),
     action: str = typer.Option("filter", help="filter (drop the selected pairs) | switch (swap chosen/rejected)."),
     selection: str = typer.Option("ranking", help="ranking (top-k) | random (seeded k) | source (chosen models)."),
@@ -90,7 +95,11 @@ def intervene(
     config: Path = ConfigOpt,
 ) -> None:
     """Write the dataset with the top-k (or random-k, or some sources' pairs) filtered or switched, by stable id."""
+    from pairtrace.cli.common import check_out_dir, pick_input
+
+    pairs = pick_input(pairs, pairs_flag, "pairs")
     require(locals(), "pairs", "out")
+    check_out_dir(out)
     from pairtrace.intervene import InterventionSpec, run_intervention, write_open_instruct_export
 
     spec = InterventionSpec(action=action, selection=selection, k=k, seed=seed,
@@ -172,8 +181,10 @@ def organism_build(
     progress: bool = typer.Option(True, help="Progress bars."),
 ) -> None:
     """Build tokenizer, M0 (SFT), the preference mix with its planted behaviours, and M1 (DPO); print the checks."""
+    from pairtrace.cli.common import check_out_dir
     from pairtrace.organism.build import run_build
 
+    check_out_dir(out)
     raw = load_yaml(config)
     if isinstance(raw.get("organism"), str):  # a run config naming the organism's config file
         config = config.parent / raw["organism"]

@@ -6,7 +6,19 @@ from pathlib import Path
 
 import typer
 
-from pairtrace.cli.common import JUDGE, MODEL_NAME, SAMPLING, ConfigOpt, app, command, console, out_option, require
+from pairtrace.cli.common import (
+    JUDGE,
+    MODEL_NAME,
+    SAMPLING,
+    ConfigOpt,
+    app,
+    check_out_file,
+    command,
+    out_option,
+    require,
+    say,
+    warn,
+)
 from pairtrace.generate import GenerationConfig
 from pairtrace.judges.factory import JudgeOptions
 from pairtrace.model_spec import ModelSpec
@@ -30,10 +42,11 @@ def generate(
 ) -> None:
     """Sample responses with the chat template applied (batched, seeded, resumable)."""
     require(locals(), "prompts", "out")
+    check_out_file(out)
     from pairtrace.generate import run_generate
 
     stats = run_generate(model.name_or_path, prompts, out, sampling, model_name=model_name)
-    console.print(f"[green]wrote[/] {out}: {stats.get('n_new')} new, {stats.get('n_existing')} kept")
+    say(f"{out}: {stats.get('n_new')} new, {stats.get('n_existing')} kept", ok="wrote")
 
 
 @command(
@@ -54,11 +67,32 @@ def judge(
 ) -> None:
     """Judge generations (harmful / safe / unknown), resumably. A failure is never counted as safe."""
     require(locals(), "generations", "out")
+    check_out_file(out)
     from pairtrace.judges.factory import build_judge
     from pairtrace.judges.judging import run_judge_generations
 
     stats = run_judge_generations(generations, build_judge(judge_options), out, retry_unknown=retry_unknown)
-    console.print(f"[green]judged[/] into {out}: {stats}")
+    say(f"into {out}: {stats}", ok="judged")
+    check_unknown_verdicts(stats["judged"], stats["unknown"], (stats.get("counters") or {}).get("failures"), out)
+
+
+def check_unknown_verdicts(n_judged: int, n_unknown: int, failures: dict | None, kept: Path) -> None:
+    """Warn about unknown verdicts; fail (exit 2) when every verdict of this run is unknown.
+
+    Raises:
+        JudgeEndpointError: Every verdict is unknown (the judgements are kept for ``--retry-unknown``).
+    """
+    if not n_unknown:
+        return
+    why = f" (failures: {', '.join(f'{k} x{v}' for k, v in failures.items())})" if failures else ""
+    advice = ("check the endpoint (--judge-url, --judge-model, the key in --judge-key-env), then rerun with "
+              "--retry-unknown")
+    if n_unknown >= n_judged:
+        from pairtrace.judges.openai import JudgeEndpointError
+
+        raise JudgeEndpointError(f"every one of the {n_judged} verdict(s) is unknown{why}; they are kept in {kept}: "
+                                 f"{advice}")
+    warn(f"{n_unknown} of {n_judged} verdict(s) are unknown{why}; unknowns are never counted as safe: {advice}")
 
 
 @command(
@@ -80,13 +114,15 @@ def evaluate(
 ) -> None:
     """Harmful rate per set and condition with 95% intervals, benign helpfulness and over-refusal."""
     require(locals(), "generations", "out")
+    check_out_file(out)
+    check_out_file(judgements, "--judgements")
     from pairtrace.evaluate import print_evaluation, run_evaluate
     from pairtrace.judges.factory import build_judge
 
     result = run_evaluate(generations, build_judge(judge_options), out, judgements_path=judgements, n_boot=n_boot,
                           seed=seed)
     print_evaluation(result)
-    console.print(f"[green]wrote[/] {out}")
+    say(f"{out}", ok="wrote")
 
 
 @command("triples", epilog="Example:\n\n  pairtrace triples gens.jsonl judgements.jsonl --out triples.jsonl")
@@ -101,11 +137,15 @@ def triples(
 ) -> None:
     """Build (prompt, r1, r0) triples with the paper's 4-condition filter."""
     require(locals(), "generations", "judgements", "out")
+    check_out_file(out)
     from pairtrace.triples import run_build_triples
 
     stats = run_build_triples(generations, judgements, out, m1=m1, m0=m0,
                               unknown=unknown)
-    console.print(f"[green]wrote[/] {out}: {stats.get('n_triples', stats)}")
+    say(f"{out}: {stats.get('n_triples', stats)}", ok="wrote")
+    if not stats.get("n_triples"):
+        warn(f"no triple passed the filter: check that {generations} holds --m1 {m1!r} and --m0 {m0!r} records over "
+             f"the same prompts, judged in {judgements}")
 
 
 @app.command(

@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 
 from pairtrace.data.layouts import check_layout_name, pair_to_record, parse_record
 from pairtrace.data.readers import iter_records
-from pairtrace.data.types import BadRecord, Pair, PairSet
+from pairtrace.data.types import BadRecord, Pair, PairSet, describe_skipped
 from pairtrace.errors import DataError
 from pairtrace.records import atomic_path
 
 logger = logging.getLogger(__name__)
-_SUMMARY_EXAMPLES = 3
 
 
 def _fingerprint_line(pair: Pair) -> bytes:
@@ -63,12 +62,10 @@ def _summarise_layouts(layouts: Counter[str], forced: str) -> str:
 
 
 def _log_skipped(skipped: list[BadRecord], n_records: int, origin: str) -> None:
-    """One warning line with the number of skipped records and the first few."""
+    """One warning line with the number of skipped records and the first :data:`SKIPPED_LISTED` of them."""
     if not skipped:
         return
-    first = "; ".join(str(bad) for bad in skipped[:_SUMMARY_EXAMPLES])
-    more = " …" if len(skipped) > _SUMMARY_EXAMPLES else ""
-    logger.warning("skipped %d of %d records in %s: %s%s", len(skipped), n_records, origin, first, more)
+    logger.warning("%s", describe_skipped(skipped, len(skipped), n_records, origin))
 
 
 def load_pairs(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.data.types import BadRecord
-from pairtrace.errors import DataError
+from pairtrace.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def iter_records(
     Raises:
         DataError: If the input as a whole cannot be read.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"limit must be a number of records (0 or more), got {limit!r}")
     kind = detect_source_kind(source)
     if kind == "jsonl":
         records = _iter_jsonl(Path(source))

@@ -55,6 +55,26 @@ class BadRecord:
         return f"{where}{what}: {self.reason}"
 
 
+SKIPPED_LISTED = 20
+"""Skipped records listed by name in the warning that counts them (the rest are counted)."""
+
+
+def describe_skipped(first: list[BadRecord], n_skipped: int, n_records: int | None, origin: str) -> str:
+    """One line naming the skipped records: ``skipped 2 of 10 record(s) in f.jsonl: line 3 field 'chosen': ...``.
+
+    Args:
+        first: The first skipped records (at most :data:`SKIPPED_LISTED` are listed).
+        n_skipped: How many were skipped in all.
+        n_records: How many records were read (None when unknown).
+        origin: The input as the user named it.
+    """
+    listed = "; ".join(str(bad) for bad in first[:SKIPPED_LISTED])
+    more = f"; and {n_skipped - min(len(first), SKIPPED_LISTED)} more" if n_skipped > min(len(first),
+                                                                                         SKIPPED_LISTED) else ""
+    of = f" of {n_records}" if n_records is not None else ""
+    return f"skipped {n_skipped}{of} record(s) in {origin}: {listed}{more}"
+
+
 @dataclass
 class PairSet:
     """Pairs read from one input, with everything that was skipped and a content fingerprint.

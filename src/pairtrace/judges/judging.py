@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pairtrace.errors import DataError, ManifestMismatchError
 from pairtrace.judges.base import Judge, Verdict
-from pairtrace.records import append_jsonl, read_jsonl, write_jsonl_atomic, write_text_atomic
+from pairtrace.records import append_jsonl, iter_jsonl, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ def load_judgements(path: str | Path) -> dict[JudgementKey, dict[str, Any]]:
         DataError: A line is not JSON or lacks ``id``, ``model``, ``sample`` or ``unknown``.
     """
     out: dict[JudgementKey, dict[str, Any]] = {}
-    for number, record in enumerate(read_jsonl(path, allow_torn_tail=True), start=1):
+    for number, record in iter_jsonl(path, allow_torn_tail=True):
         for name in ("id", "model", "sample", "unknown"):
             if name not in record:
-                raise DataError(f"{path} record {number} (id={record.get('id')!r}): field '{name}' is missing")
+                raise DataError(f"{path} line {number} (id={record.get('id')!r}): field '{name}' is missing")
         out[judgement_key(record)] = record
     return out
 
@@ -96,6 +96,7 @@ def judge_generations(
     retry_unknown: bool = False,
     chunk_size: int | None = None,
     progress: bool = True,
+    where: str = "generation record",
 ) -> dict[str, Any]:
     """Judge generation records and append judgement records to a JSONL file as they are decided.
 
@@ -113,6 +114,8 @@ def judge_generations(
         chunk_size: Records per ``judge_many`` call and per write; default four times the judge's
             ``max_concurrency`` (at least 16).
         progress: Show a progress bar.
+        where: How to name a record in errors; records are numbered from 1 after it (``"gens.jsonl line"``
+            gives ``gens.jsonl line 3``, the line of a file without blank lines).
 
     Returns:
         Counts: ``total``, ``already_judged``, ``judged`` (this run), ``harmful``, ``safe``,
@@ -124,7 +127,7 @@ def judge_generations(
         ManifestMismatchError: Resuming a file that another judge wrote.
     """
     out_path = Path(out_path)
-    todo, total, duplicates = _select_todo(records)
+    todo, total, duplicates = _select_todo(records, where)
     done: dict[JudgementKey, dict[str, Any]] = {}
     judge_name = getattr(judge, "name", type(judge).__name__)
     if resume and out_path.exists():
@@ -136,8 +139,7 @@ def judge_generations(
                 f"{out_path} holds judgements by judge {', '.join(others)}, not by {judge_name}: resuming would mix "
                 "two judges' verdicts; write to another file or delete this one"
             )
-    else:
-        write_text_atomic("", out_path)
+    fresh = not (resume and out_path.exists())  # the file is (re)written by the first chunk, never left empty
     skip = {k for k, rec in done.items() if not (retry_unknown and rec.get("unknown"))}
     pending = [r for r in todo if judgement_key(r) not in skip]
     rejudged = sum(1 for r in pending if judgement_key(r) in done)
@@ -152,8 +154,14 @@ def judge_generations(
             for record, verdict in zip(chunk, verdicts, strict=True):
                 tally["unknown" if verdict.unknown else ("harmful" if verdict.harmful else "safe")] += 1
                 judgements.append(build_judgement_record(record, verdict, judge_name))
-            append_jsonl(judgements, out_path)
+            if fresh:
+                write_jsonl_atomic(judgements, out_path)
+                fresh = False
+            else:
+                append_jsonl(judgements, out_path)
             bar.update(len(chunk))
+    if fresh:  # nothing to judge: an empty file, as asked
+        write_jsonl_atomic([], out_path)
     if rejudged:
         _compact(out_path)
     summary: dict[str, Any] = {
@@ -175,18 +183,28 @@ def judge_generations(
 def run_judge_generations(
     generations_path: str | Path, judge: Judge, out_path: str | Path, **kwargs: Any
 ) -> dict[str, Any]:
-    """Read a generation JSONL file and judge it into ``out_path`` (see :func:`judge_generations`)."""
-    return judge_generations(read_jsonl(generations_path), judge, out_path, **kwargs)
+    """Read a generation JSONL file and judge it into ``out_path`` (see :func:`judge_generations`); a bad record is
+    named by its line.
+
+    Raises:
+        DataError: The file is missing, a line is not a JSON object or lacks a field, or it holds no records.
+    """
+    numbered = list(iter_jsonl(generations_path))
+    if not numbered:
+        raise DataError(f"{generations_path}: no generation records (the file is empty)")
+    for number, record in numbered:
+        check_generation_record(record, f"{generations_path} line {number}")
+    return judge_generations([record for _, record in numbered], judge, out_path, **kwargs)
 
 
-def _select_todo(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+def _select_todo(records: Iterable[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], int, int]:
     """Validated records with each key once, the number of records read, and the duplicates dropped."""
     seen: set[JudgementKey] = set()
     todo = []
     total = 0
-    for index, record in enumerate(records):
+    for number, record in enumerate(records, start=1):
         total += 1
-        check_generation_record(record, f"generation record {index}")
+        check_generation_record(record, f"{where} {number}")
         key = judgement_key(record)
         if key in seen:
             continue
