@@ -334,10 +334,19 @@ def build_capabilities_section(results: dict[str, Any]) -> dict[str, Any] | None
 
 
 def build_cost_section(results: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Cost rows (method, wall time, passes, FLOPs, ratio to the probe)."""
+    """Cost rows (method, wall time, passes, FLOPs, FLOPs as a multiple of the probe's).
+
+    The ratio is the row's ``flops_ratio`` (:func:`pairtrace.cost.cost_table`), else its ``wall_ratio`` when the
+    FLOPs are not estimated.
+    """
     rows = [r for r in results.get("cost") or [] if isinstance(r, dict)]
-    return [{k: r.get(k) for k in ("method", "wall_s", "forward_passes", "backward_passes", "flops_estimate",
-                                    "ratio_to_probe")} for r in rows] or None
+    out = []
+    for r in rows:
+        row = {k: r.get(k) for k in ("method", "wall_s", "forward_passes", "backward_passes", "flops_estimate")}
+        ratio = next((r.get(k) for k in ("ratio_to_probe", "flops_ratio", "wall_ratio") if r.get(k) is not None), None)
+        row["ratio_to_probe"] = ratio
+        out.append(row)
+    return out or None
 
 
 def find_labels(run_dir: Path, results: dict[str, Any]) -> Path | None:
