@@ -34,6 +34,13 @@ _EXPORTS = {
     "compute_attribution": "pairtrace.attribute",
     "save_ranking": "pairtrace.attribute",
     "load_ranking": "pairtrace.attribute",
+    "load_examples": "pairtrace.screening",
+    "compute_example_behaviour": "pairtrace.screening",
+    "save_behaviour": "pairtrace.behaviour_library",
+    "load_behaviour": "pairtrace.behaviour_library",
+    "list_behaviours": "pairtrace.behaviour_library",
+    "compute_screen": "pairtrace.screen",
+    "run_screen": "pairtrace.screen",
     "InterventionSpec": "pairtrace.intervene",
     "run_intervention": "pairtrace.intervene",
 }

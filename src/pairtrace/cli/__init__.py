@@ -8,14 +8,14 @@ commands.
 
 Modules: ``common`` (the app, option groups, shared helpers), ``attribution`` (vectors, merge-vectors, behaviour,
 attribute, sources, discover, steer), ``generation`` (generate, judge, evaluate, triples, serve), ``experiment``
-(run, report, intervene, retrain, organism build).
+(run, report, intervene, retrain, organism build), ``screening`` (behaviours add|list, screen).
 """
 
 from __future__ import annotations
 
 import sys
 
-from pairtrace.cli import attribution, experiment, generation  # noqa: F401  (importing registers the commands)
+from pairtrace.cli import attribution, experiment, generation, screening  # noqa: F401  (importing registers the commands)
 from pairtrace.cli.common import app
 
 __all__ = ["app", "run"]

@@ -150,6 +150,39 @@ def rank_random(inputs: RankingInputs) -> tuple[Ranking, CostRecord]:
     return ranking, meter.record()
 
 
+@register_ranker("screen")
+def rank_screen(inputs: RankingInputs) -> tuple[Ranking, CostRecord]:
+    """The screen before training: behaviours built from examples through M0 only (``attribution.screen_examples``;
+    no M1, no triples), ranked by cosine; the first behaviour's ranking is the method's. Every behaviour's
+    screen (rankings, top pairs, enrichment, ``screen.html``) and library entry are saved under
+    ``rankings/screen/``."""
+    from pairtrace.behaviour_library import save_behaviour
+    from pairtrace.cost import CostMeter, count_parameters
+    from pairtrace.screen import compute_screen, compute_screen_stores, save_screen
+    from pairtrace.screening import compute_example_behaviour, load_examples, parse_example_specs
+
+    ctx, cfg = inputs.ctx, inputs.ctx.config.attribution
+    specs = parse_example_specs(cfg.screen_examples)
+    m0, pairs, root = ctx.model("m0"), ctx.pairs(), ctx.path("rankings", "screen")
+    meter = CostMeter("screen", params_forward=count_parameters(m0.model, inputs.score_layer, include_head=False))
+    with meter.measure():
+        behaviours = [compute_example_behaviour(m0, s.name, load_examples(s.path), layer=inputs.score_layer,
+                                                response_tokens=s.response_tokens, max_length=cfg.max_length,
+                                                description=s.description, source=str(s.path)) for s in specs]
+        shared = inputs.vectors.store
+        stores = {shared.manifest.pooling.name: shared}
+        stores.update(compute_screen_stores(m0, pairs, [b for b in behaviours if b.pooling.name not in stores],
+                                            root / "vectors", batch_tokens=cfg.batch_tokens,
+                                            max_length=cfg.max_length, progress=ctx.progress))
+        result = compute_screen(stores, behaviours, pairs=pairs)
+    for behaviour in behaviours:
+        save_behaviour(root / "library", behaviour, overwrite=True)
+    save_screen(result, root / "screen")
+    meter.add_note(f"{len(behaviours)} behaviour(s) from {sum(b.n_examples for b in behaviours)} examples through "
+                   "M0, datapoint vectors per pooling, then cosine")
+    return result.behaviours[specs[0].name].ranking, meter.record()
+
+
 def compute_rankings(ctx: RunContext, triples: list[Any]) -> dict[str, Any]:
     """The rankings stage: the shared vectors, then every configured ranker in registry order.
 

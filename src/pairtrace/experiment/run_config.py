@@ -112,7 +112,7 @@ class AttributionSection:
     layer: int | None = field(default=None, metadata={"help": "Layer to score at (default: the first extracted)."})
     methods: list[str] = field(
         default_factory=lambda: ["probe", "bank", "gradient", "llm_judge", "random"],
-        metadata={"help": "Rankings to compute: probe, bank, gradient, llm_judge, random."},
+        metadata={"help": "Rankings to compute: probe, bank, gradient, llm_judge, random, screen."},
     )
     batch_tokens: int | None = field(
         default=None, metadata={"help": "Token budget per extraction batch (default: 2048 on CPU, 32768 on GPU)."}
@@ -129,11 +129,23 @@ class AttributionSection:
         default_factory=GradientConfig, metadata={"help": "The gradient (LESS) baseline: GradientConfig fields."}
     )
     random_seed: int = field(default=0, metadata={"help": "Seed of the random ranking."})
+    screen_examples: list[Any] = field(
+        default_factory=list,
+        metadata={"help": "Behaviours of the 'screen' ranker, built from examples through M0 only: each item an "
+                  "examples file (JSONL of prompt, with, without; a path or a file shipped in "
+                  "pairtrace/data/screening/) or a mapping {examples, name, response_tokens, description}. The "
+                  "first one ranks the pairs; see docs/screening.md."},
+    )
 
     def __post_init__(self) -> None:
         from pairtrace.models import check_response_tokens
+        from pairtrace.screening import parse_example_specs
 
         check_response_tokens(self.response_tokens)
+        parse_example_specs(self.screen_examples)
+        if "screen" in self.methods and not self.screen_examples:
+            raise ConfigError("attribution.methods names 'screen' but attribution.screen_examples is empty: list the "
+                              "examples files of the behaviours to screen for")
 
 
 @dataclass
