@@ -108,9 +108,14 @@ def command(name: str, *, epilog: str, on: typer.Typer = app, options: bool = Tr
     def decorate(func: Callable) -> Callable:
         if options:
             func = cli_options(name, **groups)(func)
-        return on.command(name, epilog=epilog)(friendly_errors(func))
+        return on.command(name, epilog=as_typed(epilog))(friendly_errors(func))
 
     return decorate
+
+
+def as_typed(text: str) -> str:
+    """Help text that ``--help`` shows as written: ``<sha>`` and ``[k]`` escaped from the markdown renderer."""
+    return text.replace("\\", "\\\\").replace("<", "\\<").replace("[", "\\[")
 
 
 def out_option(default: Any = None, *, help: str) -> Any:
