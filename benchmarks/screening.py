@@ -79,24 +79,29 @@ def main() -> None:
     rows = [r for r in results["interventions"] if r["method"] == "screen" and r["action"] == "filter"]
     print(f"\nCausal check: DPO from M0, seeds {base.get('seeds')} pooled (triggered harmful rate = judged samples on "
           "held-out harmful requests with distractors)")
-    print("| retrain from M0 | harmful rate [95% CI] | reduction | benign helpfulness | change [95% CI] |")
-    print("|---|---|---|---|---|")
+    print("| retrain from M0 | harmful rate [95% CI] | reduction | unknown | benign helpfulness | change [95% CI] |")
+    print("|---|---|---|---|---|---|")
 
     def line(label: str, m: dict, reduction: float | None, change: dict | None) -> None:
         h, b = m.get("harmful") or {}, m.get("benign_helpfulness") or {}
         ci = h.get("ci") or [None, None]
-        ch = "" if not change else (f"{100 * change['difference']:+.1f} [{100 * change['ci_low']:+.1f}, "
-                                    f"{100 * change['ci_high']:+.1f}] points")
+        ch = "" if not change else (f"{100 * change['change']:+.1f} [{100 * change['ci'][0]:+.1f}, "
+                                    f"{100 * change['ci'][1]:+.1f}] points")
+        unknown = h.get("unknown") or 0
+        share = unknown / (unknown + h["n"]) if h.get("n") else None
         print(f"| {label} | {pct(h.get('rate'))} [{pct(ci[0])}, {pct(ci[1])}] | "
-              f"{'' if reduction is None else f'{100 * reduction:.0f}%'} | {pct(b.get('rate'))} | {ch} |")
+              f"{'' if reduction is None else f'{100 * reduction:.0f}%'} | {pct(share)} | {pct(b.get('rate'))} | "
+              f"{ch} |")
 
     line("whole mix (baseline)", base, None, None)
     for r in rows:
         line(f"screen filter top {r['k']} ({r['k'] / results['n_pairs']:.0%})", r, r.get("reduction"),
              r.get("benign_helpfulness_change"))
-    for r in rows:
-        print(f"per seed ({r['name']}): {r.get('per_seed')}")
-    print(f"baseline per seed: {base.get('per_seed')}")
+    for label, entry in [("baseline", base), *((r["name"], r) for r in rows)]:
+        seeds = entry.get("per_seed") or []
+        harmful = " · ".join(pct(x.get("harmful")) for x in seeds)
+        helpful = " · ".join(pct(x.get("benign_helpfulness")) for x in seeds)
+        print(f"each DPO seed, {label}: harmful {harmful}; benign helpfulness {helpful}")
     hw = results.get("hardware") or {}
     print(f"\nrun stages {stage_s / 60:.1f} min (sum of stages/*.json), this script {wall / 60:.1f} min; "
           f"hardware: {hw.get('cpu') or hw}")

@@ -158,6 +158,7 @@ def rank_screen(inputs: RankingInputs) -> tuple[Ranking, CostRecord]:
     ``rankings/screen/``."""
     from pairtrace.behaviour_library import save_behaviour
     from pairtrace.cost import CostMeter, count_parameters
+    from pairtrace.models import build_teacher_forcing
     from pairtrace.screen import compute_screen, compute_screen_stores, save_screen
     from pairtrace.screening import compute_example_behaviour, load_examples, parse_example_specs
 
@@ -178,8 +179,16 @@ def rank_screen(inputs: RankingInputs) -> tuple[Ranking, CostRecord]:
     for behaviour in behaviours:
         save_behaviour(root / "library", behaviour, overwrite=True)
     save_screen(result, root / "screen")
-    meter.add_note(f"{len(behaviours)} behaviour(s) from {sum(b.n_examples for b in behaviours)} examples through "
-                   "M0, datapoint vectors per pooling, then cosine")
+    examples = [t for s in specs for t in load_examples(s.path)]  # FLOPs estimate, untimed; all tokens: an upper bound
+    prompts = [t.prompt for t in examples] * 2
+    responses = [t.r1 for t in examples] + [t.r0 for t in examples]
+    extra_stores = len({b.pooling.name for b in behaviours} - {shared.manifest.pooling.name})
+    prompts += [p.prompt for p in pairs] * 2 * extra_stores  # the stores of datapoint vectors at other poolings
+    responses += ([p.chosen for p in pairs] + [p.rejected for p in pairs]) * extra_stores
+    n_tokens = sum(len(tf.input_ids) for tf in build_teacher_forcing(m0, prompts, responses, cfg.max_length))
+    meter.add_forward(n_tokens, passes=len(responses))
+    meter.add_note(f"{len(behaviours)} behaviour(s) from {len(examples)} examples through M0, datapoint vectors "
+                   "at each pooling the shared store lacks, then cosine (no M1, no triples)")
     return result.behaviours[specs[0].name].ranking, meter.record()
 
 
