@@ -51,7 +51,7 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     triples = cache.run("triples", triples_key, lambda: build_triples(ctx, probe))
 
     # attribution: every ranker over the pairs, and its quality against ground truth where there is one
-    rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge)
+    rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge, screen_digests(cfg))
     rankings = cache.run("rankings", rankings_key, lambda: rank_pairs(ctx, triples))
     labels = inputs.labels_path()
     quality = cache.run("quality", chain_key(rankings_key, ctx.labels_digest()),
@@ -81,6 +81,13 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
 
     write_report(ctx.out)
     return results
+
+
+def screen_digests(cfg: RunConfig) -> list[str]:
+    """Content digests of the screen's example files (they are inputs of the rankings stage)."""
+    from pairtrace.screening import parse_example_specs
+
+    return [file_digest(spec.path) for spec in parse_example_specs(cfg.attribution.screen_examples)]
 
 
 def build_triples(ctx: RunContext, probe: dict[str, str]) -> dict[str, Any]:

@@ -163,14 +163,14 @@ def retrain_and_evaluate(ctx: RunContext, unit: RetrainUnit) -> dict[str, Any]:
     evaluation prompts, and summarise its evaluation."""
     from pairtrace.evaluate import evaluate_generations
     from pairtrace.experiment.results import summarise_evaluation
-    from pairtrace.retrain.engines import RetrainRequest, get_retrainer
+    from pairtrace.retrain.engines import RetrainRequest, get_retrainer, resolve_local_m0
 
     exp, name = unit.experiment, unit.name
     train_file, summary = build_training_data(ctx, exp)
     model_dir = ctx.path("retrains", name, "model")
     # Every retrain starts from M0: its reference log-probs of a (prompt, response) are computed once, keyed by
     # M0's weights and the tokenisation (switched pairs reuse both sides, filtered ones a subset).
-    request = RetrainRequest(m0=ctx.spec_of("m0"), train_file=train_file, model_dir=model_dir,
+    request = RetrainRequest(m0=resolve_local_m0(ctx.spec_of("m0")), train_file=train_file, model_dir=model_dir,
                              recipe=replace(ctx.config.validation.recipe, seed=unit.seed),
                              ref_cache_dir=Path(ctx.inputs.ref_cache), progress=ctx.progress,
                              options=ctx.config.validation.retrain)

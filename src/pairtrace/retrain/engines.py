@@ -91,6 +91,27 @@ def get_retrainer(name: str) -> Retrainer:
     return RETRAINERS[name]
 
 
+def resolve_local_m0(spec: ModelSpec) -> ModelSpec:
+    """M0 as a local folder: a hub id at a pinned revision becomes its snapshot in the Hugging Face cache
+    (downloaded first unless ``HF_HUB_OFFLINE`` is set), so every engine trains from files on disk.
+
+    Raises:
+        ConfigError: The revision is neither cached nor downloadable.
+    """
+    from dataclasses import replace
+
+    if Path(spec.name_or_path).is_dir():
+        return spec
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id=spec.name_or_path, revision=spec.revision)
+    except Exception as exc:  # offline without the revision cached, unknown repo, no network
+        raise ConfigError(f"M0 {spec.name_or_path!r} at revision {spec.revision!r} is not available as files "
+                          f"({type(exc).__name__}: {exc}); download it or point models.m0 at a local folder") from exc
+    return replace(spec, name_or_path=folder, revision=None)
+
+
 def check_model_folder(model_dir: Path, engine: str) -> None:
     """Refuse a retrain that left no usable model folder (weights and config)."""
     has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
