@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,33 +20,9 @@ from pairtrace.attribute import (
     save_ranking,
 )
 from pairtrace.errors import ManifestMismatchError, PairtraceError
-
-MODEL = {"name": "m0", "revision": None, "weights_hash": "abc"}
-TEMPLATE = {"mode": "chat", "hash": "t1"}
-
-
-@dataclass
-class MemoryStore:
-    """The subset of the VectorStore API that attribution uses."""
-
-    vectors: dict[int, torch.Tensor]
-    ids: list[str]
-    manifest: SimpleNamespace = field(
-        default_factory=lambda: SimpleNamespace(model=MODEL, template=TEMPLATE, dataset={"fingerprint": "f"})
-    )
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.vectors)
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    def iter_chunks(self, layer: int, rows: int = 65536):
-        x = self.vectors[layer]
-        for start in range(0, len(x), rows):
-            yield start, x[start:start + rows]
+from testing_utils import STORE_MODEL as MODEL
+from testing_utils import STORE_TEMPLATE as TEMPLATE
+from testing_utils import MemoryStore
 
 
 def behaviour(probe: torch.Tensor, bank: torch.Tensor, layers=(2,), model=MODEL, template=TEMPLATE):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,38 +22,9 @@ from pairtrace.behaviour_library import (
 from pairtrace.errors import ConfigError, DataError, ManifestMismatchError
 from pairtrace.screen import compute_screen, score_behaviours
 from pairtrace.screening import calibrate, load_examples, parse_example_specs, resolve_examples_path
-
-MODEL = {"name": "m0", "revision": None, "weights_hash": "abc"}
-TEMPLATE = {"mode": "chat", "hash": "t1"}
-
-
-@dataclass
-class MemoryStore:
-    """The part of the VectorStore API that scoring uses."""
-
-    vectors: dict[int, torch.Tensor]
-    ids: list[str]
-    settings: dict = field(default_factory=lambda: {"max_length": 2048})
-
-    @property
-    def manifest(self) -> SimpleNamespace:
-        return SimpleNamespace(model=MODEL, template=TEMPLATE, dataset={"fingerprint": "f"}, settings=self.settings)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.vectors)
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    def iter_chunks(self, layer: int, rows: int = 65536):
-        x = self.vectors[layer]
-        for start in range(0, len(x), rows):
-            yield start, x[start:start + rows].clone()
-
-    def pair_metadata(self):
-        return None
+from testing_utils import STORE_MODEL as MODEL
+from testing_utils import STORE_TEMPLATE as TEMPLATE
+from testing_utils import MemoryStore
 
 
 def make_behaviour(name: str, per_example: torch.Tensor, layer: int = 2, model=MODEL,

@@ -7,7 +7,9 @@ Everything here is built offline in well under a few seconds so that any test mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -222,3 +224,37 @@ def build_tiny_pairs() -> PairSet:
         for i, (prompt, chosen, rejected) in enumerate(raw)
     ]
     return build_pair_set(pairs)
+
+
+STORE_MODEL = {"name": "m0", "revision": None, "weights_hash": "abc"}
+STORE_TEMPLATE = {"mode": "chat", "hash": "t1"}
+
+
+@dataclass
+class MemoryStore:
+    """The part of the VectorStore API that scoring uses, in memory: vectors per layer ``[n, d]`` and their ids."""
+
+    vectors: dict[int, torch.Tensor]
+    ids: list[str]
+    settings: dict = field(default_factory=lambda: {"max_length": 2048})
+
+    @property
+    def manifest(self) -> SimpleNamespace:
+        return SimpleNamespace(model=STORE_MODEL, template=STORE_TEMPLATE, dataset={"fingerprint": "f"},
+                               settings=self.settings)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def iter_chunks(self, layer: int, rows: int = 65536):
+        x = self.vectors[layer]
+        for start in range(0, len(x), rows):
+            yield start, x[start:start + rows].clone()  # a store reads fresh rows: scorers may normalise in place
+
+    def pair_metadata(self):
+        return None
