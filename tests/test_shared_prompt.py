@@ -90,7 +90,7 @@ def test_packed_equals_plain_path(tiny_loaded, tiny_pairs, max_length):
     plan = plan_pair_batches(tiny_loaded, chosen, rejected, batch_tokens=96, prompt_sharing="always")
     same_prompt = [can_share_prompt(c, r) for c, r in zip(chosen, rejected, strict=True)]
     assert plan.shared == [s and not same for s, same in zip(same_prompt, plan.identical, strict=True)]
-    assert sum(plan.shared) == (3 if max_length == 40 else 7)  # packed pairs really run
+    assert sum(plan.shared) == (4 if max_length == 40 else 7)  # packed pairs really run
     assert any(c.truncated or r.truncated for c, r in zip(chosen, rejected, strict=True)) == (max_length == 40)
     assert plan.n_tokens < plan.n_plain_tokens
     packed_c, packed_r = compute_pair_means(
