@@ -32,7 +32,8 @@ def test_reduced_rehearsal_runs_the_real_engine_paths(small_organism, tmp_path: 
     config["attribution"]["methods"] = ["probe", "random"]
     config["validation"].update(headline_methods=[], sweep_methods=[])  # the baseline retrain only
     config["extras"].update(discover=False, steer=False, sources=False)
-    config["generation"].update(probe_samples=2, eval_samples=1)
+    config["generation"].update(probe_samples=2, eval_samples=1, max_new_tokens=32)
+    config["validation"]["recipe"]["epochs"] = 1
     path = tmp_path / "rehearsal.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
