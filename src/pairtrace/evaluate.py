@@ -305,6 +305,8 @@ def run_evaluate(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    retry_unknown: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Judge a generation file (resumably) and write its evaluation as JSON.
 
@@ -318,6 +320,9 @@ def run_evaluate(
         n_boot: Bootstrap replicates per interval.
         seed: Bootstrap seed.
         progress: Show a progress bar while judging.
+        retry_unknown: With ``resume``, judge again the records whose judgement was unknown.
+        check: Called with the evaluation before it is written; an exception there writes nothing (the
+            judgements are kept).
 
     Returns:
         The evaluation (as written), with ``judging`` (the judging summary, or ``None``) and ``paths``.
@@ -334,12 +339,15 @@ def run_evaluate(
     if judge is not None:
         wanted = set(judge_sets) if judge_sets is not None else None
         selected = [g for g in generations if wanted is None or g.get("set") in wanted]
-        judging = judge_generations(selected, judge, judgements_path, resume=resume, progress=progress)
+        judging = judge_generations(selected, judge, judgements_path, resume=resume, progress=progress,
+                                    retry_unknown=retry_unknown)
     elif not judgements_path.is_file():
         raise DataError(f"{judgements_path}: no judgements to evaluate and no judge given")
     result = evaluate_generations(generations, load_judgements(judgements_path), n_boot=n_boot, seed=seed)
     result["judging"] = judging
     result["paths"] = {"generations": str(generations_path), "judgements": str(judgements_path)}
+    if check is not None:
+        check(result)
     write_json_atomic(result, out_path)
     return result
 

@@ -136,7 +136,7 @@ def generate_responses(
         The new generation records, in prompt order then sample order.
 
     Raises:
-        DataError: A prompt record without ``id`` or ``prompt``.
+        DataError: A prompt record without ``id`` or ``prompt`` (records are numbered from 1).
     """
     import torch
     from tqdm.auto import tqdm
@@ -147,7 +147,7 @@ def generate_responses(
     for i, record in enumerate(prompt_records):
         for name in ("id", "prompt"):
             if name not in record:
-                raise DataError(f"prompt record {i}: field '{name}' is missing")
+                raise DataError(f"prompt record {i + 1}: field '{name}' is missing")
     done = set(skip)
 
     def is_done(item: tuple[int, int]) -> bool:
@@ -257,25 +257,41 @@ def load_generations(path: str | Path) -> list[dict[str, Any]]:
         DataError: The file is missing, a complete line is not JSON, or a record lacks a field (the message
             names the line and the field).
     """
-    out: list[dict[str, Any]] = []
+    return [record for _, record in load_numbered_generations(path)]
+
+
+def load_numbered_generations(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`load_generations` with each record's line number in the file (from 1).
+
+    Raises:
+        DataError: As :func:`load_generations`.
+    """
+    out: list[tuple[int, dict[str, Any]]] = []
     for line_no, record in iter_jsonl(path, allow_torn_tail=True):
         for name in ("id", *GENERATION_FIELDS):
             if name not in record:
                 raise DataError(f"{Path(path).name} line {line_no}: field '{name}' is missing")
-        out.append(record)
+        out.append((line_no, record))
     return out
 
 
 def check_resumable(existing: Sequence[dict[str, Any]], config: GenerationConfig, model_name: str,
-                    out_path: Path) -> None:
+                    out_path: Path, lines: Sequence[int] | None = None) -> None:
     """Refuse to extend a generation file written by another model or with other sampling settings.
+
+    Args:
+        existing: The records already in ``out_path``.
+        config: This run's sampling settings.
+        model_name: This run's ``model`` field; records of other models are not compared.
+        out_path: The generation file, for messages.
+        lines: Each record's line in the file (from 1; default: 1, 2, ... as if it had no blank line).
 
     Raises:
         ManifestMismatchError: Naming the line, the field and both values.
     """
     wanted = {"seed": config.seed, "temperature": config.temperature, "top_p": config.top_p,
               "max_new_tokens": config.max_new_tokens}
-    for line, record in enumerate(existing, start=1):
+    for line, record in zip(lines or range(1, len(existing) + 1), existing, strict=True):
         if record.get("model") != model_name:
             continue  # records of other models may share a file; they are never regenerated here
         for key, value in wanted.items():
@@ -325,8 +341,9 @@ def run_generate(
     records = load_prompt_records(prompts_path)
     out_path = Path(out_path)
     name = model_name or Path(spec.name_or_path.rstrip("/")).name
-    existing = load_generations(out_path) if out_path.is_file() else []
-    check_resumable(existing, config, name, out_path)
+    numbered = load_numbered_generations(out_path) if out_path.is_file() else []
+    existing = [record for _, record in numbered]
+    check_resumable(existing, config, name, out_path, [line for line, _ in numbered])
     done = {generation_key(r) for r in existing}
     # Hugging Face: the loaded model (a bare path loads as before: load_model's defaults); vLLM: the spec
     model = load_model(spec if isinstance(model_path, ModelSpec) else model_path) if engine == "hf" else spec

@@ -128,7 +128,7 @@ def generate_responses_vllm(
     for i, record in enumerate(prompt_records):
         for name in ("id", "prompt"):
             if name not in record:
-                raise DataError(f"prompt record {i}: field '{name}' is missing")
+                raise DataError(f"prompt record {i + 1}: field '{name}' is missing")
     done = set(skip)
     items = [
         (i, s)

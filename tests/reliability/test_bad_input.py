@@ -66,6 +66,9 @@ def inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     paths["bad-gens"] = root / "gens.jsonl"
     (root / "one-gen.jsonl").write_text(json.dumps(generation) + "\n")
     paths["gens"] = root / "one-gen.jsonl"
+    prompt = {key: generation[key] for key in ("id", "base_id", "set", "condition", "prompt", "constraints")}
+    (root / "prompts.jsonl").write_text(json.dumps(prompt) + "\n\n" + json.dumps({"id": "p1"}) + "\n")
+    paths["bad-prompts"] = root / "prompts.jsonl"
     return paths
 
 
@@ -88,6 +91,27 @@ CASES = {
     "openai judge without url": ("judge {gens} --judge openai --out {root}/j.jsonl", ["--judge-url", "--judge-model"]),
     "generation record without fields": ("judge {bad-gens} --out {root}/j.jsonl", ["gens.jsonl line 2"]),
     "judge out is a folder": ("judge {gens} --out {root}", ["--out", "is a folder"]),
+    "evaluate out is a folder": ("evaluate {gens} --out {root}", ["--out", "is a folder"]),
+    "retrain pairs missing": ("retrain --model {model} --out {root}/o", ["PAIRS (or --pairs)"]),
+    "retrain two different pairs": ("retrain {pairs} --pairs {empty} --model {model} --out {root}/o",
+                                    ["PAIRS and --pairs"]),
+    "retrain out is a file": ("retrain {pairs} --model {model} --out {afile}", ["--out", "afile", "existing file"]),
+    "retrain missing model folder": ("retrain {pairs} --model does/not/exist --out {root}/o",
+                                     ["--model", "does/not/exist"]),
+    "retrain model without weights": ("retrain --pairs {pairs} --model {no-weights} --out {root}/o",
+                                      ["--model", "weight files"]),
+    "retrain unknown engine": ("retrain {pairs} --model {model} --engine slurm --out {root}/o",
+                               ["--engine", "'slurm'", "inprocess"]),
+    "retrain empty input": ("retrain {empty} --model {model} --out {root}/o", ["empty.jsonl", "no pairs to train on"]),
+    "retrain all records bad": ("retrain {allbad} --model {model} --out {root}/o", ["allbad.jsonl", "line 2"]),
+    "generate out is a folder": ("generate --prompts {bad-prompts} --model {model} --out {root}",
+                                 ["--out", "is a folder"]),
+    "generate missing model folder": ("generate --prompts {bad-prompts} --model does/not/exist --out {root}/g.jsonl",
+                                      ["--model", "does/not/exist"]),
+    "generate prompt record without fields": ("generate --prompts {bad-prompts} --model {model} --out {root}/g.jsonl",
+                                              ["prompts.jsonl line 3"]),
+    "generate vllm on the cpu": ("generate --prompts {bad-prompts} --model {model} --backend vllm --device cpu "
+                                 "--out {root}/g.jsonl", ["--backend", "vllm", "cpu"]),
 }
 
 
@@ -98,6 +122,7 @@ def test_bad_input_is_one_named_error(case, inputs):
     result = invoke(*args)
     assert_user_error(result, *named)
     assert not (inputs["root"] / "o" / "manifest.json").exists()
+    assert not (inputs["root"] / "o" / "train.jsonl").exists() and not (inputs["root"] / "g.jsonl").exists()
 
 
 def flat(text: str) -> str:
@@ -172,6 +197,56 @@ def test_judge_endpoint_errors_leave_no_empty_file(inputs, tmp_path):
         assert_user_error(invoke("judge", inputs["gens"], "--out", out, *flags), "every one of the 1 verdict(s)",
                           "--retry-unknown")
         assert out.read_text().count('"unknown": true') == 1
+
+
+def test_generation_file_lines_are_counted_from_one(inputs, tmp_path):
+    out = tmp_path / "g.jsonl"
+    record = json.loads(inputs["gens"].read_text())
+    sampled = {"seed": 0, "temperature": 0.1, "top_p": 1.0, "max_new_tokens": 128, "finish_reason": "eos"}
+    out.write_text("\n" + json.dumps({**record, **sampled}) + "\n")  # line 1 is blank
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(inputs["bad-prompts"].read_text().splitlines()[0] + "\n")
+    result = invoke("generate", "--prompts", prompts, "--model", inputs["model"], "--model-name", "m1", "--out", out)
+    assert_user_error(result, "g.jsonl line 2: field 'temperature' is 0.1")
+
+
+def test_generate_hands_vllm_the_whole_model_spec(inputs, tmp_path, monkeypatch):
+    import pairtrace.generation_engines as engines
+    import pairtrace.vllm_backend as vllm_backend
+
+    seen = {}
+
+    def fake_vllm(model_path, prompt_records, config, **kwargs):
+        seen.update(model_path=model_path, **kwargs)
+        return []
+
+    monkeypatch.setattr(engines, "resolve_engine", lambda backend, device, key: "vllm")
+    monkeypatch.setattr(vllm_backend, "generate_responses_vllm", fake_vllm)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(inputs["bad-prompts"].read_text().splitlines()[0] + "\n")
+    result = invoke("generate", "--prompts", prompts, "--model", inputs["model"], "--backend", "vllm", "--revision",
+                    "v1", "--dtype", "bfloat16", "--template", "plain", "--out", tmp_path / "g.jsonl")
+    assert result.exit_code == 0, result.output
+    assert seen["model_path"] == str(inputs["model"])
+    assert (seen["revision"], seen["dtype"], seen["chat_template"]) == ("v1", "bfloat16", "plain")
+
+
+def test_evaluate_warns_on_unknown_verdicts_and_fails_when_all_are(inputs, tmp_path):
+    generation = json.loads(inputs["gens"].read_text())
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text("".join(json.dumps({**generation, "sample": s}) + "\n" for s in range(2)))
+    verdict = {"id": "p0", "model": "m1", "score": None, "harmful": None, "unknown": True,
+               "reason": "timeout", "judge": "rule"}
+    judgements = tmp_path / "j.jsonl"
+    judgements.write_text(json.dumps({**verdict, "sample": 0}) + "\n" + json.dumps(
+        {**verdict, "sample": 1, "score": 1.0, "harmful": True, "unknown": False, "reason": "x"}) + "\n")
+    result = invoke("evaluate", gens, "--judgements", judgements, "--out", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of 2 verdict(s) are unknown" in flat(result.output), result.output
+    judgements.write_text("".join(json.dumps({**verdict, "sample": s}) + "\n" for s in range(2)))
+    result = invoke("evaluate", gens, "--judgements", judgements, "--out", tmp_path / "all-unknown.json")
+    assert_user_error(result, "every one of the 2 verdict(s) is unknown", "j.jsonl", "--retry-unknown")
+    assert not (tmp_path / "all-unknown.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- --help

@@ -186,6 +186,27 @@ def load_cli_model(spec: ModelSpec, flag: str = "--model") -> Any:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
+def check_cli_model(spec: ModelSpec, flag: str = "--model") -> None:
+    """Check, without loading it, that the model ``flag`` names can be loaded: a whole local model folder, or a
+    name shaped like a hub id (for commands that hand the model to another engine: retrain, vLLM).
+
+    Raises:
+        ConfigError: ``--model: model folder 'runs/m0' does not exist ...`` (or what the folder lacks).
+    """
+    from pathlib import Path
+
+    from pairtrace.models import check_hub_id, check_model_folder
+
+    local = Path(spec.name_or_path).expanduser()
+    try:
+        if local.is_dir():
+            check_model_folder(local, spec.name_or_path)
+        else:
+            check_hub_id(spec.name_or_path, local)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
 def pick_input(positional: str | None, flag_value: str | None, name: str) -> str | None:
     """One input given either as the positional ``NAME`` or as ``--name`` (never two different ones).
 

@@ -122,16 +122,16 @@ def intervene(
 @command(
     "retrain", model=MODEL_NAME, recipe=RECIPE, engine=RETRAIN_ENGINE,
     epilog=(
-        "Example:\n\n  pairtrace retrain --model runs/organism/organism/m0 "
-        "--pairs runs/switch-probe-96/preference_mix.jsonl --learning-rate 8e-4 --lr-scheduler-type constant "
-        "--sft-weight 0.75 --out runs/retrain-switch-probe-96\n\n"
+        "Examples:\n\n  pairtrace retrain runs/switch-probe-96/preference_mix.jsonl --model runs/organism/organism/m0 "
+        "--learning-rate 8e-4 --lr-scheduler-type constant --sft-weight 0.75 --out runs/retrain-switch-probe-96\n\n"
         "  pairtrace retrain --model m0/ --pairs mix.jsonl --engine accelerate --num-processes 8 "
         "--accelerate-config zero3.yaml --gradient-checkpointing --out runs/retrain\n\n"
         "  pairtrace retrain --config configs/retrain.yaml   # keys = option names, section 'retrain' or top level"
     ),
 )
 def retrain(
-    pairs: str = typer.Option(None, help="Preference pairs: file, saved dataset or hub id (any supported layout)."),
+    pairs: str = typer.Argument(None, help="Preference pairs: file, saved dataset or hub id (any supported layout)."),
+    pairs_flag: str = typer.Option(None, "--pairs", help="The pairs, as a flag (instead of PAIRS)."),
     split: str = typer.Option(None, help="Split of a saved / hub dataset."),
     out: Path = out_option(help="Output directory (model/, dpo_summary.json)."),
     ref_cache: Path = typer.Option(None, help="Folder caching M0's reference log-probs across retrains."),
@@ -143,14 +143,29 @@ def retrain(
     """DPO from M0 (--model: the starting checkpoint and frozen reference) with one recipe (the baseline and every
     intervention use the same), on a retrain engine: TRL's DPOTrainer in this process or under accelerate launch,
     or your own command."""
-    require(locals(), "pairs", "out")
-    from pairtrace.data.pairs import load_pairs, pair_to_record
-    from pairtrace.records import write_jsonl_atomic
-    from pairtrace.retrain.engines import RetrainRequest, get_retrainer
+    from pairtrace.cli.common import check_cli_model, check_out_dir, pick_input, say
 
+    pairs = pick_input(pairs, pairs_flag, "pairs")
+    require(locals(), "pairs", "out")
+    check_out_dir(out)
+    from pairtrace.data.pairs import load_pairs, pair_to_record
+    from pairtrace.errors import ConfigError, DataError
+    from pairtrace.records import write_jsonl_atomic
+    from pairtrace.retrain.engines import RETRAINERS, RetrainRequest, get_retrainer
+
+    if engine.engine not in RETRAINERS:
+        raise ConfigError(f"--engine: {engine.engine!r} is not one of {sorted(RETRAINERS)}")
+    check_cli_model(model)
+    pair_set = load_pairs(pairs, split=split)
+    if not len(pair_set):
+        what = (f"all {pair_set.n_records} record(s) are bad (listed above)" if pair_set.n_records
+                else "it holds no records")
+        raise DataError(f"{pairs}: no pairs to train on: {what}")
+    say(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
+        f"skipped {len(pair_set.skipped)} bad record(s)")
     out_dir = Path(out)
     train_file = write_jsonl_atomic(
-        [pair_to_record(p, "conversational") for p in load_pairs(pairs, split=split)], out_dir / "train.jsonl",
+        [pair_to_record(p, "conversational") for p in pair_set], out_dir / "train.jsonl",
     )  # any input layout, as the prompt + assistant-turn messages the trainer reads
     request = RetrainRequest(m0=model, train_file=train_file, model_dir=out_dir / "model", recipe=recipe,
                              ref_cache_dir=ref_cache, options=engine)

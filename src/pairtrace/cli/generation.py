@@ -8,7 +8,7 @@ import typer
 
 from pairtrace.cli.common import (
     JUDGE,
-    MODEL_NAME,
+    MODEL,
     SAMPLING,
     ConfigOpt,
     app,
@@ -25,7 +25,7 @@ from pairtrace.model_spec import ModelSpec
 
 
 @command(
-    "generate", model=MODEL_NAME, sampling=SAMPLING,
+    "generate", model=MODEL, sampling=SAMPLING,
     epilog=(
         "Examples:\n\n"
         "  pairtrace generate --model runs/organism/organism/m1 --prompts prompts.jsonl --out gens.jsonl\n\n"
@@ -43,9 +43,11 @@ def generate(
     """Sample responses with the chat template applied (batched, seeded, resumable)."""
     require(locals(), "prompts", "out")
     check_out_file(out)
+    from pairtrace.cli.common import check_cli_model
     from pairtrace.generate import run_generate
 
-    stats = run_generate(model.name_or_path, prompts, out, sampling, model_name=model_name)
+    check_cli_model(model)
+    stats = run_generate(model, prompts, out, sampling, model_name=model_name)  # the whole spec: vLLM reads it
     say(f"{out}: {stats.get('n_new')} new, {stats.get('n_existing')} kept", ok="wrote")
 
 
@@ -109,6 +111,7 @@ def evaluate(
     judgements: Path = typer.Option(None, help="Judgement JSONL (default: <out>.judgements.jsonl, resumed)."),
     n_boot: int = typer.Option(2000, help="Bootstrap resamples for the 95% intervals."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
+    retry_unknown: bool = typer.Option(False, help="Judge again the records that ended unknown last time."),
     judge_options: JudgeOptions = None,
     config: Path = ConfigOpt,
 ) -> None:
@@ -119,8 +122,14 @@ def evaluate(
     from pairtrace.evaluate import print_evaluation, run_evaluate
     from pairtrace.judges.factory import build_judge
 
+    def check_verdicts(result: dict) -> None:
+        rows = result["harmful"]
+        judging = result.get("judging") or {}
+        check_unknown_verdicts(sum(r["judged"] + r["unknown"] for r in rows), sum(r["unknown"] for r in rows),
+                               (judging.get("counters") or {}).get("failures"), Path(result["paths"]["judgements"]))
+
     result = run_evaluate(generations, build_judge(judge_options), out, judgements_path=judgements, n_boot=n_boot,
-                          seed=seed)
+                          seed=seed, retry_unknown=retry_unknown, check=check_verdicts)
     print_evaluation(result)
     say(f"{out}", ok="wrote")
 
@@ -142,8 +151,8 @@ def triples(
 
     stats = run_build_triples(generations, judgements, out, m1=m1, m0=m0,
                               unknown=unknown)
-    say(f"{out}: {stats.get('n_triples', stats)}", ok="wrote")
-    if not stats.get("n_triples"):
+    say(f"{out}: {stats.get('triples', 0)} triple(s) from {stats.get('triple_prompts', 0)} prompt(s)", ok="wrote")
+    if not stats.get("triples"):
         warn(f"no triple passed the filter: check that {generations} holds --m1 {m1!r} and --m0 {m0!r} records over "
              f"the same prompts, judged in {judgements}")
 
