@@ -307,12 +307,22 @@ def recipe_mapping(organism: dict[str, Any] | None, validation: Any, seed: int) 
     return fields
 
 
+def beside_config(value: Any, base_dir: Path | None) -> Any:
+    """A relative file path of a run config (e.g. ``validation.retrain.accelerate_config``): the file next to the
+    config when one is there, else the path as given (relative to the working folder)."""
+    if not isinstance(value, str) or not value or base_dir is None or Path(value).is_absolute():
+        return value
+    candidate = base_dir / value
+    return str(candidate) if candidate.exists() else value
+
+
 def build_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
     """Turn a plain mapping into a :class:`RunConfig`, refusing unknown keys in every section.
 
     Args:
         raw: The parsed YAML (or :meth:`RunConfig.to_dict`).
-        base_dir: Directory relative paths in ``organism: path.yaml`` are resolved against.
+        base_dir: Directory relative paths in ``organism: path.yaml`` and ``validation.retrain.accelerate_config`` are
+            resolved against.
 
     Raises:
         ConfigError: Unknown sections or keys (named), missing inputs or invalid values.
@@ -331,6 +341,10 @@ def build_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
     sections = {name: raw[name] for name in _SECTIONS if name not in ("organism", "seed", "torch_threads")
                 and name in raw}
     validation = sections.get("validation")
+    if isinstance(validation, dict) and isinstance(validation.get("retrain"), dict):
+        retrain = dict(validation["retrain"])
+        retrain["accelerate_config"] = beside_config(retrain.get("accelerate_config"), base_dir)
+        validation = {**validation, "retrain": retrain}
     if validation is None or isinstance(validation, dict):
         seed = kwargs.get("seed", RunConfig.seed)
         sections["validation"] = {**(validation or {}), "recipe": recipe_mapping(organism, validation, seed)}
