@@ -32,7 +32,8 @@ _REQUIRED: dict[str, type] = {"id": str, "model": str, "sample": int, "set": str
 
 
 def check_evaluation_record(record: Any, index: int) -> None:
-    """Check the generation-record fields the evaluation reads.
+    """Check the generation-record fields the evaluation reads (``index`` counts records from 1, as files count
+    lines).
 
     Raises:
         DataError: A field is missing or has the wrong type (the message names the record and field).
@@ -80,7 +81,7 @@ def evaluate_generations(
         DataError: A generation record lacks a field, or names an unknown constraint id.
     """
     records = list(generations)
-    for index, record in enumerate(records):
+    for index, record in enumerate(records, start=1):
         check_evaluation_record(record, index)
     verdicts = judgements if isinstance(judgements, dict) else {judgement_key(j): j for j in judgements}
     if refusal_fn is None:
@@ -233,7 +234,7 @@ def compute_answered_flags(
         from pairtrace.judges.rule import is_refusal as refusal_fn
     sets = set(benign_sets)
     flags: dict[str, list[bool]] = {}
-    for index, record in enumerate(generations):
+    for index, record in enumerate(generations, start=1):
         check_evaluation_record(record, index)
         if record["set"] in sets:
             flags.setdefault(str(record["id"]), []).append(is_answered(record["response"], refusal_fn))
