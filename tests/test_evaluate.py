@@ -133,7 +133,7 @@ def test_answered_flags_per_prompt_match_the_pooled_helpfulness():
     assert flags == {"q1/t": [True, False], "q1/n": [False]}
     pooled = evaluate_generations(gens, [], n_boot=50, refusal_fn=fake_refusal)["helpfulness"]
     assert sum(r["answered"] for r in pooled) == sum(sum(v) for v in flags.values())
-    with pytest.raises(DataError, match="record 0"):
+    with pytest.raises(DataError, match="record 1"):
         compute_answered_flags([{"id": "q1/t"}])
 
 
@@ -151,7 +151,7 @@ def test_over_refusal_on_safe_prompts_only():
 def test_bad_records_are_named():
     g = gen("m1", "harmful", "trigger", "b/t", 0, "text")
     del g["condition"]
-    with pytest.raises(DataError, match=r"record 0 .*'condition'"):
+    with pytest.raises(DataError, match=r"record 1 .*'condition'"):
         evaluate_generations([g], [], refusal_fn=fake_refusal)
     g = gen("m1", "benign", "trigger", "b/t", 0, "text", ["no_such_constraint"])
     with pytest.raises(DataError, match="'constraints'"):
