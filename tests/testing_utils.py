@@ -258,3 +258,26 @@ class MemoryStore:
 
     def pair_metadata(self):
         return None
+
+
+def command_epilogs() -> dict[str, str]:
+    """``name -> epilog`` for every command (``organism build`` included; a group has none of its own)."""
+    from typer.main import get_command
+
+    from pairtrace.cli import app
+
+    out = {}
+    root = get_command(app)
+    for name, command in root.commands.items():
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            out[f"{name} {sub_name}"] = sub.epilog or ""
+        if not hasattr(command, "commands"):
+            out[name] = command.epilog or ""
+    return out
+
+
+def examples(epilog: str) -> list[str]:
+    """The ``pairtrace ...`` lines of an epilog as typed (markdown escapes undone), without trailing comments."""
+    text = epilog.replace("\\<", "<").replace("\\[", "[").replace("\\\\", "\\")
+    return [line.strip().split("  #")[0].strip() for line in text.splitlines()
+            if line.strip().startswith("pairtrace ")]

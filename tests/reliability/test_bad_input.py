@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pairtrace.cli import app
 from pairtrace.data.pairs import save_pairs_jsonl
 from pairtrace.store import Manifest, VectorStore, shard_path
-from testing_utils import build_tiny_pairs
+from testing_utils import build_tiny_pairs, command_epilogs, examples
 
 runner = CliRunner()
 
@@ -250,24 +250,6 @@ def test_evaluate_warns_on_unknown_verdicts_and_fails_when_all_are(inputs, tmp_p
 
 
 # ----------------------------------------------------------------------------------------------------- --help
-
-
-def command_epilogs() -> dict[str, str]:
-    """``name -> epilog`` for every command (``organism build`` included)."""
-    out = {}
-    root = get_command(app)
-    for name, command in root.commands.items():
-        for sub_name, sub in getattr(command, "commands", {}).items():
-            out[f"{name} {sub_name}"] = sub.epilog or ""
-        out[name] = command.epilog or ""
-    return out
-
-
-def examples(epilog: str) -> list[str]:
-    """The ``pairtrace ...`` lines of an epilog as typed (markdown escapes undone), without trailing comments."""
-    text = epilog.replace("\\<", "<").replace("\\[", "[").replace("\\\\", "\\")
-    return [line.strip().split("  #")[0].strip() for line in text.splitlines()
-            if line.strip().startswith("pairtrace ")]
 
 
 RUN_LAYOUT = ("runs/organism/organism/m0", "runs/organism/organism/m1", "runs/organism/organism/data/",

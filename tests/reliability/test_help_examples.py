@@ -16,33 +16,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.main import get_command
 from typer.testing import CliRunner
 
 from pairtrace.cli import app
+from testing_utils import command_epilogs, examples
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENING_FILES = REPO / "src" / "pairtrace" / "data" / "screening"
 runner = CliRunner()
-
-
-def command_epilogs() -> dict[str, str]:
-    """``name -> epilog`` for every command (``organism build`` included; a group has none of its own)."""
-    out = {}
-    root = get_command(app)
-    for name, command in root.commands.items():
-        for sub_name, sub in getattr(command, "commands", {}).items():
-            out[f"{name} {sub_name}"] = sub.epilog or ""
-        if not hasattr(command, "commands"):
-            out[name] = command.epilog or ""
-    return out
-
-
-def examples(epilog: str) -> list[str]:
-    """The ``pairtrace ...`` lines of an epilog as typed (markdown escapes undone), without trailing comments."""
-    text = epilog.replace("\\<", "<").replace("\\[", "[").replace("\\\\", "\\")
-    return [line.strip().split("  #")[0].strip() for line in text.splitlines()
-            if line.strip().startswith("pairtrace ")]
 
 
 ALL_EXAMPLES = {example: name for name, epilog in sorted(command_epilogs().items()) for example in examples(epilog)}

@@ -103,6 +103,7 @@ class RunContext:
         self._inputs = inputs
         self._models: dict[str, LoadedModel] = {}
         self._specs: dict[str, ModelSpec] = {}
+        self._models_digest: str | None = None
         self._judge: Judge | None = None
         self._pairs: Any = None
         self._engine: str | None = None
@@ -128,6 +129,7 @@ class RunContext:
     @inputs.setter
     def inputs(self, value: Inputs) -> None:
         self._inputs = value
+        self._models_digest = None
 
     def path(self, *parts: str) -> Path:
         """A path inside the run directory."""
@@ -236,10 +238,13 @@ class RunContext:
         return chain_key(source_digest(i.pairs, i.pairs_revision), i.split or "")
 
     def models_digest(self) -> str:
-        """Digest of M0 and M1 and of the options they are loaded with."""
-        i = self.inputs
-        return chain_key(model_digest(i.m0, i.m0_revision), model_digest(i.m1, i.m1_revision),
-                         dataclasses.asdict(self.config.models))
+        """Digest of M0 and M1 and of the options they are loaded with (computed once: every retrain's key uses
+        it)."""
+        if self._models_digest is None:
+            i = self.inputs
+            self._models_digest = chain_key(model_digest(i.m0, i.m0_revision), model_digest(i.m1, i.m1_revision),
+                                            dataclasses.asdict(self.config.models))
+        return self._models_digest
 
     def labels_digest(self) -> str:
         """Digest of the ground-truth labels (``none`` without them)."""
