@@ -123,19 +123,21 @@ class StageCache:
         self.keys[name] = key
         return stamp
 
-    def forget(self, name: str) -> None:
-        """Remove the stamp of a stage (its outputs stay on disk)."""
-        self.stamp_path(name).unlink(missing_ok=True)
-
-    def run(self, name: str, key: str, fn: Callable[[], Any], outputs: Iterable[str | Path] = ()) -> Any:
-        """The result of stage ``name``: reused from its stamp when the key matches, else computed by ``fn``."""
-        outputs = list(outputs)
+    def reuse(self, name: str, key: str, outputs: Iterable[str | Path] = ()) -> dict[str, Any] | None:
+        """The stamp of stage ``name`` when it finished with this key and its outputs exist (counted as reused),
+        else ``None``."""
         stamp = self.lookup(name, key, outputs)
         if stamp is not None:
             logger.info("stage %-28s cached (%.1f s when run)", name, stamp.get("seconds", 0.0))
             self.reused.append(name)
             self.timings[name] = stamp.get("seconds", 0.0)
             self.keys[name] = key
+        return stamp
+
+    def run(self, name: str, key: str, fn: Callable[[], Any], outputs: Iterable[str | Path] = ()) -> Any:
+        """The result of stage ``name``: reused from its stamp when the key matches, else computed by ``fn``."""
+        stamp = self.reuse(name, key, outputs)
+        if stamp is not None:
             return stamp.get("result")
         if self.stamp_path(name).exists():
             logger.info("stage %s: inputs changed, running again", name)

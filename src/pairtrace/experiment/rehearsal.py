@@ -179,8 +179,3 @@ def run_rehearsal(config_path: str | Path, organism_config: str | Path, out: str
     }
     write_json_atomic(summary, out / "rehearsal.json")
     return summary
-
-
-def read_rehearsal(out: str | Path) -> dict[str, Any]:
-    """The summary a rehearsal left in ``out``."""
-    return json.loads((Path(out) / "rehearsal.json").read_text(encoding="utf-8"))

@@ -69,11 +69,8 @@ def run_retrains(ctx: RunContext, plan: Plan, keys: dict[str, str]) -> dict[str,
     outcomes: dict[str, Any] = {}
     todo = []
     for unit in plan.units:
-        stamp = ctx.cache.lookup(f"retrain-{unit.name}", keys[unit.name])
+        stamp = ctx.cache.reuse(f"retrain-{unit.name}", keys[unit.name])
         if stamp is not None:
-            logger.info("stage %-28s cached", f"retrain-{unit.name}")
-            ctx.cache.reused.append(f"retrain-{unit.name}")
-            ctx.cache.timings[f"retrain-{unit.name}"] = stamp.get("seconds", 0.0)
             outcomes[unit.name] = stamp["result"]
         else:
             todo.append(unit)

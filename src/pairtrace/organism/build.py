@@ -188,9 +188,8 @@ def build_organism(
             key = compute_step_key(step, config, out, cache.keys)
             outputs = [out / rel for rel in STEP_OUTPUTS[step]]
             cache.keys[step] = key
-            stamp = cache.lookup(step, key, outputs)
+            stamp = cache.reuse(step, key, outputs)
             if stamp is not None:
-                cache.reused.append(step)
                 log(f"{step}: up to date, reused")
             else:
                 log(f"{step}: building")
