@@ -25,8 +25,6 @@ from typing import Any
 
 import yaml
 
-from pairtrace.experiment.run import run_experiment
-
 REDUCED_RUN: dict[str, Any] = {
     "seed": 0,
     "torch_threads": 1,
@@ -56,19 +54,51 @@ CHECKS = {
 """The run's checks shown, by the start of their name (the k in a name depends on the mix size)."""
 
 
-def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tokens: int | None = None) -> dict[
-        str, Any]:
-    """Run (or resume) the reduced experiment on one organism build; return its ``results.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / "run.yaml"
-    validation = {**REDUCED_RUN["validation"], "retrain_seeds": seeds}
+def reduced_run_config(organism_yaml: Path, seeds: list[int], response_tokens: int | None = None,
+                       methods: list[str] | None = None) -> dict[str, Any]:
+    """The run config of one build: :data:`REDUCED_RUN` with its organism, DPO seeds and options.
+
+    Args:
+        organism_yaml: The organism-build YAML (stored as an absolute path).
+        seeds: DPO seeds of the retrains (pooled).
+        response_tokens: Pool each response over its first N tokens (``None``: every token).
+        methods: Rankings computed (``attribution.methods``; default probe and random). Only the headline methods
+            (probe, random) are retrained; any other method is ranked and scored (AUROC) only.
+
+    Returns:
+        The plain-data run config.
+    """
+    validation = {**REDUCED_RUN["validation"], "retrain_seeds": list(seeds)}
     attribution = dict(REDUCED_RUN["attribution"])
     extras = dict(REDUCED_RUN["extras"])
+    if methods is not None:
+        attribution["methods"] = list(methods)
     if response_tokens is not None:
         attribution["response_tokens"] = response_tokens
         extras["discover_options"] = {"also_response_tokens": [None]}  # the second view: every token
-    config = {**REDUCED_RUN, "attribution": attribution, "validation": validation, "extras": extras,
-              "organism": str(organism_yaml.resolve())}
+    return {**REDUCED_RUN, "attribution": attribution, "validation": validation, "extras": extras,
+            "organism": str(organism_yaml.resolve())}
+
+
+def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tokens: int | None = None,
+              methods: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the reduced experiment on one organism build; return its ``results.json``.
+
+    Args:
+        organism_yaml: The organism-build YAML.
+        out_dir: The run folder (``run.yaml`` is written there; finished stages found there are reused).
+        seeds: DPO seeds of the retrains (pooled).
+        response_tokens: Pool each response over its first N tokens (``None``: every token).
+        methods: Rankings computed (see :func:`reduced_run_config`).
+
+    Returns:
+        The content of the run's ``results.json``.
+    """
+    from pairtrace.experiment.run import run_experiment
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "run.yaml"
+    config = reduced_run_config(organism_yaml, seeds, response_tokens, methods)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return run_experiment(config_path, out_dir, progress=False)
 
@@ -95,18 +125,34 @@ def summarise(name: str, results: dict[str, Any]) -> str:
             f"| {cpu} |")
 
 
-def best_discovery_cluster(discovery: dict[str, Any], behaviour: str) -> str:
-    """Purity / recall of a planted behaviour's best cluster over discovery's views (by the smaller of the two)."""
+def discovery_views(discovery: dict[str, Any], behaviour: str) -> list[dict[str, Any]]:
+    """Purity and recall of a planted behaviour's best cluster in each discovery view.
+
+    Args:
+        discovery: ``results.json``'s ``discovery`` (the main view, its ``views`` after it).
+        behaviour: The planted behaviour's name (as in ``labels.jsonl``).
+
+    Returns:
+        ``[{"view": "all" | "first N", "purity", "recall"}]``, one per view that scored the behaviour (purity is
+        discovery's ``precision``: the share of the best cluster's pairs that are the behaviour's); empty when none did.
+    """
     found = []
     for view in [discovery, *(discovery.get("views") or [])]:
         for b in (view.get("labels") or {}).get("behaviours", []):
             if b["behaviour"] == behaviour and b.get("precision") is not None:
                 tokens = view.get("response_tokens")
-                found.append((min(b["precision"], b["recall"]), b, "all" if tokens is None else f"first {tokens}"))
+                found.append({"view": "all" if tokens is None else f"first {tokens}", "purity": b["precision"],
+                              "recall": b["recall"]})
+    return found
+
+
+def best_discovery_cluster(discovery: dict[str, Any], behaviour: str) -> str:
+    """Purity / recall of a planted behaviour's best cluster over discovery's views (by the smaller of the two)."""
+    found = discovery_views(discovery, behaviour)
     if not found:
         return "–"
-    _, b, view = max(found, key=lambda f: f[0])
-    return f"{b['precision']:.0%} / {b['recall']:.0%} ({view})"
+    best = max(found, key=lambda v: min(v["purity"], v["recall"]))
+    return f"{best['purity']:.0%} / {best['recall']:.0%} ({best['view']})"
 
 
 def main() -> None:
