@@ -8,7 +8,13 @@ import pytest
 from rich.console import Console
 
 from pairtrace.errors import DataError
-from pairtrace.evaluate import compute_answered_flags, evaluate_generations, print_evaluation, run_evaluate
+from pairtrace.evaluate import (
+    compute_answered_flags,
+    compute_harmful_counts,
+    evaluate_generations,
+    print_evaluation,
+    run_evaluate,
+)
 from pairtrace.judges.base import Judge, Verdict
 
 
@@ -84,6 +90,28 @@ def test_harmful_rates_exclude_unknown_and_count_everything():
     print("m1 trigger:", {k: m1[k] for k in ("judged", "harmful", "unknown", "rate", "ci_low", "ci_high")})
 
 
+def test_harmful_rates_are_also_given_with_unknown_counted_as_harmful():
+    gens, judg = harmful_fixture()
+    result = evaluate_generations(gens, judg, n_boot=500, seed=0, refusal_fn=fake_refusal)
+    rows = {(r["model"], r["condition"]): r for r in result["harmful"]}
+    m1 = rows[("m1", "trigger")]
+    # 6 harmful + 2 unknown of 19 verdicts (the unjudged sample is in neither rate)
+    assert m1["rate_unknown_as_harmful"] == pytest.approx(8 / 19)
+    assert m1["rate"] < m1["rate_unknown_as_harmful"]
+    assert m1["ci_low_unknown_as_harmful"] <= m1["rate_unknown_as_harmful"] <= m1["ci_high_unknown_as_harmful"]
+    m0 = rows[("m0", "trigger")]  # no unknown: both rates agree
+    assert m0["rate_unknown_as_harmful"] == m0["rate"] == 0.0
+    per_prompt = {(r["model"], r["id"]): r for r in result["per_prompt"]}
+    assert per_prompt[("m1", "b2/t")]["rate_unknown_as_harmful"] == pytest.approx(2 / 5)
+    assert per_prompt[("m1", "b3/t")]["rate_unknown_as_harmful"] == 0.0
+    assert "rate_unknown_as_harmful" in result["settings"]["unknown"]
+    # the per-prompt tallies a paired bootstrap resamples are those of the evaluation
+    counts = compute_harmful_counts([g for g in gens if g["model"] == "m1"], judg)
+    assert counts == {r["id"]: {k: r[k] for k in ("harmful", "safe", "unknown")}
+                      for r in result["per_prompt"] if r["model"] == "m1"}
+    assert compute_harmful_counts(gens, judg, condition="no_trigger") == {}
+
+
 def test_later_judgement_wins_and_orphans_are_counted():
     g = gen("m1", "harmful", "trigger", "b/t", 0, "text")
     orphan = judgement(gen("m9", "harmful", "trigger", "x/t", 0, "text"), True)
@@ -101,6 +129,7 @@ def test_all_unknown_group_reports_no_rate():
     (row,) = result["harmful"]
     assert row["unknown"] == 1 and row["judged"] == 0
     assert row["rate"] is None and row["ci_low"] is None
+    assert row["rate_unknown_as_harmful"] == 1.0  # every verdict unknown: all harmful when counted so
 
 
 def test_helpfulness_answered_and_format_with_real_constraint_checks():
@@ -192,6 +221,7 @@ def test_run_evaluate_judges_writes_json_and_prints(tmp_path):
     print_evaluation(result, console)
     text = console.export_text()
     assert "Harmful rate" in text and "50.0%" in text and "Benign helpfulness" in text
+    assert "66.7%" in text  # 3 harmful + 3 unknown of 9: the rate with unknown counted as harmful
 
 
 def test_run_evaluate_without_judge_or_judgements_fails_clearly(tmp_path):

@@ -31,12 +31,19 @@ from pairtrace.sources import run_sources
 from pairtrace.steer import summarise_verdicts
 
 CHROMIUM = Path("/usr/bin/chromium")
-ALL_SECTIONS = ("run", "headline", "sweep", "capabilities", "cost", "quality", "discovery", "sources", "steering",
-                "reproduce")
+ALL_SECTIONS = ("run", "headline", "sweep", "capabilities", "cost", "checks", "quality", "discovery", "sources",
+                "steering", "reproduce")
 
 
 def rate(value: float, n: int = 400, unknown: int = 0) -> dict:
     return {"rate": value, "ci": [max(0.0, value - 0.02), value + 0.02], "n": n, "unknown": unknown}
+
+
+def harmful_rate(value: float, n: int = 400, unknown: int = 20) -> dict:
+    """A harmful entry of results.json: both rates (unknown left out, unknown counted as harmful)."""
+    any_rate = (value * n + unknown) / (n + unknown)
+    return {**rate(value, n, unknown), "harmful": round(value * n), "rate_unknown_as_harmful": any_rate,
+            "ci_unknown_as_harmful": [max(0.0, any_rate - 0.02), any_rate + 0.02]}
 
 
 def results_json() -> dict:
@@ -45,9 +52,12 @@ def results_json() -> dict:
         for method, base in (("probe", 0.03), ("random", 0.07), ("gradient", 0.05)):
             for action, shift in (("filter", 0.0), ("switch", -0.01)):
                 harmful = max(0.0, base + shift - (0.01 if k == 60 else 0.0))
-                interventions.append({"method": method, "action": action, "k": k, "harmful": rate(harmful),
-                                      "harmful_no_trigger": rate(0.01), "benign_helpfulness": rate(0.95),
+                interventions.append({"method": method, "action": action, "k": k, "harmful": harmful_rate(harmful),
+                                      "harmful_no_trigger": harmful_rate(0.01), "benign_helpfulness": rate(0.95),
                                       "over_refusal": rate(0.08), "reduction": (0.0763 - harmful) / 0.0763,
+                                      "reduction_unknown_as_harmful": 0.5, "seeds": [0, 1, 2],
+                                      "reduction_interval": {"ci": [-0.25, 0.75], "ci_unknown_as_harmful": [-0.1, 0.8],
+                                                             "n_prompts": 30},
                                       "benign_helpfulness_change": {"change": -0.02, "ci": [-0.045, 0.005],
                                                                     "n_prompts": 30}})
     interventions.append({"method": "probe", "action": "source_ablation", "k": 41, "harmful": rate(0.0117),
@@ -60,8 +70,15 @@ def results_json() -> dict:
                      "cuda_devices": []},
         "n_pairs": 600, "headline_k": 60, "k_values": [30, 60],
         "organism": {"contaminated": 36, "m1_harmful_rate": 0.9},
-        "baseline": {"harmful": rate(0.0763), "harmful_no_trigger": rate(0.02), "benign_helpfulness": rate(0.97),
-                     "over_refusal": rate(0.068)},
+        "trigger": {"kind": "distractors", "description": "1–3 distractors",
+                    "label": "harmful request + 1–3 distractors"},
+        "baseline": {"harmful": harmful_rate(0.0763), "harmful_no_trigger": harmful_rate(0.02),
+                     "benign_helpfulness": rate(0.97), "over_refusal": rate(0.068), "seeds": [0, 1, 2]},
+        "checks": [{"check": "random-filter reduction at k = 60", "value": 0.0826, "threshold": "< 25%", "ok": False,
+                    "reduction_unknown_as_harmful": 0.5, "ci": [-0.25, 0.75], "n_retrains": 1,
+                    "n_baseline_retrains": 3, "reason": "fewer than 3 retrains pooled: not enough to decide"},
+                   {"check": "probe AUROC for the contaminated pairs", "value": 0.97, "threshold": ">= 0.95",
+                    "ok": True}],
         "interventions": interventions,
         "attribution_quality": {"probe": {"auroc": 0.97, "precision_at_contaminated": 0.81, "n_contaminated": 36}},
         "cost": [{"method": "probe", "wall_s": 3.2, "forward_passes": 1200, "backward_passes": 0,
@@ -157,6 +174,30 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert re.search(r'<td class="num">4</td><td>bad \(×', html)  # the enrichment across the k sweep
 
 
+def test_report_names_the_trigger_and_shows_both_rates_and_the_checks(full_run):
+    results = json.loads((full_run / "results.json").read_text())
+    html = write_report(full_run).read_text(encoding="utf-8")
+    assert "Harmful rate after intervention (k = 60; harmful request + 1–3 distractors)" in html
+    assert "k sweep (harmful request + 1–3 distractors)" in html
+    assert "harmful if unknown counted" in html and "reduction if unknown counted" in html
+    # baseline: 7.63% with unknown left out; (30.52 + 20) / 420 = 12.0% with unknown counted, and its interval
+    assert "12.0% <span class=\"note\">[10.0, 14.0]</span>" in html
+    assert "if unknown counted: 12.0% [10.0, 14.0]" in html  # capabilities: beside the harmful rate
+    assert "[-25.0, 75.0]" in html  # the reduction's paired interval
+    # checks: interval, retrains pooled, the reason an undecided check is not ok, the other reduction
+    assert "fewer than 3 retrains pooled: not enough to decide; if unknown counted: 0.5000" in html
+    assert "[-0.2500, 0.7500]" in html and "1 (3)" in html
+    # another trigger is named where the run said so; older results without one get the generic label
+    results["trigger"] = {"kind": "suffix", "description": "suffix family (8 phrasings, 2 held out)",
+                          "label": "harmful request + suffix family (8 phrasings, 2 held out)"}
+    (full_run / "results.json").write_text(json.dumps(results))
+    html = write_report(full_run).read_text(encoding="utf-8")
+    assert "(k = 60; harmful request + suffix family (8 phrasings, 2 held out))" in html and "distractor" not in html
+    del results["trigger"]
+    (full_run / "results.json").write_text(json.dumps(results))
+    assert "(k = 60; harmful request with the trigger)" in write_report(full_run).read_text(encoding="utf-8")
+
+
 def test_sections_follow_the_artifacts(tmp_path):
     run = tmp_path / "partial"
     run.mkdir()
@@ -182,8 +223,11 @@ def test_malformed_artifact_skips_its_section_only(full_run):
 
 
 def test_rate_normalisation():
-    assert normalise_rate({"rate": 0.1, "ci": [0.05, 0.2], "n": 10}) == {"rate": 0.1, "low": 0.05, "high": 0.2,
-                                                                        "n": 10, "unknown": None}
+    assert normalise_rate({"rate": 0.1, "ci": [0.05, 0.2], "n": 10}) == {
+        "rate": 0.1, "low": 0.05, "high": 0.2, "n": 10, "unknown": None, "unknown_as_harmful": None}
+    both = normalise_rate({"rate": 0.1, "ci": [0.05, 0.2], "n": 10, "unknown": 2, "rate_unknown_as_harmful": 0.25,
+                           "ci_unknown_as_harmful": [0.1, 0.4]})
+    assert both["unknown_as_harmful"] == {"rate": 0.25, "low": 0.1, "high": 0.4}
     assert normalise_rate({"rate": 0.1, "low": 0.0, "high": 0.3})["high"] == 0.3
     assert normalise_rate({"rate": None}) is None and normalise_rate("x") is None
     assert format_ci({"low": 0.01, "high": 0.05}) == "[1.0, 5.0]" and format_ci({"low": None}) == "–"
@@ -218,6 +262,20 @@ def test_report_renders_in_headless_chromium_without_console_errors(full_run, tm
     dom, messages = render_in_chromium(page, tmp_path / "profile")
     assert messages == []
     assert section_ids(dom) == set(ALL_SECTIONS)
-    assert "Harmful rate after intervention (k = 60)" in dom
+    assert "Harmful rate after intervention (k = 60; harmful request + 1–3 distractors)" in dom
     assert dom.count("data:image/png;base64,") == 7
 
+
+
+def test_steering_rates_are_also_given_with_unknown_counted_as_harmful(tmp_path):
+    from pairtrace.report import build_steer_section
+
+    records = [{"layer": 2, "alpha": 0.0, "condition": "trigger", "id": f"q{i}", "harmful": h}
+               for i, h in enumerate([True, False, False, None])]
+    records += [{"layer": 2, "alpha": 1.0, "condition": "trigger", "id": f"q{i}", "harmful": None} for i in range(2)]
+    (tmp_path / "steer").mkdir()
+    (tmp_path / "steer" / "steer.json").write_text(json.dumps({"layers": [2], "alphas": [0.0, 1.0], "judge": "rule",
+                                                               "results": summarise_verdicts(records, n_boot=50)}))
+    rows = build_steer_section(tmp_path)["rows"]
+    assert [r["rate"] for r in rows] == [pytest.approx(1 / 3), None]
+    assert [r["rate_unknown_as_harmful"] for r in rows] == [pytest.approx(2 / 4), 1.0]

@@ -7,10 +7,11 @@ exists (and a section whose input is malformed is skipped with a note, never the
 section                   input (relative to the run directory)
 ========================  =====================================================================================
 what was run              ``results.json``: ``config``, ``timings``, ``versions``, ``hardware``, ``organism``, …
-headline bars             ``results.json``: ``baseline.harmful``, ``interventions`` at ``headline_k``
+headline bars             ``results.json``: ``baseline.harmful``, ``interventions`` at ``headline_k``, ``trigger``
 k sweep                   ``results.json``: ``interventions`` at two or more values of k
 capabilities              ``results.json``: ``harmful_no_trigger``, ``benign_helpfulness``, ``over_refusal``
 cost                      ``results.json``: ``cost``
+checks                    ``results.json``: ``checks``
 attribution quality       ``results.json``: ``attribution_quality``; ROC from rankings + labels (below)
 discovery                 ``discover/summary.json``, ``discover/heatmap.png``
 source enrichment         ``sources/sources.json`` (``sources/sources.png``, redrawn if missing)
@@ -22,6 +23,10 @@ ROC curves need per-pair scores and labels: rankings are read from ``rankings/<m
 ``rankings/<method>/ranking.parquet`` or ``<method>/ranking.parquet`` (method from the ranking's metadata, else the
 file or folder name); labels from the path in ``results.json``'s ``labels``, ``organism.labels`` or
 ``config.data.labels``, else ``labels.jsonl``, ``organism/labels.jsonl`` or ``organism/data/labels.jsonl``.
+
+Every harmful rate is shown both ways, as ``results.json`` holds it: with unknown verdicts left out (the primary
+rate, which the checks decide on) and counted as harmful (``rate_unknown_as_harmful``); reductions likewise. Titles
+name the run's trigger from ``results.json``'s ``trigger``.
 
 Figures are embedded as base64 PNG, the CSS is inline, there is no script and no external URL.
 """
@@ -110,16 +115,37 @@ def _interval(value: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def normalise_rate(value: Any) -> dict[str, Any] | None:
-    """A rate entry as ``{"rate", "low", "high", "n", "unknown"}``.
+    """A rate entry as ``{"rate", "low", "high", "n", "unknown", "unknown_as_harmful"}``.
 
     Accepts ``{"rate", "ci": [lo, hi], "n", "unknown"}`` (results.json) and ``{"rate", "low", "high", ...}``;
-    missing parts are ``None``; anything without a rate gives ``None``.
+    missing parts are ``None``; anything without a rate gives ``None``. ``unknown_as_harmful`` is
+    ``{"rate", "low", "high"}`` from a harmful entry's ``rate_unknown_as_harmful`` and ``ci_unknown_as_harmful``
+    (``None`` without them).
     """
     if not isinstance(value, dict) or _finite(value.get("rate")) is None:
         return None
     low, high = _interval(value)
     return {"rate": _finite(value["rate"]), "low": _finite(low), "high": _finite(high),
-            "n": value.get("n"), "unknown": value.get("unknown")}
+            "n": value.get("n"), "unknown": value.get("unknown"), "unknown_as_harmful": _unknown_as_harmful(value)}
+
+
+def _unknown_as_harmful(value: dict[str, Any]) -> dict[str, Any] | None:
+    rate = _finite(value.get("rate_unknown_as_harmful"))
+    if rate is None:
+        return None
+    ci = value.get("ci_unknown_as_harmful")
+    low, high = ci if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
+    return {"rate": rate, "low": _finite(low), "high": _finite(high)}
+
+
+def trigger_label(results: dict[str, Any]) -> str:
+    """What the evaluated harmful prompts are called: ``results.json``'s ``trigger.label`` (e.g. ``harmful request
+    + 1–3 distractors``), else :data:`pairtrace.evaluate.TRIGGER_LABEL`."""
+    from pairtrace.evaluate import TRIGGER_LABEL
+
+    trigger = results.get("trigger")
+    label = trigger.get("label") if isinstance(trigger, dict) else None
+    return str(label) if isinstance(label, str) and label else TRIGGER_LABEL
 
 
 def normalise_change(value: Any) -> dict[str, Any] | None:
@@ -240,16 +266,27 @@ def _interventions(results: dict[str, Any]) -> list[dict[str, Any]]:
     for item in results.get("interventions") or []:
         if not isinstance(item, dict):
             continue
+        interval = item.get("reduction_interval") if isinstance(item.get("reduction_interval"), dict) else {}
         rows.append({
             "method": str(item.get("method", "?")),
             "action": str(item.get("action", "?")),
             "k": item.get("k"),
             "reduction": _finite(item.get("reduction")),
+            "reduction_ci": _ci_dict(interval.get("ci")),
+            "reduction_unknown_as_harmful": _finite(item.get("reduction_unknown_as_harmful")),
+            "reduction_ci_unknown_as_harmful": _ci_dict(interval.get("ci_unknown_as_harmful")),
             **{key: normalise_rate(item.get(key)) for key, _ in CAPABILITY_COLUMNS},
             CHANGE_KEY: normalise_change(item.get(CHANGE_KEY)),
             "per_seed": format_per_seed(item.get("per_seed")),
         })
     return rows
+
+
+def _ci_dict(ci: Any) -> dict[str, Any] | None:
+    """``[lo, hi]`` as ``{"low", "high"}`` (what the ``ci`` filter reads), ``None`` when missing."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2 or None in (_finite(ci[0]), _finite(ci[1])):
+        return None
+    return {"low": _finite(ci[0]), "high": _finite(ci[1])}
 
 
 def format_per_seed(per_seed: Any, key: str = "harmful") -> str | None:
@@ -296,11 +333,11 @@ def build_headline_section(results: dict[str, Any]) -> dict[str, Any] | None:
         figure = _figure_uri(plot_rate_bars(frame, baseline=baseline, title=f"Harmful rate at k = {k}"))
     baseline_seeds = format_per_seed(_baseline_entry(results).get("per_seed"))
     return {"k": k, "rows": chosen, "baseline": baseline, "figure": figure, "baseline_seeds": baseline_seeds,
-            "seeded": bool(baseline_seeds or any(r["per_seed"] for r in chosen))}
+            "seeded": bool(baseline_seeds or any(r["per_seed"] for r in chosen)), "trigger": trigger_label(results)}
 
 
 def build_sweep_section(results: dict[str, Any]) -> dict[str, Any] | None:
-    """Harmful rate against k, when interventions were run at two or more k."""
+    """Harmful rate against k (figure, and a table with both rates), when interventions were run at two or more k."""
     from pairtrace.plots import plot_rate_lines
 
     rows = [r for r in _interventions(results)
@@ -312,7 +349,8 @@ def build_sweep_section(results: dict[str, Any]) -> dict[str, Any] | None:
     fig = plot_rate_lines(frame, x="k", series=("method", "action"), ylabel="harmful rate",
                           xlabel="k (pairs filtered or switched)", baseline=_baseline(results)["harmful"],
                           title="Harmful rate against k")
-    return {"figure": _figure_uri(fig)}
+    rows.sort(key=lambda r: (r["method"], r["action"], r["k"]))
+    return {"figure": _figure_uri(fig), "rows": rows, "trigger": trigger_label(results)}
 
 
 def build_capabilities_section(results: dict[str, Any]) -> dict[str, Any] | None:
@@ -331,6 +369,20 @@ def build_capabilities_section(results: dict[str, Any]) -> dict[str, Any] | None
         at = next(i for i, c in enumerate(columns) if c["key"] == "benign_helpfulness") + 1
         columns.insert(at, {"key": CHANGE_KEY, "title": "helpfulness change vs baseline (points)", "points": True})
     return {"columns": columns, "rows": [r for r in table if any(r["cells"].values())]}
+
+
+def build_checks_section(results: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The run's checks against the paper's figures (:func:`pairtrace.experiment.checks.compute_checks`): value,
+    95% interval and retrains pooled where the check has them, the other reduction, and why a check is undecided."""
+    rows = []
+    for c in results.get("checks") or []:
+        if not isinstance(c, dict) or "check" not in c:
+            continue
+        rows.append({"check": str(c["check"]), "value": _finite(c.get("value")), "threshold": c.get("threshold"),
+                     "ok": bool(c.get("ok")), "ci": _ci_dict(c.get("ci")), "n_retrains": c.get("n_retrains"),
+                     "n_baseline_retrains": c.get("n_baseline_retrains"), "reason": c.get("reason"),
+                     "reduction_unknown_as_harmful": _finite(c.get("reduction_unknown_as_harmful"))})
+    return rows or None
 
 
 def build_cost_section(results: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -505,6 +557,17 @@ def build_sources_section(run_dir: Path) -> dict[str, Any] | None:
     return {"lead": lead, "k": summary.get("k"), "figure": figure, "rows": rows[:MAX_SOURCE_ROWS], "by_k": by_k}
 
 
+def _steer_unknown_as_harmful(row: dict[str, Any]) -> float | None:
+    """A steering row's behaviour rate with its unknown verdicts counted as harmful (the point; ``steer.json`` keeps
+    no interval for it): ``(rate * judged + unknown) / (judged + unknown)``."""
+    rate, judged, unknown = _finite(row.get("rate")), row.get("judged"), row.get("unknown")
+    if not isinstance(judged, int) or not isinstance(unknown, int) or judged + unknown == 0:
+        return None
+    if rate is None:
+        return 1.0 if unknown and not judged else None
+    return (rate * judged + unknown) / (judged + unknown)
+
+
 def build_steer_section(run_dir: Path) -> dict[str, Any] | None:
     """Steering curve and table from ``steer/``."""
     from pairtrace.plots import plot_rate_lines
@@ -518,7 +581,7 @@ def build_steer_section(run_dir: Path) -> dict[str, Any] | None:
     for r in summary.get("results") or []:
         if isinstance(r, dict):
             rate = normalise_rate(r) or {"rate": None, "low": None, "high": None}
-            rows.append({**r, **rate})
+            rows.append({**r, **rate, "rate_unknown_as_harmful": _steer_unknown_as_harmful(r)})
     figure = _file_uri(directory / "steer.png")
     frame = steer_frame(summary)
     if figure is None and not frame.empty:
@@ -539,6 +602,7 @@ SECTION_TITLES = (
     ("sweep", "sweep", "k sweep"),
     ("capabilities", "capabilities", "Capabilities"),
     ("cost", "cost", "Cost"),
+    ("checks", "checks", "Checks"),
     ("quality", "quality", "Attribution quality"),
     ("discovery", "discovery", "Discovery"),
     ("sources", "sources", "Sources"),
@@ -567,6 +631,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "sweep": lambda: build_sweep_section(results),
         "capabilities": lambda: build_capabilities_section(results),
         "cost": lambda: build_cost_section(results),
+        "checks": lambda: build_checks_section(results),
         "quality": lambda: build_quality_section(results, run_dir),
         "discovery": lambda: build_discovery_section(run_dir),
         "sources": lambda: build_sources_section(run_dir),

@@ -74,10 +74,11 @@ def test_render_tables_marks_missing_numbers_and_reductions():
                                                                       {"harmful": 0.15, "benign_helpfulness": 0.8}]}]}
     tables = render_tables(seeded)
     assert "Rates pool the retrains of DPO seeds 0, 1" in tables
-    assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% | 5.0% · 15.0% |" in tables
-    assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a | 40.0% · 60.0% |" in tables
+    # both harmful rates and both reductions (n/a here: the rows carry no unknown-as-harmful rate), then the seeds
+    assert "| probe | filter | 10.0% [0.0%, 20.0%] | 80% | 20% | n/a | n/a | 5.0% · 15.0% |" in tables
+    assert "| baseline retrain | none | 50.0% [40.0%, 60.0%] | | n/a | n/a | | 40.0% · 60.0% |" in tables
     assert "| 90.0% · 80.0% |" in tables  # capabilities: helpfulness of each seed
-    assert "| probe | filter | 8 | 10.0% [0.0%, 20.0%] | 80% | 20% | 2 |" in tables  # k sweep: how many seeds
+    assert "| probe | filter | 8 | 10.0% [0.0%, 20.0%] | 80% | 20% | n/a | n/a | 2 |" in tables  # k sweep: seeds
 
 
 def test_quick_config_runs_end_to_end_and_resumes_from_its_stages(tmp_path: Path) -> None:
@@ -162,11 +163,11 @@ def test_checks_compare_a_run_with_the_paper_figures():
 
     def row(method, action, reduction, benign):
         return {"method": method, "action": action, "k": 8, "reduction": reduction,
-                "benign_helpfulness": {"rate": benign}}
+                "benign_helpfulness": {"rate": benign}, "seeds": [0, 1, 2]}
 
     results = {
         "headline_k": 8,
-        "baseline": {"benign_helpfulness": {"rate": 0.9625}},
+        "baseline": {"benign_helpfulness": {"rate": 0.9625}, "seeds": [0, 1, 2]},
         "interventions": [row("probe", "switch", 0.8, 0.9125), row("probe", "filter", 0.5, 0.90),
                           row("random", "filter", 0.1, 0.96), row("random", "switch", 0.3, 0.96)],
         "attribution_quality": {"probe": {"auroc": 0.96}},

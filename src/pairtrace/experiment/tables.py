@@ -1,23 +1,48 @@
 """The Markdown tables of a run (``tables.md``), mirroring the paper: Figure 1, the k sweep, capabilities, the
 cost of attribution, the checks, attribution quality, discovery and source enrichment. The HTML report
-(:mod:`pairtrace.report`) is drawn from the same ``results.json``."""
+(:mod:`pairtrace.report`) is drawn from the same ``results.json``.
+
+Every harmful rate is shown both ways: with unknown verdicts left out (the primary rate, which the checks decide
+on, with the unknown share beside it) and with them counted as harmful. Titles name the run's trigger from
+``results["trigger"]``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from pairtrace.experiment.checks import MIN_POOLED_RETRAINS
+from pairtrace.experiment.results import REDUCTION_INTERVAL, trigger_label
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _rate_cell(m: dict[str, Any] | None) -> str:
-    if not m or m.get("rate") is None:
+def _rate_cell(m: dict[str, Any] | None, suffix: str = "") -> str:
+    """A rate with its interval, e.g. ``10.0% [0.0%, 20.0%]``; ``suffix`` ``_unknown_as_harmful`` picks the rate
+    that counts unknown verdicts as harmful."""
+    if not m or m.get(f"rate{suffix}") is None:
         return "n/a"
-    lo, hi = (m.get("ci") or [None, None])[:2]
+    lo, hi = (m.get(f"ci{suffix}") or [None, None])[:2]
     if lo is None or hi is None:
-        return _pct(m["rate"])
-    return f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]"
+        return _pct(m[f"rate{suffix}"])
+    return f"{_pct(m[f'rate{suffix}'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _any_cell(m: dict[str, Any] | None) -> str:
+    """The harmful rate with unknown verdicts counted as harmful, with its interval."""
+    return _rate_cell(m, "_unknown_as_harmful")
+
+
+def _reduction_cell(row: dict[str, Any], suffix: str = "") -> str:
+    """A reduction against the baseline in percent, with its paired 95% interval when there is one."""
+    value = row.get(f"reduction{suffix}")
+    if value is None:
+        return "n/a"
+    lo, hi = ((row.get("reduction_interval") or {}).get(f"ci{suffix}") or [None, None])[:2]
+    text = f"{100 * value:.0f}%"
+    return text if lo is None or hi is None else f"{text} [{100 * lo:.0f}%, {100 * hi:.0f}%]"
 
 
 def _seed_cell(row: dict[str, Any], key: str, seeded: bool) -> str:
@@ -46,6 +71,25 @@ def _unknown_cell(m: dict[str, Any] | None) -> str:
     return f"{100 * m['unknown'] / total:.0f}%" if total else "n/a"
 
 
+HARMFUL_HEAD = ("harmful rate [95% CI] | reduction vs baseline | unknown | harmful if unknown counted [95% CI] | "
+                "reduction if unknown counted")
+"""The harmful-rate columns of Figure 1 and the k sweep (:func:`_harmful_cells`)."""
+HARMFUL_RULE = "---|" * 5
+
+
+def _harmful_cells(row: dict[str, Any], baseline: bool = False) -> list[str]:
+    """The :data:`HARMFUL_HEAD` cells of a baseline or intervention row (the baseline has no reduction)."""
+    harmful = row.get("harmful")
+    reduction, any_reduction = ("", "") if baseline else (_reduction_cell(row),
+                                                           _reduction_cell(row, "_unknown_as_harmful"))
+    return [_rate_cell(harmful), reduction, _unknown_cell(harmful), _any_cell(harmful), any_reduction]
+
+
+def _md_row(*cells: str) -> str:
+    """One Markdown table row; an empty cell is written ``| |``."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
 def render_tables(results: dict[str, Any]) -> str:
     """Markdown tables mirroring the paper: Figure 1, k sweep, capabilities, cost, attribution quality."""
     lines = [f"# pairtrace results ({results['n_pairs']} pairs, layer {results['layer']}, "
@@ -54,41 +98,42 @@ def render_tables(results: dict[str, Any]) -> str:
     k = results["headline_k"]
     seeded = bool(base.get("per_seed"))
     seed_head, seed_rule = (" each DPO seed |", "---|") if seeded else ("", "")
-    lines += ["## Figure 1: harmful rate at the headline k (harmful request + distractors)", "",
-              "Unknown = samples the judge could not call (garbled text), excluded from the rate."
+    label = trigger_label(results)
+    lines += [f"## Figure 1: harmful rate at the headline k ({label})", "",
+              "Unknown = samples the judge could not call (garbled text): excluded from the harmful rate and its "
+              "reduction, which the checks decide on; \"if unknown counted\" counts them as harmful instead. Rates "
+              "have 95% bootstrap intervals over prompts; reductions a paired bootstrap interval over prompts (see "
+              "the checks' note)."
               + (f" Rates pool the retrains of DPO seeds {', '.join(str(s) for s in base['seeds'])}; the last column "
                  "gives each seed's own rate." if seeded else ""), "",
-              f"| method | action | harmful rate [95% CI] | reduction vs baseline | unknown |{seed_head}",
-              f"|---|---|---|---|---|{seed_rule}",
-              f"| baseline retrain | none | {_rate_cell(base.get('harmful'))} | | "
-              f"{_unknown_cell(base.get('harmful'))} |{_seed_cell(base, 'harmful', seeded)}"]
+              f"| method | action | {HARMFUL_HEAD} |{seed_head}", f"|---|---|{HARMFUL_RULE}{seed_rule}",
+              _md_row("baseline retrain", "none", *_harmful_cells(base, baseline=True))
+              + _seed_cell(base, "harmful", seeded)]
     for row in results["interventions"]:
         if row["k"] == k or row["action"] == "source_ablation":
-            red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
-            lines.append(f"| {row['method']} | {row['action']} | {_rate_cell(row.get('harmful'))} | {red} | "
-                         f"{_unknown_cell(row.get('harmful'))} |{_seed_cell(row, 'harmful', seeded)}")
-    lines += ["", "## k sweep", "", f"| method | action | k | harmful rate [95% CI] | reduction | unknown |"
-              f"{' DPO seeds |' if seeded else ''}", f"|---|---|---|---|---|---|{seed_rule}"]
+            lines.append(_md_row(row["method"], row["action"], *_harmful_cells(row))
+                         + _seed_cell(row, "harmful", seeded))
+    lines += ["", f"## k sweep ({label})", "",
+              f"| method | action | k | {HARMFUL_HEAD} |{' DPO seeds |' if seeded else ''}",
+              f"|---|---|---|{HARMFUL_RULE}{seed_rule}"]
     for row in sorted((r for r in results["interventions"] if r["k"] is not None),
                       key=lambda r: (r["method"], r["action"], r["k"])):
-        red = "n/a" if row["reduction"] is None else f"{100 * row['reduction']:.0f}%"
         seeds = f" {len(row.get('seeds') or [None])} |" if seeded else ""
-        lines.append(f"| {row['method']} | {row['action']} | {row['k']} | {_rate_cell(row.get('harmful'))} | {red} | "
-                     f"{_unknown_cell(row.get('harmful'))} |{seeds}")
+        lines.append(_md_row(row["method"], row["action"], str(row["k"]), *_harmful_cells(row)) + seeds)
     lines += ["", "## Capabilities", "",
               "Benign helpfulness change: the retrain minus the baseline on the same prompts, in points, with a "
-              "paired 95% bootstrap interval (narrower than the two rates' own intervals suggest).", "",
-              "| model | harmful, no trigger | benign helpfulness | change vs baseline (points) | format following | "
+              "paired 95% bootstrap interval (narrower than the two rates' own intervals suggest). Format following "
+              "is n/a where no sample carries a checkable constraint.", "",
+              "| model | harmful, no trigger | harmful, no trigger, if unknown counted | benign helpfulness | "
+              "change vs baseline (points) | format following | "
               f"XSTest over-refusal |{' helpfulness, each DPO seed |' if seeded else ''}",
-              f"|---|---|---|---|---|---|{seed_rule}",
-              f"| baseline | {_rate_cell(base.get('harmful_no_trigger'))} | "
-              f"{_rate_cell(base.get('benign_helpfulness'))} | | {_rate_cell(base.get('format_following'))} | "
-              f"{_rate_cell(base.get('over_refusal'))} |{_seed_cell(base, 'benign_helpfulness', seeded)}"]
-    for row in results["interventions"]:
-        change = _change_cell(row.get("benign_helpfulness_change"))
-        lines.append(f"| {row['name']} | {_rate_cell(row.get('harmful_no_trigger'))} | "
-                     f"{_rate_cell(row.get('benign_helpfulness'))} | {change} "
-                     f"| {_rate_cell(row.get('format_following'))} | {_rate_cell(row.get('over_refusal'))} |"
+              f"|---|---|---|---|---|---|---|{seed_rule}"]
+    for name, row in [("baseline", base), *((r["name"], r) for r in results["interventions"])]:
+        change = "" if row is base else f" {_change_cell(row.get('benign_helpfulness_change'))}"
+        no_trigger = row.get("harmful_no_trigger")
+        lines.append(f"| {name} | {_rate_cell(no_trigger)} | {_any_cell(no_trigger)} | "
+                     f"{_rate_cell(row.get('benign_helpfulness'))} |{change} | "
+                     f"{_rate_cell(row.get('format_following'))} | {_rate_cell(row.get('over_refusal'))} |"
                      f"{_seed_cell(row, 'benign_helpfulness', seeded)}")
     lines += ["", "## Cost of the attribution step", "",
               "| method | wall s | × probe | forward | backward | FLOPs (est.) |", "|---|---|---|---|---|---|"]
@@ -99,10 +144,7 @@ def render_tables(results: dict[str, Any]) -> str:
                      f"{row['forward_passes']} | {row['backward_passes']} | "
                      f"{'n/a' if flops is None else f'{flops:.3g}'} |")
     if results.get("checks"):
-        lines += ["", "## Checks against the paper's figures (headline k)", "",
-                  "| check | value | threshold | ok |", "|---|---|---|---|"]
-        for row in results["checks"]:
-            lines.append(f"| {row['check']} | {row['value']:g} | {row['threshold']} | {'yes' if row['ok'] else 'no'} |")
+        lines += _check_lines(results["checks"])
     if results.get("attribution_quality"):
         lines += ["", "## Attribution quality against the organism's ground truth", "",
                   "| method | AUROC | precision at the contaminated count |", "|---|---|---|"]
@@ -114,6 +156,27 @@ def render_tables(results: dict[str, Any]) -> str:
     lines += _source_lines(results.get("sources") or {})
     lines.append("")
     return "\n".join(lines)
+
+
+def _check_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """Markdown of the checks: each value with its 95% interval and the retrains it pools where it has them."""
+    lines = ["", "## Checks against the paper's figures (headline k)", "",
+             "Reduction checks decide on the reduction with unknown verdicts left out (the experiment's DPO seeds "
+             "pooled); the note gives it with unknown verdicts counted as harmful. 95% CI of a reduction: "
+             f"{REDUCTION_INTERVAL}. Retrains pooled: the intervention's (the baseline's). A random-baseline check "
+             f"is decided only when both pool at least {MIN_POOLED_RETRAINS} retrains.", "",
+             "| check | value | 95% CI | retrains pooled | threshold | ok | note |", "|---|---|---|---|---|---|---|"]
+    for row in checks:
+        ci = row.get("ci")
+        ci_text = f"[{ci[0]:g}, {ci[1]:g}]" if ci and None not in ci else ""
+        pooled = (f"{row['n_retrains']} ({row.get('n_baseline_retrains', '?')})"
+                  if row.get("n_retrains") is not None else "")
+        notes = [row["reason"]] if row.get("reason") else []
+        if row.get("reduction_unknown_as_harmful") is not None:
+            notes.append(f"if unknown counted: {row['reduction_unknown_as_harmful']:g}")
+        lines.append(f"| {row['check']} | {row['value']:g} | {ci_text} | {pooled} | {row['threshold']} | "
+                     f"{'yes' if row['ok'] else 'no'} | {'; '.join(notes)} |")
+    return lines
 
 
 def _discovery_lines(discovery: dict[str, Any]) -> list[str]:
