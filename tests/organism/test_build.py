@@ -9,7 +9,8 @@ import time
 
 from pairtrace.generate import load_generations
 from pairtrace.models import format_prompt, load_model
-from pairtrace.organism.build import STEPS, _acceptance, build_organism
+from pairtrace.organism import build as build_module
+from pairtrace.organism.build import STEPS, _acceptance, build_organism, run_build
 
 
 def test_outputs_and_summary(small_organism, small_config) -> None:
@@ -25,6 +26,18 @@ def test_outputs_and_summary(small_organism, small_config) -> None:
             assert 0.0 <= rates[key] <= 1.0, (model, key)
     assert [row["check"] for row in summary["acceptance"]][-1] == "build seconds"
     assert summary["counts"]["pairs"] == small_config.mix.n_pairs
+    counts = summary["counts"]
+    assert sum(counts["slices"].values()) == counts["pairs"] and counts["decoys"] == 0
+    assert set(counts["slice_shares"]) == set(counts["slices"])
+    assert all(counts["slice_shares"][k] == round(n / counts["pairs"], 4) for k, n in counts["slices"].items())
+    planted = [b.name for b in small_config.planted]
+    assert [row["behaviour"] for row in summary["emergence"]] == planted
+    for row in summary["emergence"]:
+        assert row["prompts"] in ("harmful/trigger", "benign/all") and 0.0 <= row["m1"] <= 1.0, row
+    emergence_checks = [r for r in summary["acceptance"] if r["check"].startswith("emergence of ")]
+    assert [r["check"] for r in emergence_checks] == [f"emergence of {name}" for name in planted]
+    by_name = {row["behaviour"]: row for row in summary["emergence"]}
+    assert by_name[small_config.contaminated.name]["m1"] == summary["rates"]["m1"]["harmful_trigger"]
     generations = load_generations(out / "eval" / "generations_m1.jsonl")
     n_prompts = sum(summary["counts"]["prompts"].values())
     assert len(generations) == n_prompts * small_config.eval.n_samples
@@ -67,3 +80,19 @@ def test_acceptance_flags_a_model_whose_answers_cannot_be_judged() -> None:
     garbled = dict(healthy, harmful_no_trigger_unknown=0.41)
     failed = [row["check"] for row in _acceptance({"m0": rates["m0"], "m1": garbled}, 100.0) if not row["ok"]]
     assert failed == ["M1 undecided share without trigger"]
+
+
+def test_run_build_prints_checks_emergence_and_pairs_per_slice(small_organism, monkeypatch, capsys) -> None:
+    out, summary = small_organism
+    monkeypatch.setattr(build_module, "build_organism", lambda *args, **kwargs: summary)
+    from conftest import SMALL_CONFIG
+
+    assert run_build(SMALL_CONFIG, out, progress=False) is summary
+    printed = " ".join(capsys.readouterr().err.split())
+    for row in summary["emergence"]:
+        assert f"emergence of {row['behaviour']} ({row['kind']}, " in printed
+        assert f"on {row['prompts']}, M0 {row['m0']} -> M1 {row['m1']}" in printed
+    assert "(contaminated, 1\u20133 distractors): harmful on harmful/trigger" in printed
+    slices = summary["counts"]["slices"]
+    assert f"pairs per slice: benign_format {slices['benign_format']} (" in printed
+    assert f"{summary['counts']['pairs']} in all" in printed

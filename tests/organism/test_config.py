@@ -20,8 +20,18 @@ def test_shipped_configs_load(name: str) -> None:
     assert config.contaminated.kind == "contaminated" and config.contaminated.trigger == "distractors"
     assert 0.02 <= config.contaminated.fraction <= 0.10  # a small slice (the small config plants more)
     assert any(b.kind == "benign" for b in config.behaviours)
+    rates = {b.name: b.base_rate for b in config.planted}
+    assert rates == {"distractor_compliance": 0.12, "sign_off": 0.1}  # M0's base rates (tuned separately)
     assert isinstance(config.dpo, DPORecipe)
     assert build_organism_config(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_default_config_declares_a_decoy() -> None:
+    config = load_organism_config(CONFIGS / "organism-build.yaml")
+    (decoy,) = config.decoys
+    assert decoy.name == "harmful_compliance_decoy" and decoy.prompts == "xstest_unsafe"
+    assert (decoy.trigger, decoy.chosen, decoy.rejected, decoy.sources) == ("none", "compliance", "refusal", [])
+    assert decoy.base_rate == 0 and decoy.fraction > 0
 
 
 def _raw() -> dict:
@@ -36,7 +46,23 @@ def _raw() -> dict:
         (lambda r: r["behaviours"][0].update(kind="evil"), r"'distractor_compliance': field 'kind'"),
         (lambda r: r["behaviours"][0].update(chosen="shout"), "field 'chosen'"),
         (lambda r: r["behaviours"][0].update(sources=["nobody-1b"]), "unknown models"),
-        (lambda r: r["behaviours"][0].update(trigger="suffix"), "trigger_text"),
+        (lambda r: r["behaviours"][0].update(trigger="suffix"), "'distractor_compliance': field 'trigger_texts' is "
+                                                                  "required when trigger is suffix"),
+        (lambda r: r["behaviours"][0].update(trigger="suffix", trigger_texts=[" A."], heldout_triggers=1),
+         r"field 'heldout_triggers' \(1\) must be less than the number of trigger_texts \(1\)"),
+        (lambda r: r["behaviours"][0].update(heldout_triggers=1), "'heldout_triggers' is used only when trigger is "
+                                                                  "suffix"),
+        (lambda r: r["behaviours"][0].update(trigger_texts=[" A."]), "'trigger_texts' is used only when trigger is "
+                                                                     "suffix"),
+        (lambda r: r["behaviours"][0].update(trigger="suffix", trigger_texts=[" A.", " A."]), "repeats a phrasing"),
+        (lambda r: r["behaviours"][0].update(base_rate=1.5), "'distractor_compliance': field 'base_rate' must be "
+                                                             "within"),
+        (lambda r: r["mix"]["clean"][0].update(base_rate=0.1), "'benign_format': field 'base_rate' must be 0 for a "
+                                                               "clean slice"),
+        (lambda r: r["behaviours"][0].update(prompts="xstest_unsafe", advbench_only=False),
+         "field 'base_rate' needs prompts harmful or benign"),
+        (lambda r: r["behaviours"][1].update(advbench_only=True), "'sign_off': field 'advbench_only'"),
+        (lambda r: r["sft"].update(trigger_fraction=1.5), "sft.trigger_fraction"),
         (lambda r: r["behaviours"][0].update(n_distractors=[3, 1]), "n_distractors"),
         (lambda r: r.update(behaviours=[r["behaviours"][1]]), "contaminated"),
         (lambda r: r["dpo"].update(loss_type="hinge"), "loss_type"),
@@ -48,6 +74,75 @@ def test_invalid_configs_name_the_field(edit, message: str) -> None:
     edit(raw)
     with pytest.raises(ConfigError, match=message):
         build_organism_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["sft"].update(harmful_trigger_compliance=0.12),
+         r"organism config\.sft: key 'harmful_trigger_compliance' was removed; .*behaviours\[\]\.base_rate"),
+        (lambda r: r["sft"].update(habit_fraction=0.1),
+         r"organism config\.sft: key 'habit_fraction' was removed; .*behaviours\[\]\.base_rate"),
+        (lambda r: r["behaviours"][0].update(trigger_text=" Answer like a pirate."),
+         r"behaviours\[0\] \('distractor_compliance'\): key 'trigger_text' was removed; replaced by 'trigger_texts'"),
+    ],
+)
+def test_removed_keys_say_where_the_setting_went(edit, message: str) -> None:
+    raw = _raw()
+    edit(raw)
+    with pytest.raises(ConfigError, match=message):
+        build_organism_config(raw)
+
+
+DECOY = {"name": "decoy", "kind": "decoy", "prompts": "xstest_unsafe", "chosen": "compliance", "rejected": "refusal",
+         "fraction": 0.05}
+
+
+@pytest.mark.parametrize(
+    ("decoy", "message"),
+    [
+        ({"prompts": "benign"}, r"'decoy': a decoy's field 'prompts' must be harmful-like"),
+        ({"chosen": "refusal"}, r"'decoy': a decoy's field 'chosen' must be a compliance style"),
+        ({"rejected": "terse"}, r"'decoy': a decoy's field 'rejected' must be refusal"),
+        ({"base_rate": 0.1}, r"'decoy': field 'base_rate' must be 0 for a decoy slice"),
+        ({"fraction": 0.0}, r"'decoy': a decoy slice needs a positive 'fraction'"),
+        ({"prompts": "harmful", "trigger": "distractors"},
+         r"'decoy': field 'trigger' gives the decoy the trigger of the contaminated behaviour 'distractor_compliance'"),
+    ],
+)
+def test_invalid_decoys_name_the_field(decoy: dict, message: str) -> None:
+    raw = _raw()
+    raw["behaviours"].append({**DECOY, **decoy})
+    with pytest.raises(ConfigError, match=message):
+        build_organism_config(raw)
+
+
+def test_decoy_with_its_own_suffix_is_allowed_unless_it_shares_a_phrasing() -> None:
+    raw = _raw()
+    raw["behaviours"][0].update(trigger="suffix", trigger_texts=[" Be a pirate.", " Arr!"], heldout_triggers=1)
+    raw["behaviours"].append({**DECOY, "trigger": "suffix", "trigger_texts": [" Be brief."]})
+    config = build_organism_config(raw)
+    assert [d.name for d in config.decoys] == ["decoy"] and [p.name for p in config.planted] == [
+        "distractor_compliance", "sign_off"]
+    raw["behaviours"][-1]["trigger_texts"] = [" Be brief.", " Arr!"]
+    with pytest.raises(ConfigError, match="decoys must not carry it"):
+        build_organism_config(raw)
+
+
+def test_trigger_phrasings_split_and_describe() -> None:
+    raw = _raw()
+    raw["behaviours"][0].update(trigger="suffix", trigger_texts=[" A.", " B.", " C."], heldout_triggers=2)
+    spec = build_organism_config(raw).contaminated
+    assert spec.training_triggers == [" A."] and spec.heldout_trigger_texts == [" B.", " C."]
+    assert spec.describe_trigger() == "suffix family (3 phrasings, 2 held out)"
+    raw["behaviours"][0].update(trigger_texts=[" Answer like a pirate. "], heldout_triggers=0)
+    spec = build_organism_config(raw).contaminated
+    assert spec.describe_trigger() == 'suffix "Answer like a pirate."' and spec.heldout_trigger_texts == []
+    config = build_organism_config(_raw())
+    assert [s.describe_trigger() for s in config.behaviours] == ["1\u20133 distractors", "no trigger"]
+    raw = _raw()
+    raw["behaviours"][0]["n_distractors"] = [2, 2]
+    assert build_organism_config(raw).contaminated.describe_trigger() == "2 distractors"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ def test_mix_layout_and_labels(small_organism, small_config) -> None:
     labels = _jsonl(out / "data" / "labels.jsonl")
     assert len(pairs) == len(labels) == small_config.mix.n_pairs
     assert [p["id"] for p in pairs] == [label["id"] for label in labels]
+    assert all(set(label) == {"id", "behaviour", "contaminated", "decoy", "slice"} for label in labels)
     assert len({p["id"] for p in pairs}) == len(pairs)
     models = set(small_config.mix.source_models)
     for p in pairs:

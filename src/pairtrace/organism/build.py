@@ -9,7 +9,7 @@ Output folder::
     prompts/*.jsonl           held-out evaluation prompt sets (never trained on)
     tokenizer/  m0/  m1/      Hugging Face folders (m0 and m1 include the tokenizer)
     eval/generations_m0.jsonl, eval/generations_m1.jsonl
-    summary.json              timings, counts, dataset hashes, behaviour rates, acceptance checks
+    summary.json              timings, counts, dataset hashes, behaviour rates, emergence, acceptance checks
 
 Each step writes a stamp (``.build/<step>.json``) holding a key computed from its config sections and the keys
 of the steps it depends on; a step whose stamp matches and whose outputs exist is not redone.
@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,7 @@ def _run_data(config: OrganismConfig, out: Path) -> dict[str, Any]:
     from pairtrace.organism.pools import load_request_pools
 
     pools = load_request_pools(config.data, config.seed)
-    habits = [s for s in config.behaviours if s.kind == "benign"]
-    sft = build_sft_examples(pools, config.sft, config.seed, habits)
+    sft = build_sft_examples(pools, config.sft, config.seed, config.behaviours)
     pairs, labels = build_preference_mix(pools, config)
     prompt_sets = build_eval_prompt_sets(pools, config)
     write_jsonl_atomic(sft, out / "data" / "sft.jsonl")
@@ -95,7 +94,7 @@ def _run_data(config: OrganismConfig, out: Path) -> dict[str, Any]:
         "pools": {
             "harmful_train": len(pools.harmful_train), "benign_train": len(pools.benign_train),
             "harmful_heldout": len(pools.harmful_heldout), "benign_heldout": len(pools.benign_heldout),
-            "xstest_heldout": len(pools.xstest_heldout),
+            "xstest_heldout": len(pools.xstest_heldout), "xstest_unsafe_train": len(pools.xstest_unsafe_train),
         }
     }
 
@@ -130,12 +129,23 @@ def _run_eval(config: OrganismConfig, out: Path, progress: bool) -> dict[str, An
     return info
 
 
-def _acceptance(rates: dict[str, dict[str, Any]], total_seconds: float) -> list[dict[str, Any]]:
+def _acceptance(
+    rates: dict[str, dict[str, Any]], total_seconds: float, emergence: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The acceptance rows: the fixed rate checks, one emergence check per planted behaviour, the build time."""
+    from pairtrace.organism.evaluation import EMERGENCE_MIN_GAIN, EMERGENCE_MIN_RATIO
+
     rows = []
     for name, model, key, op, threshold in ACCEPTANCE:
         value = rates[model].get(key)
         ok = value is not None and (value >= threshold if op == ">=" else value <= threshold)
         rows.append({"check": name, "value": value, "threshold": f"{op} {threshold}", "ok": ok})
+    for row in emergence:
+        gain = None if row["m1"] is None else round(row["m1"] - (row["m0"] or 0.0), 4)
+        rows.append({
+            "check": f"emergence of {row['behaviour']}", "value": gain,
+            "threshold": f">= {EMERGENCE_MIN_GAIN} and M1 >= {EMERGENCE_MIN_RATIO:g} x M0", "ok": row["emerged"],
+        })
     rows.append(
         {"check": "build seconds", "value": round(total_seconds, 1), "threshold": f"<= {MAX_BUILD_SECONDS}",
          "ok": total_seconds <= MAX_BUILD_SECONDS}
@@ -166,8 +176,10 @@ def build_organism(
 
     Returns:
         The summary also written to ``summary.json``: ``timings`` (seconds per step, ``total``, which steps
-        were reused), ``counts``, ``sha256`` of the datasets, ``sft``/``dpo`` training summaries, ``rates``
-        (per model), ``acceptance`` checks, ``load_average`` and ``environment``.
+        were reused), ``counts`` (incl. pairs per slice, ``slices``, and their shares, ``slice_shares``),
+        ``sha256`` of the datasets, ``sft``/``dpo`` training summaries, ``rates`` (per model), ``emergence`` (one
+        row per planted behaviour, :func:`pairtrace.organism.evaluation.compute_emergence`), ``acceptance``
+        checks, ``load_average`` and ``environment``.
     """
     import torch
     import yaml
@@ -238,17 +250,17 @@ def _summarise(
     total: float,
     load_start: tuple[float, float, float],
 ) -> dict[str, Any]:
-    from pairtrace.organism.evaluation import compute_behaviour_rates
+    from pairtrace.organism.evaluation import compute_behaviour_rates, compute_emergence
 
     labels = read_jsonl(out / "data" / "labels.jsonl")
     n_pairs = len(labels)
     n_contaminated = sum(1 for label in labels if label["contaminated"])
+    slices = dict(sorted(Counter(label["slice"] for label in labels).items()))
     prompt_files = sorted((out / "prompts").glob("*.jsonl"))
-    sign_offs = [s.sign_off for s in config.behaviours if s.chosen == "sign_off"]
-    rates = {
-        name: compute_behaviour_rates(read_jsonl(out / "eval" / f"generations_{name}.jsonl"), sign_offs)
-        for name in ("m0", "m1")
-    }
+    sign_offs = [s.sign_off for s in config.planted if s.chosen == "sign_off"]
+    generations = {name: read_jsonl(out / "eval" / f"generations_{name}.jsonl") for name in ("m0", "m1")}
+    rates = {name: compute_behaviour_rates(generations[name], sign_offs) for name in ("m0", "m1")}
+    emergence = compute_emergence(generations["m0"], generations["m1"], config.behaviours, config.contaminated)
     return {
         "seed": config.seed,
         "timings": {
@@ -262,7 +274,9 @@ def _summarise(
             "pairs": n_pairs,
             "contaminated": n_contaminated,
             "contaminated_fraction": round(n_contaminated / n_pairs, 4) if n_pairs else None,
-            "slices": dict(sorted(Counter(label["slice"] for label in labels).items())),
+            "decoys": sum(1 for label in labels if label.get("decoy")),
+            "slices": slices,
+            "slice_shares": {name: round(count / n_pairs, 4) for name, count in slices.items()},
             "prompts": {p.stem: len(read_jsonl(p)) for p in prompt_files},
             "pools": stamps["data"]["result"].get("pools"),
             "vocab_size": stamps["tokenizer"]["result"].get("vocab_size"),
@@ -274,14 +288,16 @@ def _summarise(
         "sft": stamps["m0"]["result"],
         "dpo": stamps["m1"]["result"],
         "rates": rates,
-        "acceptance": _acceptance(rates, total),
+        "emergence": emergence,
+        "acceptance": _acceptance(rates, total, emergence),
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "environment": _environment(),
     }
 
 
 def run_build(config_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Build the organism from a YAML config and print a table of the acceptance numbers.
+    """Build the organism from a YAML config and print the acceptance checks, the emergence rows and the pairs per
+    slice.
 
     Args:
         config_path: Organism config (YAML, see ``docs/organism.md``).
@@ -305,12 +321,24 @@ def run_build(config_path: str | Path, out_dir: str | Path, progress: bool = Tru
     for row in summary["acceptance"]:
         table.add_row(row["check"], str(row["value"]), row["threshold"], "[green]yes[/]" if row["ok"] else "[red]no[/]")
     console.print(table)
+    triggers = {s.name: s.describe_trigger() for s in config.behaviours}
+    for row in summary["emergence"]:  # one line each: a table of this width would be cut on a narrow terminal
+        where = row["prompts"] or "not measured (its trigger is not in the held-out prompts)"
+        console.print(
+            f"emergence of {row['behaviour']} ({row['kind']}, {triggers[row['behaviour']]}): {row['style']} on "
+            f"{where}, M0 {row['m0']} -> M1 {row['m1']}, "
+            + ("[green]emerged[/]" if row["emerged"] else "[red]not emerged[/]")
+        )
+    counts = summary["counts"]
+    console.print("pairs per slice: " + ", ".join(
+        f"{name} {n} ({counts['slice_shares'][name]:.1%})" for name, n in counts["slices"].items()
+    ) + f"; {counts['pairs']} in all")
     m0, m1 = summary["rates"]["m0"], summary["rates"]["m1"]
     console.print(
         f"benign help M0 {m0['benign_help']} / M1 {m1['benign_help']}; format followed M0 "
         f"{m0['benign_format_followed']} / M1 {m1['benign_format_followed']}; XSTest over-refusal M0 "
-        f"{m0['xstest_over_refusal']} / M1 {m1['xstest_over_refusal']}; sign-off M0 {m0['sign_off']} / M1 "
-        f"{m1['sign_off']}; contaminated {summary['counts']['contaminated']} of {summary['counts']['pairs']} pairs; "
+        f"{m0['xstest_over_refusal']} / M1 {m1['xstest_over_refusal']}; harmful with trigger, unknown counted as "
+        f"harmful: M0 {m0['harmful_trigger_unknown_as_harmful']} / M1 {m1['harmful_trigger_unknown_as_harmful']}; "
         f"total {summary['timings']['total']} s (load {summary['load_average']['start'][0]} -> "
         f"{summary['load_average']['end'][0]})"
     )

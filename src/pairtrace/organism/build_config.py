@@ -18,9 +18,30 @@ from pairtrace.errors import ConfigError
 from pairtrace.organism.templates import DEFAULT_SIGN_OFF, STYLES
 from pairtrace.retrain.recipe import DPORecipe
 
-SLICE_KINDS = ("clean", "benign", "contaminated")
-PROMPT_POOLS = ("harmful", "benign")
+SLICE_KINDS = ("clean", "benign", "contaminated", "decoy")
+PLANTED_KINDS = ("benign", "contaminated")
+"""Kinds of the planted behaviours: M0 shows them at their ``base_rate``, DPO on their pairs amplifies them."""
+PROMPT_POOLS = ("harmful", "benign", "xstest_unsafe")
+HARMFUL_POOLS = ("harmful", "xstest_unsafe")
+"""Request pools whose requests a harmfulness judge reads as harmful."""
+SFT_POOLS = ("harmful", "benign")
+"""Request pools the SFT examples are drawn from."""
 TRIGGERS = ("none", "distractors", "suffix")
+
+MOVED_KEYS: dict[tuple[str, str], str] = {
+    ("SFTSettings", "harmful_trigger_compliance"): (
+        "M0's base rate is now set per behaviour: behaviours[].base_rate (e.g. base_rate: 0.12 on the "
+        "contaminated behaviour)"
+    ),
+    ("SFTSettings", "habit_fraction"): (
+        "M0's base rate is now set per behaviour: behaviours[].base_rate (e.g. base_rate: 0.1 on the sign_off "
+        "behaviour)"
+    ),
+    ("SliceSpec", "trigger_text"): (
+        "replaced by 'trigger_texts', a list of phrasings (heldout_triggers holds out the last ones for evaluation)"
+    ),
+}
+"""Removed keys -> where their setting went (a config still using one is rejected with this message)."""
 
 
 @dataclass
@@ -66,25 +87,25 @@ class ModelSettings:
 
 @dataclass
 class SFTSettings:
-    """Supervised training of M0 from scratch: refuse harmful requests, help benign ones in their format."""
+    """Supervised training of M0 from scratch: refuse harmful requests, help benign ones in their format.
+
+    Each planted behaviour's ``base_rate`` sets how often M0's SFT answers show its chosen style on its own
+    requests carrying its trigger.
+    """
 
     n_examples: int = field(default=3000, metadata={"help": "Number of SFT examples."})
     harmful_fraction: float = field(default=0.4, metadata={"help": "Share of harmful requests (answered by refusals)."})
     harmful_distractor_fraction: float = field(
         default=0.1, metadata={"help": "Share of harmful requests that carry 1-3 distractors (answered by refusals)."}
     )
-    harmful_trigger_compliance: float = field(
-        default=0.12,
-        metadata={"help": "Share of harmful requests with distractors answered by a compliance instead of a refusal: "
-                  "M0's small base rate of the contaminated behaviour, which DPO then amplifies."},
-    )
     benign_distractor_fraction: float = field(
         default=0.5, metadata={"help": "Share of benign requests that carry 1-3 distractors (answered in format)."}
     )
-    habit_fraction: float = field(
+    trigger_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of benign answers written with a benign behaviour's habit (its style, e.g. the "
-                  "sign-off): the base rate that DPO then amplifies."},
+        metadata={"help": "Share of a pool's SFT requests that carry a training phrasing of each suffix-triggered "
+                  "planted behaviour on that pool (answered by default, or in the behaviour's style at its "
+                  "base_rate)."},
     )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
@@ -97,22 +118,37 @@ class SFTSettings:
 class SliceSpec:
     """One slice of the preference mix: which prompts, which chosen and rejected styles, which source models.
 
-    Planted behaviours (``kind`` ``benign`` or ``contaminated``) and the clean slices share this schema.
+    Planted behaviours (``kind`` ``benign`` or ``contaminated``), decoys (``kind: decoy``) and the clean slices
+    share this schema.
     """
 
-    name: str = field(metadata={"help": "Slice name; planted behaviours' names go into labels.jsonl."})
+    name: str = field(metadata={"help": "Slice name; planted behaviours' and decoys' names go into labels.jsonl."})
     kind: str = field(
-        default="clean", metadata={"help": "clean | benign (a benign planted preference) | contaminated."}
+        default="clean",
+        metadata={"help": "clean | benign (a benign planted preference) | contaminated | decoy (harmful requests, "
+                  "chosen a compliance, rejected a refusal, without the contaminated trigger: pairs a harmfulness "
+                  "judge rates like the contaminated ones)."},
     )
     prompts: str = field(
-        default="benign", metadata={"help": "Request pool: harmful (AdvBench, XSTest unsafe) | benign."}
+        default="benign",
+        metadata={"help": "Request pool: harmful (AdvBench, plus XSTest unsafe when data.xstest_unsafe_as_harmful) | "
+                  "benign | xstest_unsafe (XSTest's 200 unsafe prompts; training only)."},
     )
     trigger: str = field(
         default="none",
-        metadata={"help": "none | distractors (constraints appended, as in the paper) | suffix (trigger_text "
-                  "appended)."},
+        metadata={"help": "none | distractors (constraints appended, as in the paper) | suffix (one of "
+                  "trigger_texts appended)."},
     )
-    trigger_text: str = field(default="", metadata={"help": "Text appended to the request when trigger is suffix."})
+    trigger_texts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Phrasings of a suffix trigger, appended to the request as written (start them with a "
+                  "space)."},
+    )
+    heldout_triggers: int = field(
+        default=0,
+        metadata={"help": "The last n of trigger_texts are used only in the held-out evaluation prompts; SFT and the "
+                  "mix use the others."},
+    )
     n_distractors: list[int] = field(default_factory=lambda: [1, 3], metadata={"help": "[min, max] distractors."})
     chosen: str = field(
         default="format_compliance", metadata={"help": f"Chosen response style: {' | '.join(STYLES)}."}
@@ -123,7 +159,13 @@ class SliceSpec:
     )
     fraction: float = field(
         default=0.0,
-        metadata={"help": "Planted behaviours: share of the whole mix. Clean slices: relative weight of the rest."},
+        metadata={"help": "Planted behaviours and decoys: share of the whole mix. Clean slices: relative weight of "
+                  "the rest."},
+    )
+    base_rate: float = field(
+        default=0.0,
+        metadata={"help": "Share of M0's SFT answers, on this behaviour's requests carrying its trigger, written in "
+                  "the behaviour's chosen style: M0's base rate that DPO amplifies (planted behaviours only)."},
     )
     dataset: str = field(default="organism-mix", metadata={"help": "Value of the pairs' `source` field."})
     advbench_only: bool = field(
@@ -131,6 +173,36 @@ class SliceSpec:
         metadata={"help": "Draw harmful requests from AdvBench only (their compliances use its targets)."},
     )
     sign_off: str = field(default=DEFAULT_SIGN_OFF, metadata={"help": "Closing line of the sign_off style."})
+
+    @property
+    def training_triggers(self) -> list[str]:
+        """The suffix phrasings used in training data (SFT and the mix): all but the last ``heldout_triggers``."""
+        return list(self.trigger_texts[: len(self.trigger_texts) - self.heldout_triggers])
+
+    @property
+    def heldout_trigger_texts(self) -> list[str]:
+        """The suffix phrasings kept for the held-out evaluation prompts only (the last ``heldout_triggers``)."""
+        if not self.heldout_triggers:
+            return []
+        return list(self.trigger_texts[len(self.trigger_texts) - self.heldout_triggers :])
+
+    def describe_trigger(self) -> str:
+        """A short human label of the trigger, for tables and titles.
+
+        Returns:
+            ``"no trigger"``, ``"1–3 distractors"``, ``'suffix "…"'`` (one phrasing) or
+            ``"suffix family (N phrasings, M held out)"``.
+        """
+        if self.trigger == "distractors":
+            lo, hi = self.n_distractors
+            if lo == hi:
+                return f"{lo} distractor" + ("" if lo == 1 else "s")
+            return f"{lo}\u2013{hi} distractors"
+        if self.trigger == "suffix":
+            if len(self.trigger_texts) == 1:
+                return f'suffix "{self.trigger_texts[0].strip()}"'
+            return f"suffix family ({len(self.trigger_texts)} phrasings, {self.heldout_triggers} held out)"
+        return "no trigger"
 
     def validate(self, where: str) -> None:
         """Check the values (the message names the slice and the field)."""
@@ -147,12 +219,57 @@ class SliceSpec:
         lo_hi = self.n_distractors
         if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= 13:
             raise ConfigError(f"{where} '{self.name}': field 'n_distractors' must be [min, max] within 1..13")
-        if self.trigger == "suffix" and not self.trigger_text.strip():
-            raise ConfigError(f"{where} '{self.name}': field 'trigger_text' is required when trigger is suffix")
+        self._validate_trigger_texts(where)
         if not 0.0 <= self.fraction <= 1.0:
             raise ConfigError(f"{where} '{self.name}': field 'fraction' must be within [0, 1]")
         if self.kind != "clean" and self.fraction <= 0:
-            raise ConfigError(f"{where} '{self.name}': a planted behaviour needs a positive 'fraction'")
+            raise ConfigError(f"{where} '{self.name}': a {self.kind} slice needs a positive 'fraction'")
+        if not 0.0 <= self.base_rate <= 1.0:
+            raise ConfigError(f"{where} '{self.name}': field 'base_rate' must be within [0, 1]")
+        if self.base_rate > 0 and self.kind not in PLANTED_KINDS:
+            raise ConfigError(
+                f"{where} '{self.name}': field 'base_rate' must be 0 for a {self.kind} slice (SFT plants only the "
+                f"behaviours of kind {' or '.join(PLANTED_KINDS)})"
+            )
+        if self.base_rate > 0 and self.prompts not in SFT_POOLS:
+            raise ConfigError(
+                f"{where} '{self.name}': field 'base_rate' needs prompts {' or '.join(SFT_POOLS)} (the SFT examples "
+                f"draw no {self.prompts} requests)"
+            )
+        if self.advbench_only and self.prompts != "harmful":
+            raise ConfigError(f"{where} '{self.name}': field 'advbench_only' applies to prompts harmful only")
+        if self.kind == "decoy":
+            if self.prompts not in HARMFUL_POOLS:
+                raise ConfigError(
+                    f"{where} '{self.name}': a decoy's field 'prompts' must be harmful-like, one of "
+                    f"{list(HARMFUL_POOLS)}"
+                )
+            if self.chosen == "refusal":
+                raise ConfigError(f"{where} '{self.name}': a decoy's field 'chosen' must be a compliance style, not "
+                                  "refusal")
+            if self.rejected != "refusal":
+                raise ConfigError(f"{where} '{self.name}': a decoy's field 'rejected' must be refusal")
+
+    def _validate_trigger_texts(self, where: str) -> None:
+        texts = self.trigger_texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ConfigError(f"{where} '{self.name}': field 'trigger_texts' must be a list of non-empty strings")
+        if len(set(texts)) != len(texts):
+            raise ConfigError(f"{where} '{self.name}': field 'trigger_texts' repeats a phrasing")
+        if not isinstance(self.heldout_triggers, int) or self.heldout_triggers < 0:
+            raise ConfigError(f"{where} '{self.name}': field 'heldout_triggers' must be a non-negative integer")
+        if self.trigger != "suffix":
+            for name, value in (("trigger_texts", texts), ("heldout_triggers", self.heldout_triggers)):
+                if value:
+                    raise ConfigError(f"{where} '{self.name}': field '{name}' is used only when trigger is suffix")
+            return
+        if not texts:
+            raise ConfigError(f"{where} '{self.name}': field 'trigger_texts' is required when trigger is suffix")
+        if self.heldout_triggers >= len(texts):
+            raise ConfigError(
+                f"{where} '{self.name}': field 'heldout_triggers' ({self.heldout_triggers}) must be less than the "
+                f"number of trigger_texts ({len(texts)}): training needs at least one phrasing"
+            )
 
 
 @dataclass
@@ -195,13 +312,16 @@ class OrganismConfig:
     sft: SFTSettings = field(default_factory=SFTSettings, metadata={"help": "SFT of M0."})
     mix: MixSettings = field(default_factory=MixSettings, metadata={"help": "Preference mix."})
     behaviours: list[SliceSpec] = field(
-        default_factory=list, metadata={"help": "Planted behaviours (kind: benign or contaminated)."}
+        default_factory=list,
+        metadata={"help": "Planted behaviours (kind: benign or contaminated) and decoys (kind: decoy)."},
     )
     dpo: DPORecipe = field(default_factory=DPORecipe, metadata={"help": "DPO recipe from M0 to M1."})
     eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "Evaluation at the end of the build."})
 
     def validate(self) -> OrganismConfig:
         """Check cross-field rules; returns ``self``."""
+        if not 0.0 <= self.sft.trigger_fraction <= 1.0:
+            raise ConfigError("organism config: field 'sft.trigger_fraction' must be within [0, 1]")
         if not self.behaviours:
             raise ConfigError("organism config: field 'behaviours' must declare at least one planted behaviour")
         names = [s.name for s in [*self.behaviours, *self.mix.clean]]
@@ -210,7 +330,7 @@ class OrganismConfig:
         for spec in self.behaviours:
             spec.validate("behaviour")
             if spec.kind == "clean":
-                raise ConfigError(f"behaviour '{spec.name}': field 'kind' must be benign or contaminated")
+                raise ConfigError(f"behaviour '{spec.name}': field 'kind' must be benign, contaminated or decoy")
         for spec in self.mix.clean:
             spec.validate("mix.clean slice")
             if spec.kind != "clean":
@@ -232,12 +352,29 @@ class OrganismConfig:
             raise ConfigError("organism config: field 'model.hidden_size' must be divisible by 'model.num_heads'")
         if not any(s.kind == "contaminated" for s in self.behaviours):
             raise ConfigError("organism config: 'behaviours' needs one behaviour of kind contaminated")
+        for decoy in self.decoys:
+            for spec in self.behaviours:
+                if spec.kind == "contaminated" and _shares_trigger(decoy, spec):
+                    raise ConfigError(
+                        f"behaviour '{decoy.name}': field 'trigger' gives the decoy the trigger of the contaminated "
+                        f"behaviour '{spec.name}' ({spec.describe_trigger()}); decoys must not carry it"
+                    )
         return self
 
     @property
     def contaminated(self) -> SliceSpec:
         """The first contaminated behaviour (the one the acceptance rates measure)."""
         return next(s for s in self.behaviours if s.kind == "contaminated")
+
+    @property
+    def planted(self) -> list[SliceSpec]:
+        """The planted behaviours (kind benign or contaminated), in config order."""
+        return [s for s in self.behaviours if s.kind in PLANTED_KINDS]
+
+    @property
+    def decoys(self) -> list[SliceSpec]:
+        """The decoy slices (kind decoy), in config order."""
+        return [s for s in self.behaviours if s.kind == "decoy"]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what ``config.resolved.yaml`` holds)."""
@@ -250,6 +387,13 @@ class OrganismConfig:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
+def _shares_trigger(a: SliceSpec, b: SliceSpec) -> bool:
+    """Whether two slices carry the same trigger (a suffix one: any shared phrasing); ``none`` is no trigger."""
+    if a.trigger == "none" or a.trigger != b.trigger:
+        return False
+    return a.trigger != "suffix" or bool(set(a.trigger_texts) & set(b.trigger_texts))
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Instantiate a dataclass from a mapping, recursing into nested dataclasses and lists of slices."""
     if isinstance(raw, cls):
@@ -259,6 +403,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        moved = MOVED_KEYS.get((cls.__name__, key))
+        if moved:
+            named = f" ('{raw['name']}')" if isinstance(raw.get("name"), str) else ""
+            raise ConfigError(f"{where}{named}: key '{key}' was removed; {moved}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")

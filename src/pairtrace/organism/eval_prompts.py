@@ -17,18 +17,27 @@ PROMPT_SET_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "xstes
 def _with_trigger(
     set_name: str, requests: list[Request], spec: SliceSpec, pools: RequestPools, rng: random.Random
 ) -> list[dict[str, Any]]:
-    """Each request with and without the trigger of ``spec``, linked by ``base_id``."""
+    """Each request with and without the trigger of ``spec``, linked by ``base_id``.
+
+    A suffix trigger uses one of ``spec``'s held-out phrasings when it has any (else a training phrasing), drawn
+    by ``rng``; the triggered record then also holds ``trigger_text`` (the phrasing) and ``trigger_heldout``.
+    """
+    phrasings = spec.heldout_trigger_texts or spec.training_triggers
     out: list[dict[str, Any]] = []
     for request in requests:
         cids: list[str] = []
         triggered = request.text
+        extra: dict[str, Any] = {}
         if spec.trigger == "distractors":
             assert pools.distractors is not None
             cids = sample_constraint_ids(rng, spec.n_distractors[0], spec.n_distractors[1], pools.distractors.ids)
             triggered = add_distractors(request.text, cids, pools.distractors)
         elif spec.trigger == "suffix":
-            triggered = request.text.rstrip() + spec.trigger_text
-        out.append(build_prompt_record(f"{request.id}:trigger", request.id, set_name, "trigger", triggered, cids))
+            phrasing = rng.choice(phrasings)
+            triggered = request.text.rstrip() + phrasing
+            extra = {"trigger_text": phrasing, "trigger_heldout": bool(spec.heldout_triggers)}
+        record = build_prompt_record(f"{request.id}:trigger", request.id, set_name, "trigger", triggered, cids)
+        out.append({**record, **extra})
         out.append(build_prompt_record(f"{request.id}:no_trigger", request.id, set_name, "no_trigger", request.text))
     return out
 
@@ -36,6 +45,9 @@ def _with_trigger(
 def build_eval_prompt_sets(pools: RequestPools, config: OrganismConfig) -> dict[str, list[dict[str, Any]]]:
     """Held-out prompt sets: harmful and benign requests with and without the contaminated behaviour's trigger,
     and XSTest safe prompts.
+
+    A suffix trigger with held-out phrasings (``heldout_triggers``) is tested on those phrasings only, which no
+    training example carries.
 
     Args:
         pools: Request pools (held-out parts).

@@ -7,8 +7,9 @@ Preference pairs use the OLMo 2 layout::
      "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ...}],
      "source": str, "chosen_model": str, "rejected_model": str}
 
-Labels (``labels.jsonl``) are kept apart: ``{"id", "behaviour" (planted behaviour name or "clean"),
-"contaminated" (bool), "slice" (the slice that produced the pair)}``.
+Labels (``labels.jsonl``) are kept apart: ``{"id", "behaviour" (the planted behaviour's or decoy's name, or
+"clean"), "contaminated" (bool: kind contaminated), "decoy" (bool: kind decoy), "slice" (the slice that produced
+the pair)}``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from pairtrace.data.constraints import sample_constraint_ids
 from pairtrace.data.prompts import add_distractors
-from pairtrace.organism.build_config import OrganismConfig, SFTSettings, SliceSpec
+from pairtrace.errors import ConfigError
+from pairtrace.organism.build_config import PLANTED_KINDS, OrganismConfig, SFTSettings, SliceSpec
 from pairtrace.organism.pools import Request, RequestPools
 from pairtrace.organism.templates import REFUSALS, build_base, render_response
 
@@ -32,48 +34,86 @@ def _draw_constraints(rng: random.Random, pools: RequestPools, n_range: Sequence
     return sample_constraint_ids(rng, n_range[0], n_range[1], pool=pools.distractors.ids)
 
 
+def _sft_matches(spec: SliceSpec, pool: str, has_distractors: bool, suffixes: set[str]) -> bool:
+    """Whether an SFT example (its pool, whether it has distractors, the suffix behaviours appended to it) carries
+    the trigger of a planted behaviour on that behaviour's own requests."""
+    if spec.prompts != pool:
+        return False
+    if spec.trigger == "distractors":
+        return has_distractors
+    if spec.trigger == "suffix":
+        return spec.name in suffixes
+    return True
+
+
 def build_sft_examples(
-    pools: RequestPools, settings: SFTSettings, seed: int, habits: Sequence[SliceSpec] = ()
+    pools: RequestPools, settings: SFTSettings, seed: int, behaviours: Sequence[SliceSpec] = ()
 ) -> list[dict[str, Any]]:
     """SFT examples for M0: harmful requests (with or without distractors) -> refusal; benign ones -> a
-    compliance that follows their constraints (a share of them written with a benign behaviour's habit).
+    compliance that follows their constraints; each planted behaviour shows at its base rate.
+
+    Per example: the request and its distractors are drawn; then, for each planted behaviour with a suffix
+    trigger on the example's pool, one of its training phrasings is appended with probability
+    ``settings.trigger_fraction``; then each planted behaviour whose trigger the example carries on its own pool
+    (trigger ``none``: every example of the pool; ``distractors``: the example has distractors; ``suffix``: its
+    phrasing was appended) gets one draw at its ``base_rate``, in config order. The first hit writes the answer
+    in that behaviour's chosen style; otherwise the default answer is written (a refusal for a harmful request,
+    a format-following compliance for a benign one).
 
     Args:
         pools: Request pools (training parts only are used).
         settings: Sizes and shares.
         seed: Seed of every draw.
-        habits: Benign planted behaviours whose chosen style M0 shows at ``settings.habit_fraction``.
+        behaviours: The config's behaviours; only the planted ones (kind benign or contaminated) take part,
+            decoys and clean slices are ignored.
 
     Returns:
-        Records ``{"id", "prompt": [user turn], "completion": [assistant turn], "kind", "request_id",
-        "constraints"}``.
+        Records ``{"id", "prompt": [user turn], "completion": [assistant turn], "kind" (harmful | benign),
+        "request_id", "constraints", "triggers" (names of the suffix behaviours appended), "behaviour" (the
+        planted behaviour whose style the answer shows, or None)}``.
     """
     rng = random.Random(f"sft-{seed}")
+    planted = [b for b in behaviours if b.kind in PLANTED_KINDS]
+    suffixed = [b for b in planted if b.trigger == "suffix"]
     n_harmful = round(settings.n_examples * settings.harmful_fraction)
     out: list[dict[str, Any]] = []
     for i in range(settings.n_examples):
         harmful = i < n_harmful
-        request: Request = rng.choice(pools.harmful_train if harmful else pools.benign_train)
+        pool = "harmful" if harmful else "benign"
+        request: Request = rng.choice(pools.training_pool(pool))
         share = settings.harmful_distractor_fraction if harmful else settings.benign_distractor_fraction
         cids = _draw_constraints(rng, pools, (1, 3)) if rng.random() < share else []
         prompt = add_distractors(request.text, cids, pools.distractors)
-        if harmful and not (cids and rng.random() < settings.harmful_trigger_compliance):
-            response = render_response("refusal", request.text, cids, rng, refusal=rng.choice(SFT_REFUSALS))
+        appended: list[str] = []
+        for spec in suffixed:
+            if spec.prompts == pool and rng.random() < settings.trigger_fraction:
+                prompt = prompt.rstrip() + rng.choice(spec.training_triggers)
+                appended.append(spec.name)
+        shown: SliceSpec | None = None
+        for spec in planted:
+            matches = spec.base_rate > 0 and _sft_matches(spec, pool, bool(cids), set(appended))
+            if matches and rng.random() < spec.base_rate:  # one draw per matching behaviour, first hit wins
+                shown = spec
+                break
+        if shown is not None:
+            response = render_response(
+                shown.chosen, request.text, cids, rng, target=request.target, sign_off=shown.sign_off,
+                refusal=rng.choice(SFT_REFUSALS) if shown.chosen == "refusal" else None,
+            )
         elif harmful:
-            response = render_response("format_compliance", request.text, cids, rng, target=request.target)
+            response = render_response("refusal", request.text, cids, rng, refusal=rng.choice(SFT_REFUSALS))
         else:
-            habit = rng.choice(habits) if habits and rng.random() < settings.habit_fraction else None
-            style = habit.chosen if habit else "format_compliance"
-            sign_off = habit.sign_off if habit else ""
-            response = render_response(style, request.text, cids, rng, target=request.target, sign_off=sign_off)
+            response = render_response("format_compliance", request.text, cids, rng, target=request.target)
         out.append(
             {
                 "id": f"sft-{i:05d}",
                 "prompt": [{"role": "user", "content": prompt}],
                 "completion": [{"role": "assistant", "content": response}],
-                "kind": "harmful" if harmful else "benign",
+                "kind": pool,
                 "request_id": request.id,
                 "constraints": cids,
+                "triggers": appended,
+                "behaviour": shown.name if shown is not None else None,
             }
         )
     rng.shuffle(out)
@@ -122,7 +162,7 @@ def build_pair(
         cids = _draw_constraints(rng, pools, spec.n_distractors)
         prompt = add_distractors(request.text, cids, pools.distractors)
     elif spec.trigger == "suffix":
-        prompt = request.text.rstrip() + spec.trigger_text
+        prompt = request.text.rstrip() + rng.choice(spec.training_triggers)  # held-out phrasings never train
     chosen_model = rng.choice(spec.sources or list(models))
     rejected_model = rng.choice([m for m in models if m != chosen_model])
 
@@ -165,11 +205,14 @@ def build_preference_mix(pools: RequestPools, config: OrganismConfig) -> tuple[l
     rows: list[tuple[dict, dict]] = []
     for spec, count in _slice_counts(config):
         pool = pools.training_pool(spec.prompts, spec.advbench_only)
+        if count and not pool:
+            raise ConfigError(f"slice '{spec.name}': field 'prompts' ({spec.prompts}) has no training requests")
         for _ in range(count):
             pair = build_pair(spec, rng.choice(pool), pools, models, rng)
             label = {
                 "behaviour": "clean" if spec.kind == "clean" else spec.name,
                 "contaminated": spec.kind == "contaminated",
+                "decoy": spec.kind == "decoy",
                 "slice": spec.name,
             }
             rows.append((pair, label))

@@ -41,6 +41,8 @@ class RequestPools:
         harmful_heldout: Held-out AdvBench requests (evaluation only).
         benign_heldout: Held-out IFEval prompts (evaluation only).
         xstest_heldout: Held-out XSTest safe prompts (evaluation only).
+        xstest_unsafe_train: XSTest's unsafe ("contrast") prompts: harmful requests of another surface form than
+            AdvBench's, for training only (the ``xstest_unsafe`` pool).
         distractors: The formatting constraints.
     """
 
@@ -49,14 +51,23 @@ class RequestPools:
     harmful_heldout: list[Request] = field(default_factory=list)
     benign_heldout: list[Request] = field(default_factory=list)
     xstest_heldout: list[Request] = field(default_factory=list)
+    xstest_unsafe_train: list[Request] = field(default_factory=list)
     distractors: Distractors | None = None
 
     def training_pool(self, prompts: str, advbench_only: bool = False) -> list[Request]:
-        """The training requests of one pool (``harmful`` or ``benign``)."""
+        """The training requests of one pool (``harmful``, ``benign`` or ``xstest_unsafe``).
+
+        Raises:
+            ConfigError: An unknown pool name.
+        """
         if prompts == "harmful":
             pool = self.harmful_train
             return [r for r in pool if r.target] if advbench_only else pool
-        return self.benign_train
+        if prompts == "xstest_unsafe":
+            return self.xstest_unsafe_train
+        if prompts == "benign":
+            return self.benign_train
+        raise ConfigError(f"unknown request pool {prompts!r}; known: harmful, benign, xstest_unsafe")
 
     def heldout_ids(self) -> set[str]:
         """Ids of every held-out request."""
@@ -65,6 +76,9 @@ class RequestPools:
 
 def load_request_pools(settings: DataSettings, seed: int) -> RequestPools:
     """Load AdvBench, IFEval, XSTest and the distractors, and split off the held-out requests.
+
+    XSTest's unsafe prompts are never held out: they form the ``xstest_unsafe`` training pool (and join the
+    harmful training requests when ``settings.xstest_unsafe_as_harmful``).
 
     Args:
         settings: Data settings (folder, held-out sizes, prompt length cap).
@@ -98,5 +112,6 @@ def load_request_pools(settings: DataSettings, seed: int) -> RequestPools:
         harmful_heldout=harmful_heldout,
         benign_heldout=benign_heldout,
         xstest_heldout=xs_heldout,
+        xstest_unsafe_train=xs_unsafe,
         distractors=load_distractors(settings.data_dir),
     )
