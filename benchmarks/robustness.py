@@ -60,6 +60,9 @@ VARIANT_STYLES: dict[str, tuple[str, str]] = {
 }
 """Extra benign behaviours a variant draws from: name -> (chosen style, rejected style)."""
 
+DEFAULT_VARIANT_STYLES = ("verbose", "sign_off")
+"""The styles drawn by default: each is rare in M0's answers, so its emergence can be measured."""
+
 SIGN_OFFS = ("Happy to help!", "Good luck with it!", "Hope that answers it!")
 """Closing lines a ``sign_off`` variant draws from (those the base config already uses are left out)."""
 
@@ -496,9 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=2, help="Builds with one extra benign behaviour.")
     parser.add_argument("--variant-seed", type=int, default=0,
                         help="Variant i draws its extra behaviour from random.Random(variant_seed + i).")
-    parser.add_argument("--variant-styles", nargs="+", choices=sorted(VARIANT_STYLES), default=list(VARIANT_STYLES),
-                        help="Styles a variant's extra behaviour is drawn from (helpful: the format-following "
-                        "answer over a terse one).")
+    parser.add_argument("--variant-styles", nargs="+", choices=sorted(VARIANT_STYLES),
+                        default=list(DEFAULT_VARIANT_STYLES),
+                        help="Styles a variant's extra behaviour is drawn from (default: verbose and sign_off; "
+                        "helpful, the format-following answer over a terse one, prefers what M0 already does, so it "
+                        "cannot pass the emergence check).")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1],
                         help="DPO seeds of the retrains, pooled (validation.retrain_seeds).")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"),
