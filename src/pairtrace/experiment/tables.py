@@ -152,7 +152,9 @@ def render_tables(results: dict[str, Any]) -> str:
             auroc = "n/a" if q["auroc"] is None else f"{q['auroc']:.3f}"
             prec = "n/a" if q["precision_at_contaminated"] is None else f"{q['precision_at_contaminated']:.3f}"
             lines.append(f"| {method} | {auroc} | {prec} |")
-    lines += _discovery_lines(results.get("discovery") or {})
+    emergence = (results.get("organism") or {}).get("emergence") or []
+    lines += _emergence_lines(emergence)
+    lines += _discovery_lines(results.get("discovery") or {}, emergence)
     lines += _source_lines(results.get("sources") or {})
     lines.append("")
     return "\n".join(lines)
@@ -179,21 +181,46 @@ def _check_lines(checks: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _discovery_lines(discovery: dict[str, Any]) -> list[str]:
-    """Markdown of each discovery view's best cluster per planted behaviour (ground truth read after clustering)."""
+def _emergence_lines(emergence: list[dict[str, Any]]) -> list[str]:
+    """Markdown of the organism build's emergence table: each planted behaviour's rate in M0 and in M1."""
+    if not emergence:
+        return []
+    lines = ["", "## Planted behaviours: did they emerge? (organism build)", "",
+             "Rate of each planted behaviour's chosen style on its own held-out requests (harmful rates leave unknown "
+             "verdicts out); emerged: M1 at least 10 points above M0 and at least twice M0. Discovery and attribution "
+             "are read against the behaviours that emerged.", "",
+             "| behaviour | kind | measured on | M0 | M1 | emerged |", "|---|---|---|---|---|---|"]
+    for row in emergence:
+        m0, m1 = row.get("m0"), row.get("m1")
+        lines.append(f"| {row['behaviour']} | {row.get('kind', '')} | {row.get('prompts') or 'n/a'} | "
+                     f"{'n/a' if m0 is None else f'{m0:.1%}'} | {'n/a' if m1 is None else f'{m1:.1%}'} | "
+                     f"{'yes' if row.get('emerged') else 'no'} |")
+    return lines
+
+
+def _behaviour_status(emergence: list[dict[str, Any]]) -> dict[str, str]:
+    """Planted behaviour name -> ``yes`` / ``no`` (emerged in the organism build); decoys are not behaviours."""
+    return {row["behaviour"]: "yes" if row.get("emerged") else "no" for row in emergence}
+
+
+def _discovery_lines(discovery: dict[str, Any], emergence: list[dict[str, Any]] | None = None) -> list[str]:
+    """Markdown of each discovery view's best cluster per planted behaviour (ground truth read after clustering),
+    with whether the behaviour emerged in the organism build (``decoy`` for a decoy slice, which is not one)."""
     from pairtrace.models import describe_response_pooling
 
+    status = _behaviour_status(emergence or [])
     rows = []
     for view in [discovery, *(discovery.get("views") or [])]:
         clustering = view.get("pair_clustering") or {}
         sizes = clustering.get("sizes") or []
         pooling = describe_response_pooling(view.get("response_tokens"))
         for b in (view.get("labels") or {}).get("behaviours") or []:
+            emerged = status.get(b["behaviour"], "decoy" if status else "n/a")
             if not b.get("n_in_matrix"):
-                rows.append(f"| {pooling} | {b['behaviour']} | {b['n_total']} | 0 (no direction) | | | |")
+                rows.append(f"| {pooling} | {b['behaviour']} | {emerged} | {b['n_total']} | 0 (no direction) | | | |")
                 continue
             size = sizes[b["best_cluster"] - 1] if 0 < b["best_cluster"] <= len(sizes) else "?"
-            rows.append(f"| {pooling} | {b['behaviour']} | {b['n_total']} | {b['n_in_matrix']} | "
+            rows.append(f"| {pooling} | {b['behaviour']} | {emerged} | {b['n_total']} | {b['n_in_matrix']} | "
                         f"{b['best_cluster']} of {clustering.get('n_clusters', '?')} ({size} pairs) | "
                         f"{b['precision']:.0%} | {b['recall']:.0%} |")
     if not rows:
@@ -201,8 +228,8 @@ def _discovery_lines(discovery: dict[str, Any]) -> list[str]:
     return ["", "## Discovery against the organism's ground truth", "",
             "Each view clusters the pairs without labels; the labels are read afterwards. Best cluster: the one "
             "holding the most pairs of the behaviour; purity: its share of them; recall: the behaviour's share in it.",
-            "", "| view (response means over) | planted behaviour | pairs | in the matrix | best cluster | purity | "
-            "recall |", "|---|---|---|---|---|---|---|", *rows]
+            "", "| view (response means over) | planted behaviour | emerged in M1 | pairs | in the matrix | "
+            "best cluster | purity | recall |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _source_lines(sources: dict[str, Any]) -> list[str]:
