@@ -29,7 +29,7 @@ REDUCED_RUN: dict[str, Any] = {
     "seed": 0,
     "torch_threads": 1,
     "prompts": {"probe_share": 0.5},
-    "generation": {"temperature": 0.7, "max_new_tokens": 96, "probe_samples": 4, "eval_samples": 4,
+    "generation": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 96, "probe_samples": 4, "eval_samples": 4,
                    "batch_size": 64},
     "judge": {"kind": "rule"},
     "attribution": {"layers": None, "methods": ["probe", "random"]},
