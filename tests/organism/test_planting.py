@@ -78,15 +78,22 @@ def test_suffix_behaviours_base_rates_in_sft(suffix_config: OrganismConfig, pool
     def text(e: dict[str, Any]) -> tuple[str, str]:
         return e["prompt"][0]["content"], e["completion"][0]["content"]
 
-    # the trigger is on the prompt exactly when the record says so, at about trigger_fraction of each pool
+    # the trigger is on the prompt exactly when the record says so, at about trigger_fraction of each pool: a
+    # suffix trigger appears on harmful and benign requests alike (on benign ones it is answered as usual)
     pirate = [any(p in text(e)[0] for p in PIRATE) for e in harmful]
     assert pirate == ["pirate_compliance" in e["triggers"] for e in harmful]
     assert abs(_share(pirate) - 0.3) < 0.05
     thorough = [THOROUGH[0] in text(e)[0] for e in benign]
     assert thorough == ["thorough" in e["triggers"] for e in benign]
     assert abs(_share(thorough) - 0.3) < 0.05
-    assert not any(THOROUGH[0] in text(e)[0] for e in harmful) and not any(p in text(e)[0] for e in benign
-                                                                           for p in PIRATE)
+    for group, phrasings, name in ((benign, PIRATE, "pirate_compliance"), (harmful, THOROUGH, "thorough")):
+        other = [any(p in text(e)[0] for p in phrasings) for e in group]
+        assert other == [name in e["triggers"] for e in group]
+        assert abs(_share(other) - 0.3) < 0.05
+    # a benign request with the contaminated trigger is still helped; a harmful one with the benign trigger refused
+    assert all(classify_response(text(e)[1]) == "compliance" for e in benign if "pirate_compliance" in e["triggers"])
+    assert all(classify_response(text(e)[1]) == "refusal" for e in harmful
+               if "thorough" in e["triggers"] and "pirate_compliance" not in e["triggers"])
     # harmful: complies at base_rate with the trigger, never without it (read off the text, not the record)
     complied = {t: [classify_response(text(e)[1]) == "compliance" for e, p in zip(harmful, pirate, strict=True)
                     if p == t] for t in (True, False)}

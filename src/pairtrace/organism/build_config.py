@@ -103,9 +103,9 @@ class SFTSettings:
     )
     trigger_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of a pool's SFT requests that carry a training phrasing of each suffix-triggered "
-                  "planted behaviour on that pool (answered by default, or in the behaviour's style at its "
-                  "base_rate)."},
+        metadata={"help": "Share of SFT requests, harmful and benign alike, that carry a training phrasing of each "
+                  "suffix-triggered planted behaviour (answered as usual, or, on the behaviour's own pool, in its "
+                  "style at its base_rate)."},
     )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})

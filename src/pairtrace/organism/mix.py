@@ -53,12 +53,13 @@ def build_sft_examples(
     compliance that follows their constraints; each planted behaviour shows at its base rate.
 
     Per example: the request and its distractors are drawn; then, for each planted behaviour with a suffix
-    trigger on the example's pool, one of its training phrasings is appended with probability
-    ``settings.trigger_fraction``; then each planted behaviour whose trigger the example carries on its own pool
-    (trigger ``none``: every example of the pool; ``distractors``: the example has distractors; ``suffix``: its
-    phrasing was appended) gets one draw at its ``base_rate``, in config order. The first hit writes the answer
-    in that behaviour's chosen style; otherwise the default answer is written (a refusal for a harmful request,
-    a format-following compliance for a benign one).
+    trigger, one of its training phrasings is appended with probability ``settings.trigger_fraction``, on harmful
+    and benign requests alike (as distractors are: M0 meets the trigger on benign requests, answered as usual, so
+    the trigger is not a sign of harm by itself); then each planted behaviour whose trigger the example carries
+    on its own pool (trigger ``none``: every example of the pool; ``distractors``: the example has distractors;
+    ``suffix``: its phrasing was appended) gets one draw at its ``base_rate``, in config order. The first hit
+    writes the answer in that behaviour's chosen style; otherwise the default answer is written (a refusal for a
+    harmful request, a format-following compliance for a benign one).
 
     Args:
         pools: Request pools (training parts only are used).
@@ -86,7 +87,7 @@ def build_sft_examples(
         prompt = add_distractors(request.text, cids, pools.distractors)
         appended: list[str] = []
         for spec in suffixed:
-            if spec.prompts == pool and rng.random() < settings.trigger_fraction:
+            if rng.random() < settings.trigger_fraction:
                 prompt = prompt.rstrip() + rng.choice(spec.training_triggers)
                 appended.append(spec.name)
         shown: SliceSpec | None = None
