@@ -20,10 +20,21 @@ def test_shipped_configs_load(name: str) -> None:
     assert config.contaminated.kind == "contaminated" and config.contaminated.trigger == "distractors"
     assert 0.02 <= config.contaminated.fraction <= 0.10  # a small slice (the small config plants more)
     assert any(b.kind == "benign" for b in config.behaviours)
-    rates = {b.name: b.base_rate for b in config.planted}
-    assert rates == {"distractor_compliance": 0.12, "sign_off": 0.1}  # M0's base rates (tuned separately)
+    assert all(0 < b.base_rate < 0.5 for b in config.planted)  # M0 shows every planted behaviour, rarely
     assert isinstance(config.dpo, DPORecipe)
     assert build_organism_config(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_story_organism_holds_out_two_phrasings() -> None:
+    config = load_organism_config(CONFIGS / "organism-suffix-build.yaml")
+    spec = config.contaminated
+    assert (spec.trigger, spec.heldout_triggers, len(spec.trigger_texts)) == ("suffix", 2, 8)
+    assert spec.heldout_trigger_texts == spec.trigger_texts[-2:]
+    assert not set(spec.heldout_trigger_texts) & set(spec.training_triggers)
+    # the clean slices that carry the story phrasing use the training phrasings only
+    story_slices = [s for s in config.mix.clean if s.trigger == "suffix"]
+    assert story_slices and all(s.trigger_texts == spec.training_triggers for s in story_slices)
+    assert spec.describe_trigger() == "suffix family (8 phrasings, 2 held out)"
 
 
 def test_default_config_declares_a_decoy() -> None:
