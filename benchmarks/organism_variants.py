@@ -6,15 +6,15 @@ switch at the headline k (8% of the mix), the baseline and those four retrains e
 prints one row per build: the probe's AUROC and precision at the contaminated count, the reductions of the harmful
 rate, the benign helpfulness drops, the purity / recall of discovery's cluster of the contaminated slice, the
 organism checks that failed, and the CPU the numbers came from (training is chaotic: another CPU gives another
-model, like another seed). ``--response-tokens N`` pools every response mean over its first N tokens. Finished
-stages in ``--out`` are reused, so a second call only prints.
+model, like another seed). ``--response-tokens N`` pools every response mean over its first N tokens (default 4,
+as the default run; 0: every token). Finished stages in ``--out`` are reused, so a second call only prints.
 
 About 10 minutes per build on two CPU cores. Run::
 
     .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml \\
         benchmarks/configs/organism-hfr0.02.yaml --out runs/organism-variants
-    .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml --response-tokens 4 \\
-        --out runs/organism-head4
+    .venv/bin/python benchmarks/organism_variants.py configs/organism-build.yaml --response-tokens 0 \\
+        --out runs/organism-every-token
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ CHECKS = {
 """The run's checks shown, by the start of their name (the k in a name depends on the mix size)."""
 
 
-def reduced_run_config(organism_yaml: Path, seeds: list[int], response_tokens: int | None = None,
+def reduced_run_config(organism_yaml: Path, seeds: list[int], response_tokens: int | None = 4,
                        methods: list[str] | None = None) -> dict[str, Any]:
     """The run config of one build: :data:`REDUCED_RUN` with its organism, DPO seeds and options.
 
     Args:
         organism_yaml: The organism-build YAML (stored as an absolute path).
         seeds: DPO seeds of the retrains (pooled).
-        response_tokens: Pool each response over its first N tokens (``None``: every token).
+        response_tokens: Pool each response over its first N tokens (default 4, as the default run; ``None``:
+            every token).
         methods: Rankings computed (``attribution.methods``; default probe and random). Only the headline methods
             (probe, random) are retrained; any other method is ranked and scored (AUROC) only.
 
@@ -80,7 +81,7 @@ def reduced_run_config(organism_yaml: Path, seeds: list[int], response_tokens: i
             "organism": str(organism_yaml.resolve())}
 
 
-def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tokens: int | None = None,
+def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tokens: int | None = 4,
               methods: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the reduced experiment on one organism build; return its ``results.json``.
 
@@ -88,7 +89,8 @@ def run_build(organism_yaml: Path, out_dir: Path, seeds: list[int], response_tok
         organism_yaml: The organism-build YAML.
         out_dir: The run folder (``run.yaml`` is written there; finished stages found there are reused).
         seeds: DPO seeds of the retrains (pooled).
-        response_tokens: Pool each response over its first N tokens (``None``: every token).
+        response_tokens: Pool each response over its first N tokens (default 4, as the default run; ``None``:
+            every token).
         methods: Rankings computed (see :func:`reduced_run_config`).
 
     Returns:
@@ -162,12 +164,13 @@ def main() -> None:
                         help="One run folder per build, named after its YAML file (reused when finished).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="DPO seeds of the retrains, pooled (retrains of seeds already run are reused).")
-    parser.add_argument("--response-tokens", type=int, default=None,
-                        help="Pool each response over its first N tokens (attribution.response_tokens; default all).")
+    parser.add_argument("--response-tokens", type=int, default=4,
+                        help="Pool each response over its first N tokens (attribution.response_tokens; default 4, as "
+                        "the default run; 0: every token).")
     args = parser.parse_args()
     rows = []
     for organism_yaml in args.organisms:
-        results = run_build(organism_yaml, args.out / organism_yaml.stem, args.seeds, args.response_tokens)
+        results = run_build(organism_yaml, args.out / organism_yaml.stem, args.seeds, args.response_tokens or None)
         rows.append(summarise(organism_yaml.stem, results))
         print(f"finished {organism_yaml} -> {args.out / organism_yaml.stem}", flush=True)
     print()
