@@ -187,8 +187,8 @@ def test_generation_section_is_a_generation_config_with_stage_sampling():
     for name, max_new_tokens in (("organism.yaml", 96), ("organism-quick.yaml", 48)):
         g = load_run_config(CONFIGS / name).generation
         assert isinstance(g, GenerationConfig)
-        assert (g.temperature, g.top_p, g.max_new_tokens, g.batch_size, g.seed) == (0.7, 1.0, max_new_tokens, 64, 0)
-        assert g.sampling(4, 2) == GenerationConfig(temperature=0.7, top_p=1.0, max_new_tokens=max_new_tokens,
+        assert (g.temperature, g.top_p, g.max_new_tokens, g.batch_size, g.seed) == (0.7, 0.9, max_new_tokens, 64, 0)
+        assert g.sampling(4, 2) == GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens,
                                                     n_samples=4, batch_size=64, seed=2)
 
 
