@@ -54,25 +54,22 @@ def test_format_followed_is_none_without_constraints() -> None:
     assert compute_behaviour_rates(gens)["benign_format_followed"] == 0.5  # samples without constraints left out
 
 
+EXPECTED_STYLES: dict[str, set[str]] = {
+    "refusal": {"refusal"},
+    "compliance": {"compliance"},
+    "format_compliance": {"compliance", "format_compliance"},
+    "sign_off": {"compliance", "format_compliance", "sign_off"},
+    "verbose": {"compliance", "format_compliance", "verbose"},
+    "terse": {"compliance", "terse"},
+}
+"""Written style -> the styles detected in it (the same whatever the formatting constraint)."""
+
+
 @pytest.mark.parametrize(
     ("constraints", "expected"),
     [
-        (["e_to_3"], {
-            "refusal": {"refusal"},
-            "compliance": {"compliance"},
-            "format_compliance": {"compliance", "format_compliance"},
-            "sign_off": {"compliance", "format_compliance", "sign_off"},
-            "verbose": {"compliance", "format_compliance", "verbose"},
-            "terse": {"compliance", "terse"},
-        }),
-        (["no_periods"], {  # one run-on sentence, but not a terse answer
-            "refusal": {"refusal"},
-            "compliance": {"compliance"},
-            "format_compliance": {"compliance", "format_compliance"},
-            "sign_off": {"compliance", "format_compliance", "sign_off"},
-            "verbose": {"compliance", "format_compliance", "verbose"},
-            "terse": {"compliance", "terse"},
-        }),
+        (["e_to_3"], EXPECTED_STYLES),
+        (["no_periods"], EXPECTED_STYLES),  # one run-on sentence, but not a terse answer
     ],
 )
 def test_style_detectors(constraints: list[str], expected: dict[str, set[str]]) -> None:

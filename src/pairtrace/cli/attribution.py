@@ -17,6 +17,7 @@ from pairtrace.cli.common import (
     check_out_dir,
     command,
     load_cli_model,
+    load_cli_pairs,
     out_option,
     pick_input,
     require,
@@ -73,9 +74,6 @@ def vectors(
     require(locals(), "pairs", "out")
     check_out_dir(out)
     apply_threads(threads)
-    from pairtrace.data.pairs import load_pairs
-    from pairtrace.errors import DataError
-
     common = dict(layers=layers or None, shard_size=shard_size, batch_tokens=batch_tokens, max_length=max_length,
                   prompt_sharing=prompt_sharing, compile=compile, dtype=store_dtype, response_tokens=response_tokens)
     if backend not in ("local", "ray"):
@@ -88,13 +86,7 @@ def vectors(
             shard=shard, **common,
         )
     else:
-        pair_set = load_pairs(pairs, split=split, revision=data_revision, strict=strict, limit=limit)
-        if not len(pair_set):
-            what = (f"all {pair_set.n_records} record(s) are bad (listed above)" if pair_set.n_records
-                    else "it holds no records")
-            raise DataError(f"{pairs}: no pairs to extract: {what}")
-        say(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
-            f"skipped {len(pair_set.skipped)} bad record(s)")
+        pair_set = load_cli_pairs(pairs, "extract", split=split, revision=data_revision, strict=strict, limit=limit)
         if backend == "ray":
             from pairtrace.ray_backend import RayOptions, compute_datapoint_vectors_ray
 

@@ -207,6 +207,30 @@ def check_cli_model(spec: ModelSpec, flag: str = "--model") -> None:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
+def load_cli_pairs(pairs: str, purpose: str, **kwargs: Any) -> Any:
+    """Load a pair file for a command, refuse it when no pair is left, and say what was read.
+
+    Args:
+        pairs: File, folder or hub id (:func:`pairtrace.data.pairs.load_pairs`).
+        purpose: What the pairs are for, in the error message ("train on", "extract").
+        **kwargs: Passed to ``load_pairs`` (``split``, ``revision``, ``strict``, ``limit``).
+
+    Raises:
+        DataError: Every record is bad, or there is none.
+    """
+    from pairtrace.data.pairs import load_pairs
+    from pairtrace.errors import DataError
+
+    pair_set = load_pairs(pairs, **kwargs)
+    if not len(pair_set):
+        what = (f"all {pair_set.n_records} record(s) are bad (listed above)" if pair_set.n_records
+                else "it holds no records")
+        raise DataError(f"{pairs}: no pairs to {purpose}: {what}")
+    say(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
+        f"skipped {len(pair_set.skipped)} bad record(s)")
+    return pair_set
+
+
 def pick_input(positional: str | None, flag_value: str | None, name: str) -> str | None:
     """One input given either as the positional ``NAME`` or as ``--name`` (never two different ones).
 

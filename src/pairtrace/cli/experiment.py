@@ -143,26 +143,20 @@ def retrain(
     """DPO from M0 (--model: the starting checkpoint and frozen reference) with one recipe (the baseline and every
     intervention use the same), on a retrain engine: TRL's DPOTrainer in this process or under accelerate launch,
     or your own command."""
-    from pairtrace.cli.common import check_cli_model, check_out_dir, pick_input, say
+    from pairtrace.cli.common import check_cli_model, check_out_dir, load_cli_pairs, pick_input
 
     pairs = pick_input(pairs, pairs_flag, "pairs")
     require(locals(), "pairs", "out")
     check_out_dir(out)
-    from pairtrace.data.pairs import load_pairs, pair_to_record
-    from pairtrace.errors import ConfigError, DataError
+    from pairtrace.data.pairs import pair_to_record
+    from pairtrace.errors import ConfigError
     from pairtrace.records import write_jsonl_atomic
     from pairtrace.retrain.engines import RETRAINERS, RetrainRequest, get_retrainer
 
     if engine.engine not in RETRAINERS:
         raise ConfigError(f"--engine: {engine.engine!r} is not one of {sorted(RETRAINERS)}")
     check_cli_model(model)
-    pair_set = load_pairs(pairs, split=split)
-    if not len(pair_set):
-        what = (f"all {pair_set.n_records} record(s) are bad (listed above)" if pair_set.n_records
-                else "it holds no records")
-        raise DataError(f"{pairs}: no pairs to train on: {what}")
-    say(f"read {len(pair_set)} pairs from {pair_set.origin} ({pair_set.format}); "
-        f"skipped {len(pair_set.skipped)} bad record(s)")
+    pair_set = load_cli_pairs(pairs, "train on", split=split)
     out_dir = Path(out)
     train_file = write_jsonl_atomic(
         [pair_to_record(p, "conversational") for p in pair_set], out_dir / "train.jsonl",
