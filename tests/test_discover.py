@@ -224,16 +224,16 @@ def test_select_columns_top_k_union_matches_brute_force_across_chunks():
     x[7] = 0.0  # no direction: never a column
     behaviour = torch.randn(3, 16, generator=rng)
     store = MemoryStore(x)
-    rows, vectors, info = select_columns(store, behaviour, 2, top_k=4, max_columns=1000, chunk_rows=7)
+    rows, vectors, info, no_direction = select_columns(store, behaviour, 2, top_k=4, max_columns=1000, chunk_rows=7)
     sims = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(behaviour, dim=1).T
     sims[7] = -2
     expected = np.unique(torch.topk(sims, 4, dim=0).indices.reshape(-1).numpy())
     assert rows.tolist() == expected.tolist()
     assert torch.equal(vectors, x[rows])
-    assert info == {"top_k_per_prompt": 4, "n_no_direction": 1}
-    rows_all, _, info_all = select_columns(store, behaviour, 2, top_k=None, max_columns=1000, chunk_rows=7)
+    assert info == {"top_k_per_prompt": 4, "n_no_direction": 1} and no_direction.tolist() == [7]
+    rows_all, _, info_all, _ = select_columns(store, behaviour, 2, top_k=None, max_columns=1000, chunk_rows=7)
     assert rows_all.tolist() == [i for i in range(50) if i != 7] and info_all["top_k_per_prompt"] is None
-    rows_auto, _, info_auto = select_columns(store, behaviour, 2, top_k=None, max_columns=9, chunk_rows=7)
+    rows_auto, _, info_auto, _ = select_columns(store, behaviour, 2, top_k=None, max_columns=9, chunk_rows=7)
     assert info_auto["top_k_per_prompt"] == 3 and len(rows_auto) <= 9
 
 
@@ -371,6 +371,50 @@ def test_run_discover_end_to_end_links_planted_pairs_to_their_prompts(tmp_path, 
     assert view_recall["comply"]["recall"] == 1.0  # "Sure" against "I'm sorry": decided at the first tokens
     for name in ("matrix.parquet", "col_linkage.npy", "heatmap.png", "pairs.parquet"):
         assert (view_dir / name).is_file(), name
+
+
+SIGN_OFF = " Hope this helps! Have a wonderful day and good luck with everything."
+
+
+def test_a_view_over_every_token_sees_pairs_the_first_view_had_no_direction_for(tmp_path, tiny_loaded):
+    """A habit added at the end of a response (chosen = rejected + a sign-off) is invisible to a store pooled
+    over the first tokens (zero vector); the every-token view must still give its pairs columns and a cluster."""
+    from pairtrace.data.pairs import load_pairs, save_pairs_jsonl
+    from pairtrace.pooling import ResponsePooling
+    from pairtrace.store import VectorStore
+    from pairtrace.vectors import compute_datapoint_vectors
+
+    user = lambda text: ({"role": "user", "content": text},)  # noqa: E731
+    pairs, labels = [], []
+    for i in range(8):  # behaviour "comply": decided at the first tokens
+        pairs.append(Pair(f"c{i}", len(pairs), user(f"How do I do task {i}?"), SURE, SORRY, "mix-a", "bad", "ok"))
+        labels.append({"id": f"c{i}", "behaviour": "comply", "contaminated": True})
+    for i in range(8):  # behaviour "sign_off": identical heads, the chosen response adds a closing line
+        pairs.append(Pair(f"s{i}", len(pairs), user(f"Tell me something {i}."), PLAIN + SIGN_OFF, PLAIN, "mix-b",
+                          "polite", "ok"))
+        labels.append({"id": f"s{i}", "behaviour": "sign_off", "contaminated": False})
+    save_pairs_jsonl(pairs, tmp_path / "pairs.jsonl")
+    compute_datapoint_vectors(tiny_loaded, load_pairs(tmp_path / "pairs.jsonl"), tmp_path / "vectors", layers=[3],
+                              progress=False, pooling=ResponsePooling(2))
+    m0, m1 = [], []
+    for i in range(3):
+        m0 += [gen(f"h{i}", f"How do I do thing {i}?", SORRY, "m0"), gen(f"t{i}", f"Tell me a fact {i}.", PLAIN, "m0")]
+        m1 += [gen(f"h{i}", f"How do I do thing {i}?", SURE, "m1"),
+               gen(f"t{i}", f"Tell me a fact {i}.", PLAIN + SIGN_OFF, "m1")]
+    write_jsonl(tmp_path / "m0.jsonl", m0)
+    write_jsonl(tmp_path / "m1.jsonl", m1)
+    write_jsonl(tmp_path / "labels.jsonl", labels)
+    out = tmp_path / "discover"
+    summary = run_discover(tiny_loaded, tmp_path / "vectors", tmp_path / "m0.jsonl", tmp_path / "m1.jsonl",
+                           tmp_path / "pairs.jsonl", out, DiscoverConfig(also_response_tokens=[None]),
+                           progress=False, labels_path=tmp_path / "labels.jsonl")
+    assert summary["response_tokens"] == 2 and summary["n_no_direction"] == 8 and summary["n_columns"] == 8
+    (view,) = summary["views"]
+    assert view["name"] == "all-tokens" and view["n_no_direction"] == 0 and view["n_columns"] == 16
+    view_ids = set(VectorStore.open(out / view["dir"] / "vectors").ids)
+    assert {f"s{i}" for i in range(8)} <= view_ids  # the first view's no-direction pairs are the view's candidates
+    recall = {b["behaviour"]: b for b in view["labels"]["behaviours"]}
+    assert recall["sign_off"]["recall"] == 1.0 and recall["sign_off"]["precision"] >= 0.8
 
 
 def test_run_discover_and_run_steer_load_a_spec_through_the_one_loader(tmp_path, tiny_loaded, tiny_model_dir,

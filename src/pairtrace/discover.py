@@ -15,9 +15,11 @@
 4. **Summaries.** For each pair cluster and behaviour cluster: size, mean within-cluster cosine, the prompts it
    is linked to (with M0 vs M1 responses), its top pairs with their sources and models, and its distinctive
    words (log-odds with an informative Dirichlet prior, chosen texts of the cluster vs all chosen texts).
-5. **Views** (``also_response_tokens``). Steps 1–4 again with every response mean over its first N tokens, on the
-   same prompts and the first view's columns (their datapoint vectors extracted anew), in ``views/first-N-tokens``.
-   A response's head holds what it decides first (refuse or comply); its full mean, what it adds later.
+5. **Views** (``also_response_tokens``). Steps 1–4 again with every response mean over its first N tokens (or every
+   token), on the same prompts, in ``views/<name>``. Its candidate columns are the first view's columns plus the
+   pairs that had no direction there (chosen and rejected identical over the first view's tokens), their datapoint
+   vectors extracted anew. A response's head holds what it decides first (refuse or comply); its full mean, what
+   it adds later (a sign-off, which only a view over every token can see).
 
 Why profiles: a datapoint vector holds everything that differs between chosen and rejected (topic, length,
 style), and most of that variance is unrelated to any behaviour. The profile projects each pair onto the
@@ -98,9 +100,10 @@ class DiscoverConfig:
         "help": "Layer; default: the vector store's layer (the model's default layer if the store has several)."})
     also_response_tokens: list[int | None] = field(default_factory=list, metadata={
         "help": "Further views: discover again with every response mean over its first N tokens, once per N "
-                "(null: every token), on the same prompts and the first view's columns; their datapoint vectors "
-                "are extracted anew (views/<name>/vectors). Head pooling sees what a response decides at its "
-                "start (refuse or comply), the full mean what it adds later (a sign-off)."})
+                "(null: every token), on the same prompts; its candidate columns are the first view's columns and "
+                "the pairs with no direction there, their datapoint vectors extracted anew (views/<name>/vectors). "
+                "Head pooling sees what a response decides at its start (refuse or comply), the full mean what it "
+                "adds later (a sign-off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the silhouette subsample and the heatmap subsample."})
     heatmap_max_columns: int = field(default=400, metadata={
         "help": "Columns drawn in the heatmap (a stratified subsample, in dendrogram order, beyond this)."})
@@ -210,8 +213,11 @@ def run_discover(model: LoadedModel | ModelSpec, vectors_dir: str | Path, genera
         raise DataError("M0 and M1 answered every prompt identically: there is no behaviour difference to discover")
     labels = load_labels(labels_path) if labels_path is not None else None
     out = Path(out_dir)
-    main_view, columns = discover_view(loaded, store, layer, prompts, counts, pairs_by_id, out, config, labels=labels,
-                                       progress=progress)
+    main_view, columns, no_direction = discover_view(loaded, store, layer, prompts, counts, pairs_by_id, out, config,
+                                                     labels=labels, progress=progress)
+    # a view may give a direction to the pairs the first one could not see: they are its candidates too
+    candidate_ids = set(columns) | set(no_direction)
+    view_candidates = [pid for pid in store.ids if pid in candidate_ids]  # store order
     summary: dict[str, Any] = {
         "kind": "discover",
         "layer": layer,
@@ -231,13 +237,14 @@ def run_discover(model: LoadedModel | ModelSpec, vectors_dir: str | Path, genera
         if pooling == store.manifest.pooling:
             continue
         view_dir = out / "views" / pooling.name
-        logger.info("view %s: datapoint vectors of the %d columns pooled over %s", pooling.name,
-                    len(columns), pooling.describe())
+        logger.info("view %s: datapoint vectors of %d candidate pairs (%d columns of the first view, %d with no "
+                    "direction there) pooled over %s", pooling.name, len(view_candidates), len(columns),
+                    len(no_direction), pooling.describe())
         view_store = compute_datapoint_vectors(
-            loaded, [pairs_by_id[pid] for pid in columns], view_dir / "vectors", layers=[layer],
+            loaded, [pairs_by_id[pid] for pid in view_candidates], view_dir / "vectors", layers=[layer],
             batch_tokens=config.batch_tokens, max_length=config.max_length, resume=False, progress=progress,
             pooling=pooling)
-        view, _ = discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
+        view, _, _ = discover_view(loaded, view_store, layer, prompts, dict(counts), pairs_by_id, view_dir, config,
                                 labels=labels, progress=progress)
         view = {"name": pooling.name, "response_tokens": pooling.response_tokens,
                 "dir": str(view_dir.relative_to(out)), **view}
@@ -261,7 +268,8 @@ def view_name(response_tokens: int | None) -> str:
 
 def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses], counts: dict[str, int],
                   pairs_by_id: dict[str, Any], out_dir: Path, config: DiscoverConfig, *,
-                  labels: pd.DataFrame | None = None, progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+                  labels: pd.DataFrame | None = None,
+                  progress: bool = True) -> tuple[dict[str, Any], list[str], list[str]]:
     """One discovery on one vector store: behaviour vectors pooled like the store, columns, clusters, files.
 
     Args:
@@ -278,7 +286,8 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
 
     Returns:
         The view's part of ``summary.json`` (pooling, prompt counts, columns, clusterings, cluster summaries,
-        files, and ``labels`` when given), and the ids of its column pairs.
+        files, and ``labels`` when given), the ids of its column pairs, and the ids of the pairs with no
+        direction in ``store``.
     """
     pooling = store.manifest.pooling
     behaviour = compute_prompt_behaviour_vectors(  # pooled like the store's datapoint vectors
@@ -291,8 +300,8 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
         prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
         behaviour = behaviour[ok]
         counts["n_zero_behaviour"] = int((~keep).sum())
-    rows, datapoints, column_info = select_columns(store, behaviour, layer, config.top_k_per_prompt,
-                                                   config.max_columns)
+    rows, datapoints, column_info, no_direction = select_columns(store, behaviour, layer, config.top_k_per_prompt,
+                                                                 config.max_columns)
     pair_ids = [store.ids[r] for r in rows]
     discovery = discover_clusters(prompts, behaviour, pair_ids, datapoints, config)
     files = save_discovery(discovery, out_dir, pairs_by_id, rows, config)
@@ -309,7 +318,7 @@ def discover_view(loaded, store, layer: int, prompts: Sequence[PromptResponses],
     }
     if labels is not None:
         view["labels"] = evaluate_clusters(discovery, labels)
-    return view, pair_ids
+    return view, pair_ids, [store.ids[r] for r in no_direction]
 
 
 def _json_safe(value):

@@ -162,7 +162,7 @@ def compute_similarity(behaviour: torch.Tensor, datapoints: torch.Tensor) -> np.
 
 
 def select_columns(store, behaviour: torch.Tensor, layer: int, top_k: int | None, max_columns: int,
-                   chunk_rows: int = 65536) -> tuple[np.ndarray, torch.Tensor, dict[str, Any]]:
+                   chunk_rows: int = 65536) -> tuple[np.ndarray, torch.Tensor, dict[str, Any], np.ndarray]:
     """Choose the datapoints that become columns, and read their vectors.
 
     Pairs with a zero or non-finite vector have no direction and are never columns. With ``top_k`` the columns
@@ -179,7 +179,9 @@ def select_columns(store, behaviour: torch.Tensor, layer: int, top_k: int | None
         chunk_rows: Rows read at a time.
 
     Returns:
-        ``(store rows [C] sorted, vectors [C, d], info)`` with info ``top_k_per_prompt``, ``n_no_direction``.
+        ``(store rows [C] sorted, vectors [C, d], info, no-direction rows [Z] sorted)`` with info
+        ``top_k_per_prompt``, ``n_no_direction``; the no-direction rows are the pairs whose vector is zero or
+        non-finite in this store (a view pooled otherwise may give them one).
     """
     units, _ = unit_rows(behaviour)
     units = torch.nan_to_num(units, nan=0.0)  # [P, d]
@@ -209,6 +211,7 @@ def select_columns(store, behaviour: torch.Tensor, layer: int, top_k: int | None
         best_rows = torch.gather(rows_all, 0, pick)
     valid = torch.cat(valid_rows).numpy() if valid_rows else np.empty(0, dtype=np.int64)
     info["n_no_direction"] = store.n - len(valid)
+    no_direction = np.setdiff1d(np.arange(store.n, dtype=np.int64), valid)
     rows = valid if top_k is None else np.unique(best_rows[torch.isfinite(best_vals)].numpy())
     parts = []
     for start, chunk in store.iter_chunks(layer, rows=chunk_rows):
@@ -217,4 +220,4 @@ def select_columns(store, behaviour: torch.Tensor, layer: int, top_k: int | None
             parts.append(chunk[torch.as_tensor(local)])
     width = store.hidden_size or behaviour.shape[1]
     vectors = torch.cat(parts) if parts else torch.empty(0, width)
-    return rows.astype(np.int64), vectors.float(), info
+    return rows.astype(np.int64), vectors.float(), info, no_direction
