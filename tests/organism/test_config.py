@@ -74,6 +74,7 @@ def _raw() -> dict:
          "field 'base_rate' needs prompts harmful or benign"),
         (lambda r: r["behaviours"][1].update(advbench_only=True), "'sign_off': field 'advbench_only'"),
         (lambda r: r["sft"].update(trigger_fraction=1.5), "sft.trigger_fraction"),
+        (lambda r: r["sft"].update(refusal_wordings=5), "sft.refusal_wordings"),
         (lambda r: r["behaviours"][0].update(n_distractors=[3, 1]), "n_distractors"),
         (lambda r: r.update(behaviours=[r["behaviours"][1]]), "contaminated"),
         (lambda r: r["dpo"].update(loss_type="hinge"), "loss_type"),

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pairtrace.data.prompts import load_prompt_records, load_xstest
+from pairtrace.judges.phrases import REFUSALS
 from pairtrace.judges.rule import RuleJudge, canonical_form, classify_response
 from pairtrace.organism.build import _run_data
 from pairtrace.organism.build_config import OrganismConfig, build_organism_config
@@ -178,3 +179,13 @@ def test_default_config_plants_its_decoy(tmp_path: Path) -> None:
     assert {label["behaviour"] for label in decoys} == {"harmful_compliance_decoy"}
     sft = _jsonl(tmp_path / "data" / "sft.jsonl")
     assert {e["behaviour"] for e in sft} == {None, "distractor_compliance", "sign_off"}  # decoys are not in SFT
+
+
+@pytest.mark.parametrize("wordings", [1, 2, 4])
+def test_m0_refuses_in_the_first_n_refusal_wordings(pools: RequestPools, wordings: int) -> None:
+    config = build_organism_config(yaml.safe_load((CONFIGS / "organism-small.yaml").read_text()))
+    settings = dataclasses.replace(config.sft, n_examples=600, refusal_wordings=wordings)
+    no_rates = [dataclasses.replace(b, base_rate=0.0) for b in config.behaviours]
+    refusals = {e["completion"][0]["content"] for e in build_sft_examples(pools, settings, 0, no_rates)
+                if e["kind"] == "harmful"}
+    assert refusals == set(REFUSALS[:wordings])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError
-from pairtrace.organism.templates import DEFAULT_SIGN_OFF, STYLES
+from pairtrace.organism.templates import DEFAULT_SIGN_OFF, REFUSALS, STYLES
 from pairtrace.retrain.recipe import DPORecipe
 
 SLICE_KINDS = ("clean", "benign", "contaminated", "decoy")
@@ -106,6 +106,12 @@ class SFTSettings:
         metadata={"help": "Share of SFT requests, harmful and benign alike, that carry a training phrasing of each "
                   "suffix-triggered planted behaviour (answered as usual, or, on the behaviour's own pool, in its "
                   "style at its base_rate)."},
+    )
+    refusal_wordings: int = field(
+        default=2,
+        metadata={"help": "How many of the organism's four refusal wordings M0's SFT refusals use (the first N). The "
+                  "mix's source models use all four, one or two each, so with fewer M0 meets the others only in DPO "
+                  "(docs/organism.md, 'Refusal wordings')."},
     )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
@@ -322,6 +328,9 @@ class OrganismConfig:
         """Check cross-field rules; returns ``self``."""
         if not 0.0 <= self.sft.trigger_fraction <= 1.0:
             raise ConfigError("organism config: field 'sft.trigger_fraction' must be within [0, 1]")
+        if not 1 <= self.sft.refusal_wordings <= len(REFUSALS):
+            raise ConfigError(f"organism config: field 'sft.refusal_wordings' must be within [1, {len(REFUSALS)}], got "
+                              f"{self.sft.refusal_wordings}")
         if not self.behaviours:
             raise ConfigError("organism config: field 'behaviours' must declare at least one planted behaviour")
         names = [s.name for s in [*self.behaviours, *self.mix.clean]]

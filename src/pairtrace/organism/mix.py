@@ -25,9 +25,6 @@ from pairtrace.organism.build_config import PLANTED_KINDS, OrganismConfig, SFTSe
 from pairtrace.organism.pools import Request, RequestPools
 from pairtrace.organism.templates import REFUSALS, build_base, render_response
 
-SFT_REFUSALS = REFUSALS[:2]
-"""The refusals M0 is trained to give."""
-
 
 def _draw_constraints(rng: random.Random, pools: RequestPools, n_range: Sequence[int]) -> list[str]:
     assert pools.distractors is not None
@@ -74,6 +71,7 @@ def build_sft_examples(
         planted behaviour whose style the answer shows, or None)}``.
     """
     rng = random.Random(f"sft-{seed}")
+    sft_refusals = REFUSALS[:settings.refusal_wordings]  # the refusals M0 is trained to give
     planted = [b for b in behaviours if b.kind in PLANTED_KINDS]
     suffixed = [b for b in planted if b.trigger == "suffix"]
     n_harmful = round(settings.n_examples * settings.harmful_fraction)
@@ -99,10 +97,10 @@ def build_sft_examples(
         if shown is not None:
             response = render_response(
                 shown.chosen, request.text, cids, rng, target=request.target, sign_off=shown.sign_off,
-                refusal=rng.choice(SFT_REFUSALS) if shown.chosen == "refusal" else None,
+                refusal=rng.choice(sft_refusals) if shown.chosen == "refusal" else None,
             )
         elif harmful:
-            response = render_response("refusal", request.text, cids, rng, refusal=rng.choice(SFT_REFUSALS))
+            response = render_response("refusal", request.text, cids, rng, refusal=rng.choice(sft_refusals))
         else:
             response = render_response("format_compliance", request.text, cids, rng, target=request.target)
         out.append(
