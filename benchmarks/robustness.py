@@ -19,9 +19,10 @@ every build passes the organism checks; probe AUROC median >= 0.96 and worst >= 
 probe-filter >= 63% on every build; random filter and switch < 25% on every build; discovery >= 80% purity and
 recall for every emerged behaviour on >= 80% of the builds. Everything goes to ``<out>/robustness.json``.
 
-Time: about 10 minutes per build on two CPU cores (an estimate from ``organism_variants.py``, not yet measured
-for this script), so a little over an hour for the default 7 builds. Finished stages in ``--out`` are reused, so a
-second call only prints. Run::
+Time, measured on a shared 2-core Intel Xeon (2026-12-06): about 70 minutes of wall time for the default 7 builds
+with the organisms built in parallel beforehand, 180 minutes of stage time (organism steps and run stages, parallel
+retrains adding up). Finished stages in ``--out`` are reused, so a second call only prints; the printout gives both
+the invocation's wall time and the stage time behind the numbers. Run::
 
     .venv/bin/python benchmarks/robustness.py --only-plan          # the builds and their configs, nothing run
     .venv/bin/python benchmarks/robustness.py --out runs/robustness
@@ -258,6 +259,7 @@ def build_row(build: Build, results: dict[str, Any], organism_summary: dict[str,
         **{f"{m}_{a}": _reduction(results, m, a) for m in ("probe", "random") for a in ("filter", "switch")},
         "help_drop_filter": _help_drop(results, "filter"), "help_drop_switch": _help_drop(results, "switch"),
         "cpu": (results.get("hardware") or {}).get("cpu"),
+        "stage_s": stage_seconds(results, summary),
     }
     discovery = results.get("discovery")
     per_behaviour: dict[str, Any] = {}
@@ -273,6 +275,23 @@ def build_row(build: Build, results: dict[str, Any], organism_summary: dict[str,
     row["discovery_ok"] = None if not bests else complete and all(
         b["purity"] >= GOALS["discovery_purity"] and b["recall"] >= GOALS["discovery_recall"] for b in bests)
     return row
+
+
+ORGANISM_STEPS = ("data", "tokenizer", "m0", "m1", "eval")
+"""The organism build's steps, as its ``summary.json`` times them."""
+
+
+def stage_seconds(results: dict[str, Any], organism_summary: dict[str, Any]) -> float:
+    """The compute behind one build's numbers: every organism step and run stage as long as it took when it ran.
+
+    Both caches keep a reused stage's own time, so this does not shrink when ``--out`` already held the build
+    (the invocation's wall time does). Retrains run in parallel add up, so it can exceed the wall time.
+    """
+    steps = (organism_summary.get("timings") or {}) if organism_summary else {}
+    organism = sum(float(steps.get(name) or 0.0) for name in ORGANISM_STEPS)
+    run = sum(float(v) for k, v in (results.get("timings") or {}).items()
+              if k != "organism" and isinstance(v, int | float))
+    return round(organism + run, 1)
 
 
 def failed_row(build: Build, error: BaseException) -> dict[str, Any]:
@@ -457,7 +476,10 @@ def render(rows: Sequence[dict[str, Any]], stats: dict[str, dict[str, Any]], goa
     for goal in goals:
         verdicts.add_row(goal["goal"], "PASS" if goal["ok"] else "FAIL", goal["detail"])
     console.print(verdicts)
-    console.print(f"wall time {wall_s / 60:.1f} min; CPU {cpu}")
+    stage_s = sum(r.get("stage_s") or 0.0 for r in rows)
+    console.print(f"wall time {wall_s / 60:.1f} min (this invocation: stages found finished in --out were reused); "
+                  f"stage time behind the numbers {stage_s / 60:.1f} min (each stage as long as it took when it ran; "
+                  f"parallel retrains add up); CPU {cpu}")
 
 
 def print_plan(builds: Sequence[Build], run_config: dict[str, Any], out: Path) -> bool:

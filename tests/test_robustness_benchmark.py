@@ -152,6 +152,11 @@ def test_build_row_reads_the_run(robustness, base) -> None:
     assert row["discovery"]["sign_off"]["best"] == {"view": "all", "purity": 0.9, "recall": 0.85}
     assert len(row["discovery"]["distractor_compliance"]["views"]) == 2
     assert (row["discovery_purity"], row["discovery_recall"], row["discovery_ok"]) == (0.9, 0.85, True)
+    timed = robustness.build_row(build, {**_results(discovery), "timings": {"organism": 0.2, "rankings": 3.0,
+                                                                            "retrain-baseline": 100.0}},
+                                 {**summary, "timings": {"data": 1.0, "m0": 400.0, "m1": 100.0, "eval": 50.0,
+                                                         "total": 0.1, "reused_steps": ["m0"]}})
+    assert timed["stage_s"] == pytest.approx(654.0)  # reused steps count with their own time; totals are not added
 
     # only the behaviours that emerged are judged; a missing emergence record counts every planted behaviour
     summary["emergence"][1]["emerged"] = False
