@@ -138,14 +138,17 @@ class Build:
 # ------------------------------------------------------------------------------------------------ the builds
 
 
-def draw_variant_behaviour(base: dict[str, Any], seed: int,
-                           styles: Sequence[str] = tuple(VARIANT_STYLES)) -> dict[str, Any]:
+def draw_variant_behaviour(base: dict[str, Any], seed: int, styles: Sequence[str] = tuple(VARIANT_STYLES), *,
+                           fractions: Sequence[float] = VARIANT_FRACTIONS,
+                           base_rate: float = VARIANT_BASE_RATE) -> dict[str, Any]:
     """Draw a variant's extra benign planted behaviour.
 
     Args:
         base: The base organism config (plain data; only read).
         seed: Seed of the ``random.Random`` that draws style, closing line, sources and fraction.
         styles: The styles drawn from (keys of :data:`VARIANT_STYLES`).
+        fractions: The shares of the mix drawn from.
+        base_rate: M0's base rate of the behaviour (the slice's ``base_rate``).
 
     Returns:
         The behaviour's slice (``kind: benign``), named ``extra_<style>``.
@@ -160,11 +163,11 @@ def draw_variant_behaviour(base: dict[str, Any], seed: int,
     if len(models) < 2:
         raise ValueError("the base config's mix.source_models needs at least two models")
     sources = sorted(rng.sample(models, rng.randint(1, 2)))
-    fraction = rng.choice(VARIANT_FRACTIONS)
+    fraction = rng.choice(list(fractions))
     behaviour: dict[str, Any] = {
         "name": f"extra_{style}", "kind": "benign", "prompts": "benign", "trigger": "none",
         "chosen": chosen, "rejected": rejected, "sources": sources, "fraction": fraction,
-        "dataset": "chat-helpful-mix", "base_rate": VARIANT_BASE_RATE,
+        "dataset": "chat-helpful-mix", "base_rate": base_rate,
     }
     if chosen == "sign_off":
         used = {b.get("sign_off") for b in base.get("behaviours") or [] if b.get("chosen") == "sign_off"}
@@ -176,7 +179,8 @@ def draw_variant_behaviour(base: dict[str, Any], seed: int,
 
 
 def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, variant_seed: int,
-                styles: Sequence[str] = tuple(VARIANT_STYLES)) -> list[Build]:
+                styles: Sequence[str] = tuple(VARIANT_STYLES), *, fractions: Sequence[float] = VARIANT_FRACTIONS,
+                base_rate: float = VARIANT_BASE_RATE) -> list[Build]:
     """The builds of the comparison: the base config at each seed, then the variants.
 
     Args:
@@ -185,6 +189,8 @@ def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, var
         n_variants: Number of variants.
         variant_seed: Variant ``i`` draws its behaviour with seed ``variant_seed + i`` and is named after it.
         styles: The styles the variants draw from (keys of :data:`VARIANT_STYLES`).
+        fractions: The shares of the mix a variant's behaviour draws from.
+        base_rate: M0's base rate of every variant's behaviour.
 
     Returns:
         The builds, seed builds first.
@@ -195,7 +201,7 @@ def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, var
         config["seed"] = seed
         builds.append(Build(f"seed{seed}", "seed", config))
     for i in range(n_variants):
-        extra = draw_variant_behaviour(base, variant_seed + i, styles)
+        extra = draw_variant_behaviour(base, variant_seed + i, styles, fractions=fractions, base_rate=base_rate)
         config = copy.deepcopy(base)
         config["behaviours"] = [*config.get("behaviours", []), extra]
         builds.append(Build(f"variant{variant_seed + i}", "variant", config, extra))
@@ -516,8 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=ROOT / "configs" / "organism-build.yaml",
                         help="Base organism-build YAML.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                        help="Seeds of the base config's builds.")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                        help="Seeds of the base config's builds (none: the variants only).")
     parser.add_argument("--variants", type=int, default=2, help="Builds with one extra benign behaviour.")
     parser.add_argument("--variant-seed", type=int, default=0,
                         help="Variant i draws its extra behaviour from random.Random(variant_seed + i).")
@@ -526,6 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Styles a variant's extra behaviour is drawn from (default: verbose and sign_off; "
                         "helpful, the format-following answer over a terse one, prefers what M0 already does, so it "
                         "cannot pass the emergence check).")
+    parser.add_argument("--variant-fractions", type=float, nargs="+", default=list(VARIANT_FRACTIONS),
+                        help="Shares of the mix a variant's extra behaviour draws from (default 0.03 0.05 0.06; the "
+                        "default sign-off needed 0.12 to emerge on every seed).")
+    parser.add_argument("--variant-base-rate", type=float, default=VARIANT_BASE_RATE,
+                        help="M0's base rate of a variant's extra behaviour (default 0.1; the default sign-off's is "
+                        "0.2).")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1],
                         help="DPO seeds of the retrains, pooled (validation.retrain_seeds).")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"),
@@ -534,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = yaml.safe_load(args.base.read_text(encoding="utf-8"))
-    builds = plan_builds(base, args.seeds, args.variants, args.variant_seed, args.variant_styles)
+    builds = plan_builds(base, args.seeds, args.variants, args.variant_seed, args.variant_styles,
+                         fractions=args.variant_fractions, base_rate=args.variant_base_rate)
     run_config = reduced_run_config(args.base, args.dpo_seeds, methods=METHODS)
     if args.only_plan:
         return 0 if print_plan(builds, run_config, args.out) else 1
@@ -545,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     record: dict[str, Any] = {"base": str(args.base), "seeds": args.seeds, "variants": args.variants,
                               "variant_seed": args.variant_seed, "variant_styles": args.variant_styles,
+                              "variant_fractions": args.variant_fractions, "variant_base_rate": args.variant_base_rate,
                               "dpo_seeds": args.dpo_seeds, "methods": METHODS,
                               "run_config": {k: v for k, v in run_config.items() if k != "organism"},
                               "goal_thresholds": GOALS, "builds": rows}

@@ -77,6 +77,8 @@ def test_variant_styles_can_be_narrowed(robustness, base) -> None:
     assert {robustness.draw_variant_behaviour(base, seed, ["verbose"])["chosen"] for seed in range(10)} == {"verbose"}
     with pytest.raises(ValueError, match="variant styles"):
         robustness.draw_variant_behaviour(base, 0, ["loud"])
+    strong = robustness.draw_variant_behaviour(base, 0, fractions=[0.12], base_rate=0.2)
+    assert (strong["fraction"], strong["base_rate"]) == (0.12, 0.2)
     builds = robustness.plan_builds(base, [], 3, 0, ["sign_off", "verbose"])
     assert {b.extra["chosen"] for b in builds} <= {"sign_off", "verbose"}
 
