@@ -87,7 +87,7 @@ def is_refusal(text: str) -> bool:
         ``True`` for a refusal.
     """
     canon = canonical_form(text)
-    if any(canon.startswith(r) for r in _CANON_REFUSALS + _CANON_REFUSAL_OPENINGS):
+    if any(canon.startswith(r) for r in _CANON_REFUSAL_OPENINGS):  # every whole refusal starts with its opening
         return True
     if any(canon.startswith(o) for o in _CANON_OPENERS):
         return False
