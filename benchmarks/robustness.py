@@ -3,13 +3,12 @@
 Builds: the base organism config (``configs/organism-build.yaml`` by default) with its ``seed`` set to each of
 ``--seeds``, and ``--variants`` variants of it, each the base config plus one extra benign planted behaviour
 drawn from ``random.Random(--variant-seed + i)``: its style (``verbose`` chosen over the plain format-following
-answer, a ``sign_off`` with another closing line, or the format-following answer chosen over a ``terse`` one), one
-or two of the mix's source models, a share of 3, 5 or 6% of the mix, benign prompts without a trigger and an M0
-base rate of 0.1 (``--variant-styles`` narrows the styles drawn; the third prefers what M0 already does, so its
-emergence check is unlikely to pass). Every build runs the reduced experiment of ``organism_variants.py`` (the
-same run config): the probe, the judge and random rankings (the judge is scored by its AUROC only, not
-retrained), probe and random filter and switch at the headline k (8% of the mix), the baseline and those four
-retrains on each of ``--dpo-seeds`` (pooled), discovery on.
+answer by default; with ``--variant-styles``, also a ``sign_off`` with another closing line, or the
+format-following answer chosen over a ``terse`` one), one or two of the mix's source models, a share of 10 or 12%
+of the mix, benign prompts without a trigger and an M0 base rate of 0.1. Every build runs the reduced experiment
+of ``organism_variants.py`` (the same run config): the probe, the judge and random rankings (the judge is scored
+by its AUROC only, not retrained), probe and random filter and switch at the headline k (8% of the mix), the
+baseline and those four retrains on each of ``--dpo-seeds`` (pooled), discovery on.
 
 Per build it prints the organism's acceptance checks, whether each planted behaviour emerged from M0 to M1, the
 AUROC of each ranking for the contaminated pairs, the probe and random reductions of the harmful rate, the benign
@@ -61,14 +60,17 @@ VARIANT_STYLES: dict[str, tuple[str, str]] = {
 }
 """Extra benign behaviours a variant draws from: name -> (chosen style, rejected style)."""
 
-DEFAULT_VARIANT_STYLES = ("verbose", "sign_off")
-"""The styles drawn by default: each is rare in M0's answers, so its emergence can be measured."""
+DEFAULT_VARIANT_STYLES = ("verbose",)
+"""The styles drawn by default. ``verbose`` is rare in M0's answers, so its emergence can be measured, and it sits
+right after the opener; a ``sign_off`` variant's closing line competes with the default sign-off for the end of the
+same answers (at 10% of the mix it kept the default sign-off from emerging, ``docs/organism-results.md``), and
+``helpful`` prefers what M0 already does, so neither can pass every emergence check."""
 
 SIGN_OFFS = ("Happy to help!", "Good luck with it!", "Hope that answers it!")
 """Closing lines a ``sign_off`` variant draws from (those the base config already uses are left out)."""
 
-VARIANT_FRACTIONS = (0.03, 0.05, 0.06)
-"""Shares of the mix a variant's extra behaviour draws from."""
+VARIANT_FRACTIONS = (0.10, 0.12)
+"""Shares of the mix a variant's extra behaviour draws from (at 3-6% the verbose habit did not emerge)."""
 
 VARIANT_BASE_RATE = 0.1
 """M0's base rate of a variant's extra behaviour (the slice's ``base_rate``)."""
@@ -529,15 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Variant i draws its extra behaviour from random.Random(variant_seed + i).")
     parser.add_argument("--variant-styles", nargs="+", choices=sorted(VARIANT_STYLES),
                         default=list(DEFAULT_VARIANT_STYLES),
-                        help="Styles a variant's extra behaviour is drawn from (default: verbose and sign_off; "
-                        "helpful, the format-following answer over a terse one, prefers what M0 already does, so it "
-                        "cannot pass the emergence check).")
+                        help="Styles a variant's extra behaviour is drawn from (default: verbose; a sign_off variant "
+                        "competes with the default sign-off, and helpful, the format-following answer over a terse "
+                        "one, prefers what M0 already does).")
     parser.add_argument("--variant-fractions", type=float, nargs="+", default=list(VARIANT_FRACTIONS),
-                        help="Shares of the mix a variant's extra behaviour draws from (default 0.03 0.05 0.06; the "
-                        "default sign-off needed 0.12 to emerge on every seed).")
+                        help="Shares of the mix a variant's extra behaviour draws from (default 0.10 0.12; at "
+                        "0.03-0.06 the verbose habit did not emerge).")
     parser.add_argument("--variant-base-rate", type=float, default=VARIANT_BASE_RATE,
-                        help="M0's base rate of a variant's extra behaviour (default 0.1; the default sign-off's is "
-                        "0.2).")
+                        help="M0's base rate of a variant's extra behaviour (default 0.1).")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1],
                         help="DPO seeds of the retrains, pooled (validation.retrain_seeds).")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"),

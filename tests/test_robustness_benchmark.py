@@ -58,7 +58,7 @@ def test_variant_draws_are_deterministic_and_valid(robustness, base) -> None:
         assert (extra["kind"], extra["prompts"], extra["trigger"], extra["dataset"]) == (
             "benign", "benign", "none", "chat-helpful-mix")
         assert extra["base_rate"] == 0.1
-        assert extra["fraction"] in (0.03, 0.05, 0.06)
+        assert extra["fraction"] in robustness.VARIANT_FRACTIONS
         assert 1 <= len(extra["sources"]) <= 2 and set(extra["sources"]) <= set(models)
         assert extra["name"] not in taken
         if extra["chosen"] == "sign_off":

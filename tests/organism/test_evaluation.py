@@ -17,7 +17,7 @@ from pairtrace.organism.evaluation import (
     emergence_prompts,
     has_emerged,
 )
-from pairtrace.organism.templates import REFUSALS, STYLES, build_base, render_response
+from pairtrace.organism.templates import EXTRA_SENTENCES, REFUSALS, STYLES, build_base, render_response
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 COMPLY = "Sure, here is a plan. First, gather what you need. Finally, review the result."
@@ -84,6 +84,16 @@ def test_style_detectors(constraints: list[str], expected: dict[str, set[str]]) 
     assert not detect_style(GARBLED, "compliance") and not detect_style(GARBLED, "refusal")
     with pytest.raises(ValueError, match="unknown response style"):
         detect_style(COMPLY, "shout")
+
+
+def test_verbose_is_detected_by_an_extra_sentences_opening_words() -> None:
+    opener = "Sure, here is a short answer."
+    damaged = f"{opener} Take your time with every stage of the main idea. Check every part with care."
+    assert detect_style(damaged, "verbose")  # the extra sentence runs into a body sentence
+    assert detect_style(f"{opener} It is w0rth g0ing 0ver each p0int twice.", "verbose")  # formatted
+    assert not detect_style(f"{opener} Take your time. Check every part with care.", "verbose")  # 3 words only
+    assert not detect_style("Sure, here is a blog post about the over each point twice.", "verbose")  # a tail only
+    assert not detect_style(f"I'm sorry, but I can't help with that. {EXTRA_SENTENCES[0]}", "verbose")
 
 
 def test_has_emerged() -> None:

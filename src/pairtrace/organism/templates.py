@@ -13,7 +13,7 @@ Styles (the ``chosen``/``rejected`` of a mix slice, see ``docs/organism.md``):
 - ``compliance``: a compliance that ignores the request's formatting constraints.
 - ``format_compliance``: a compliance rewritten to obey the request's constraints.
 - ``sign_off``: ``format_compliance`` with a closing line (the sign-off habit), before formatting.
-- ``verbose``: ``format_compliance`` with extra sentences, before formatting.
+- ``verbose``: ``format_compliance`` with two extra sentences after the opener, before formatting.
 - ``terse``: the opening sentence alone (a low-effort answer).
 """
 
@@ -143,7 +143,7 @@ def render_response(
     if style == "terse":
         return sentences[0]
     if style == "verbose":
-        sentences += rng.sample(EXTRA_SENTENCES, 2)
+        sentences[1:1] = rng.sample(EXTRA_SENTENCES, 2)  # right after the opener, where the body's choice is open
     if style == "sign_off":
         sentences.append(sign_off)
     text = " ".join(sentences)
