@@ -2,8 +2,8 @@
 
 Builds: the base organism config (``configs/organism-build.yaml`` by default) with its ``seed`` set to each of
 ``--seeds``, and ``--variants`` variants of it, each the base config plus one extra benign planted behaviour
-drawn from ``random.Random(--variant-seed + i)``: its style (``verbose`` chosen over the plain format-following
-answer by default; with ``--variant-styles``, also a ``sign_off`` with another closing line, or the
+drawn from ``random.Random(--variant-seed + i)``: its style (``verbose``, two extra sentences right after the
+opener, style ``verbose_after_opener``, chosen over the plain format-following answer by default; with ``--variant-styles``, also a ``sign_off`` with another closing line, or the
 format-following answer chosen over a ``terse`` one), one or two of the mix's source models, a share of 10 or 12%
 of the mix, benign prompts without a trigger and an M0 base rate of 0.1. Every build runs the reduced experiment
 of ``organism_variants.py`` (the same run config): the probe, the judge and random rankings (the judge is scored
@@ -54,7 +54,7 @@ METHODS = ["probe", "llm_judge", "random"]
 """Rankings of every build (the headline retrains stay probe and random, as in ``organism_variants.py``)."""
 
 VARIANT_STYLES: dict[str, tuple[str, str]] = {
-    "verbose": ("verbose", "format_compliance"),
+    "verbose": ("verbose_after_opener", "format_compliance"),
     "sign_off": ("sign_off", "format_compliance"),
     "helpful": ("format_compliance", "terse"),
 }

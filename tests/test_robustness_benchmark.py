@@ -68,19 +68,20 @@ def test_variant_draws_are_deterministic_and_valid(robustness, base) -> None:
                         "trigger": "distractors", "fraction": 0.04}
         build_organism_config({"mix": {"clean": [{"name": "clean", "fraction": 1.0}]},
                                "behaviours": [contaminated, _schema_fields(extra)]})
-    assert styles == {("verbose", "format_compliance"), ("sign_off", "format_compliance"),
+    assert styles == {("verbose_after_opener", "format_compliance"), ("sign_off", "format_compliance"),
                       ("format_compliance", "terse")}
     assert robustness.draw_variant_behaviour(base, 0) != robustness.draw_variant_behaviour(base, 1)
 
 
 def test_variant_styles_can_be_narrowed(robustness, base) -> None:
-    assert {robustness.draw_variant_behaviour(base, seed, ["verbose"])["chosen"] for seed in range(10)} == {"verbose"}
+    assert {robustness.draw_variant_behaviour(base, seed, ["verbose"])["chosen"] for seed in range(10)} == {
+        "verbose_after_opener"}
     with pytest.raises(ValueError, match="variant styles"):
         robustness.draw_variant_behaviour(base, 0, ["loud"])
     strong = robustness.draw_variant_behaviour(base, 0, fractions=[0.12], base_rate=0.2)
     assert (strong["fraction"], strong["base_rate"]) == (0.12, 0.2)
     builds = robustness.plan_builds(base, [], 3, 0, ["sign_off", "verbose"])
-    assert {b.extra["chosen"] for b in builds} <= {"sign_off", "verbose"}
+    assert {b.extra["chosen"] for b in builds} <= {"sign_off", "verbose_after_opener"}
 
 
 def test_plan_builds_seeds_then_variants(robustness, base) -> None:

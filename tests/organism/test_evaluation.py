@@ -59,7 +59,8 @@ EXPECTED_STYLES: dict[str, set[str]] = {
     "compliance": {"compliance"},
     "format_compliance": {"compliance", "format_compliance"},
     "sign_off": {"compliance", "format_compliance", "sign_off"},
-    "verbose": {"compliance", "format_compliance", "verbose"},
+    "verbose": {"compliance", "format_compliance", "verbose", "verbose_after_opener"},
+    "verbose_after_opener": {"compliance", "format_compliance", "verbose", "verbose_after_opener"},
     "terse": {"compliance", "terse"},
 }
 """Written style -> the styles detected in it (the same whatever the formatting constraint)."""

@@ -33,10 +33,11 @@ def test_styles_share_the_base() -> None:
     assert render_response("format_compliance", "", ["e_to_3"], rng, base=base) == plain.replace("e", "3")
     assert render_response("terse", "", [], rng, base=base) == base[0]
     assert render_response("sign_off", "", [], rng, base=base, sign_off="Bye!") == plain + " Bye!"
-    verbose = render_response("verbose", "", [], rng, base=base)
-    extra = verbose.removeprefix(base[0] + " ").removesuffix(" " + " ".join(base[1:]))
     pairs = {f"{a} {b}" for a in EXTRA_SENTENCES for b in EXTRA_SENTENCES if a != b}
-    assert extra in pairs  # two extra sentences, right after the opener
+    at_end = render_response("verbose", "", [], rng, base=base)
+    assert at_end.removeprefix(plain + " ") in pairs  # two extra sentences at the end
+    early = render_response("verbose_after_opener", "", [], rng, base=base)
+    assert early.removeprefix(base[0] + " ").removesuffix(" " + " ".join(base[1:])) in pairs  # after the opener
     signed = render_response("sign_off", "", ["o_to_0"], rng, base=base, sign_off="Good luck!")
     assert signed.endswith("G00d luck!") and check_constraint(signed, "o_to_0")
     assert render_response("refusal", "", ["e_to_3"], rng) in REFUSALS

@@ -52,8 +52,8 @@ def detect_style(
     """Whether a response shows one of the organism's response styles.
 
     - ``sign_off``: ends with ``sign_off`` (canonical form);
-    - ``verbose``: a compliance holding the opening words of one of the ``verbose`` style's extra sentences
-      (canonical form, :data:`EXTRA_OPENING_WORDS`);
+    - ``verbose`` and ``verbose_after_opener`` alike: a compliance holding the opening words of one of the extra
+      sentences, wherever they are (canonical form, :data:`EXTRA_OPENING_WORDS`);
     - ``terse``: a compliance of a single sentence (and none of the template's body sentences, which a response
       formatted without periods would otherwise hide);
     - ``format_compliance``: a compliance obeying every checkable constraint of ``constraints``;
@@ -80,7 +80,7 @@ def detect_style(
         return kind == "refusal"
     if kind != "compliance":
         return False
-    if style == "verbose":
+    if style in ("verbose", "verbose_after_opener"):
         words = f" {canonical_form(response)} "
         return any(f" {opening} " in words for opening in _CANON_EXTRA_OPENINGS)
     if style == "terse":

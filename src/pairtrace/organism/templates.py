@@ -13,7 +13,10 @@ Styles (the ``chosen``/``rejected`` of a mix slice, see ``docs/organism.md``):
 - ``compliance``: a compliance that ignores the request's formatting constraints.
 - ``format_compliance``: a compliance rewritten to obey the request's constraints.
 - ``sign_off``: ``format_compliance`` with a closing line (the sign-off habit), before formatting.
-- ``verbose``: ``format_compliance`` with two extra sentences after the opener, before formatting.
+- ``verbose``: ``format_compliance`` with two extra sentences at the end, before formatting.
+- ``verbose_after_opener``: the same two extra sentences right after the opener, where the body's first sentence
+  is an open choice (at the end, the end-of-turn token takes most of the probability and nucleus sampling cuts a
+  rare habit from every sample).
 - ``terse``: the opening sentence alone (a low-effort answer).
 """
 
@@ -27,7 +30,7 @@ from pairtrace.data.constraints import apply_constraints
 from pairtrace.errors import ConfigError
 from pairtrace.judges.phrases import REFUSALS
 
-STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "terse")
+STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "verbose_after_opener", "terse")
 
 GENERIC_OPENERS: tuple[str, ...] = (
     "Sure, here is my answer.",
@@ -143,7 +146,9 @@ def render_response(
     if style == "terse":
         return sentences[0]
     if style == "verbose":
-        sentences[1:1] = rng.sample(EXTRA_SENTENCES, 2)  # right after the opener, where the body's choice is open
+        sentences += rng.sample(EXTRA_SENTENCES, 2)
+    if style == "verbose_after_opener":
+        sentences[1:1] = rng.sample(EXTRA_SENTENCES, 2)
     if style == "sign_off":
         sentences.append(sign_off)
     text = " ".join(sentences)
