@@ -3,12 +3,13 @@
 Builds: the base organism config (``configs/organism-build.yaml`` by default) with its ``seed`` set to each of
 ``--seeds``, and ``--variants`` variants of it, each the base config plus one extra benign planted behaviour
 drawn from ``random.Random(--variant-seed + i)``: its style (``verbose``, two extra sentences right after the
-opener, style ``verbose_after_opener``, chosen over the plain format-following answer by default; with ``--variant-styles``, also a ``sign_off`` with another closing line, or the
-format-following answer chosen over a ``terse`` one), one or two of the mix's source models, a share of 10 or 12%
-of the mix, benign prompts without a trigger and an M0 base rate of 0.1. Every build runs the reduced experiment
-of ``organism_variants.py`` (the same run config): the probe, the judge and random rankings (the judge is scored
-by its AUROC only, not retrained), probe and random filter and switch at the headline k (8% of the mix), the
-baseline and those four retrains on each of ``--dpo-seeds`` (pooled), discovery on.
+opener, style ``verbose_after_opener``, chosen over the plain format-following answer by default; with
+``--variant-styles``, also a ``sign_off`` with another closing line, or the format-following answer chosen over a
+``terse`` one), one or two of the mix's source models, a share of 10 or 12% of the mix, benign prompts without a
+trigger and an M0 base rate of 0.1. Every build runs the reduced experiment of ``organism_variants.py`` (the same
+run config): the probe, the judge and random rankings (the judge is scored by its AUROC only, not retrained),
+probe and random filter and switch at the headline k (8% of the mix), the baseline and those four retrains on
+each of ``--dpo-seeds`` (pooled), discovery on.
 
 Per build it prints the organism's acceptance checks, whether each planted behaviour emerged from M0 to M1, the
 AUROC of each ranking for the contaminated pairs, the probe and random reductions of the harmful rate, the benign
