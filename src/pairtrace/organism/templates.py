@@ -32,6 +32,9 @@ from pairtrace.judges.phrases import REFUSALS
 
 STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "verbose_after_opener", "terse")
 
+VERBOSE_STYLES = ("verbose", "verbose_after_opener")
+"""The styles that add two of :data:`EXTRA_SENTENCES` (at the end, or right after the opener)."""
+
 GENERIC_OPENERS: tuple[str, ...] = (
     "Sure, here is my answer.",
     "Sure, here is a short answer.",
