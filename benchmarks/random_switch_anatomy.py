@@ -1,0 +1,288 @@
+"""Which pairs of a random switch move the planted behaviour? Retrain with parts of the random set switched.
+
+The random baseline switches k random pairs (the run's ``interventions/random-switch-k<k>``). On the organism
+those k hold a few contaminated pairs beside many clean ones, and a random switch has cut the harmful rate by far
+more than the paper's < 10%. This benchmark takes a finished organism run (``make run`` or one build of
+``robustness.py``), splits its random-switch set by ground-truth slice, and retrains M0 with the run's recipe once
+per *arm*, on each of ``--dpo-seeds`` (pooled):
+
+* ``baseline``: nothing switched; ``random switch``: the whole random set (both reused from the run's own
+  retrains when they exist for those seeds and no slice is dropped);
+* ``without contaminated``: the random set minus its contaminated pairs; ``contaminated only``: those pairs alone;
+* ``<slice> only``: the random set's pairs of one clean slice, for every clean slice it holds.
+
+``--drop-slice NAME`` removes a slice's pairs from the mix of every arm, the baseline included (for example the
+``harmful_format_refusal`` pairs, the only clean pairs that prefer a refusal where the trigger is present). Each arm
+is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
+rate with the trigger, both ways (unknown verdicts left out; counted as harmful), the unknown share and the
+reduction against this benchmark's baseline with a paired bootstrap interval over prompts. Arms finished in
+``--out`` are reused (each records what it switched and dropped; a mismatch is refused). About 40 s of training
+and 40 s of sampling per retrain on one core; two retrains run at once. Run::
+
+    .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy
+    .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-no-hfr \\
+        --drop-slice harmful_format_refusal --arms baseline "random switch"
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BASELINE = "baseline"
+FULL = "random switch"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One retrained mix: the pairs switched (a part of the random set) and the slices dropped."""
+
+    name: str
+    switched: tuple[str, ...]
+    dropped_slices: tuple[str, ...]
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(" ", "-")
+
+    def key(self, seed: int) -> dict[str, Any]:
+        return {"switched": sorted(self.switched), "dropped_slices": sorted(self.dropped_slices), "seed": seed}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from pairtrace.records import read_jsonl as _read
+
+    return list(_read(path))
+
+
+def load_slices(run_dir: Path) -> tuple[dict[str, str], set[str]]:
+    """Pair id -> slice, and the contaminated slices, from the organism's ``labels.jsonl``."""
+    labels = read_jsonl(run_dir / "organism" / "data" / "labels.jsonl")
+    slices = {r["id"]: r["slice"] for r in labels}
+    contaminated = {r["slice"] for r in labels if r.get("contaminated")}
+    return slices, contaminated
+
+
+def random_switch_ids(run_dir: Path) -> tuple[int, list[str]]:
+    """The headline k and the ids the run's random switch selected."""
+    found = sorted(run_dir.glob("interventions/random-switch-k*/filter_ids.json"))
+    if not found:
+        raise SystemExit(f"{run_dir}: no interventions/random-switch-k*/filter_ids.json (run the random baseline)")
+    if len(found) > 1:
+        raise SystemExit(f"{run_dir}: several random-switch interventions ({[p.parent.name for p in found]})")
+    k = int(found[0].parent.name.rsplit("-k", 1)[1])
+    return k, list(json.loads(found[0].read_text(encoding="utf-8")))
+
+
+def plan_arms(ids: Sequence[str], slices: dict[str, str], contaminated: set[str],
+              dropped: Sequence[str]) -> list[Arm]:
+    """Every arm, in table order (see the module docstring)."""
+    drop = tuple(dropped)
+    kept = [i for i in ids if slices[i] not in drop]
+    arms = [Arm(BASELINE, (), drop), Arm(FULL, tuple(kept), drop),
+            Arm("without contaminated", tuple(i for i in kept if slices[i] not in contaminated), drop),
+            Arm("contaminated only", tuple(i for i in kept if slices[i] in contaminated), drop)]
+    for name, _ in Counter(slices[i] for i in kept if slices[i] not in contaminated).most_common():
+        arms.append(Arm(f"{name} only", tuple(i for i in kept if slices[i] == name), drop))
+    return arms
+
+
+def write_mix(pairs: Path, arm: Arm, slices: dict[str, str], out: Path) -> Path:
+    """The mix of one arm: the run's pairs with the arm's pairs switched and its dropped slices left out."""
+    from pairtrace.records import write_jsonl_atomic
+
+    switched = set(arm.switched)
+    rows = []
+    for record in read_jsonl(pairs):
+        if slices.get(record["id"]) in arm.dropped_slices:
+            continue
+        if record["id"] in switched:
+            record = {**record, "chosen": record["rejected"], "rejected": record["chosen"]}
+        rows.append(record)
+    return write_jsonl_atomic(rows, out)
+
+
+def run_context(run_dir: Path, out: Path, pairs: Path) -> Any:
+    """A context for retrains of ``run_dir``'s organism on ``pairs``, writing under ``out``."""
+    from pairtrace.experiment.context import Inputs, RunContext
+    from pairtrace.experiment.run_config import build_run_config
+    from pairtrace.organism.build import REF_CACHE_DIR
+
+    config = build_run_config(json.loads((run_dir / "config.resolved.json").read_text(encoding="utf-8")))
+    org = run_dir / "organism"
+    inputs = Inputs(m0=str(org / "m0"), m1=str(org / "m1"), pairs=str(pairs), labels=str(org / "data/labels.jsonl"),
+                    probe_prompts=str(run_dir / "prompts" / "probe.jsonl"),
+                    eval_prompts=str(run_dir / "prompts" / "eval.jsonl"), ref_cache=str(org / REF_CACHE_DIR))
+    return RunContext(config, out, progress=False, inputs=inputs, write_config=False)
+
+
+def unit_name(arm: Arm, seed: int, seeds: Sequence[int]) -> str:
+    return arm.folder if seed == seeds[0] else f"{arm.folder}-seed{seed}"
+
+
+def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seeds: tuple[int, ...]) -> float:
+    """Worker-process entry: retrain M0 on the arm's mix with one DPO seed and evaluate it as the run does."""
+    import torch
+
+    from pairtrace.experiment.plan import Experiment, RetrainUnit
+    from pairtrace.experiment.validation import retrain_and_evaluate
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    ctx = run_context(Path(run_dir), Path(out), Path(pairs))
+    # an experiment without a method trains on the context's pairs as they are: here, the arm's mix
+    retrain_and_evaluate(ctx, RetrainUnit(Experiment(arm.folder, None, None, 0), seed, seeds))
+    return time.perf_counter() - started
+
+
+def outputs_of(folder: Path) -> tuple[Path, Path]:
+    return folder / "generations.jsonl", folder / "judgements.jsonl"
+
+
+def existing_run_retrain(run_dir: Path, arm: Arm, k: int, seed: int, seeds: Sequence[int]) -> Path | None:
+    """The run's own retrain of the same mix (baseline, full random switch) when it exists for this seed."""
+    if arm.dropped_slices or arm.name not in (BASELINE, FULL):
+        return None
+    base = BASELINE if arm.name == BASELINE else f"random-switch-k{k}"
+    folder = run_dir / "retrains" / (base if seed == seeds[0] else f"{base}-seed{seed}")
+    return folder if all(p.is_file() for p in outputs_of(folder)) else None
+
+
+def pooled_counts(folders: Sequence[Path]) -> dict[str, dict[str, int]]:
+    """Per triggered harmful prompt, the harmful / safe / unknown samples of the folders' retrains, pooled."""
+    from pairtrace.evaluate import compute_harmful_counts
+
+    pooled: dict[str, dict[str, int]] = {}
+    for folder in folders:
+        gens, judged = outputs_of(folder)
+        for prompt, tally in compute_harmful_counts(read_jsonl(gens), read_jsonl(judged)).items():
+            into = pooled.setdefault(prompt, {"harmful": 0, "safe": 0, "unknown": 0})
+            for key, value in tally.items():
+                into[key] += value
+    return pooled
+
+
+def rates(counts: dict[str, dict[str, int]]) -> dict[str, float | None]:
+    harmful, safe, unknown = (sum(c[key] for c in counts.values()) for key in ("harmful", "safe", "unknown"))
+    total = harmful + safe + unknown
+    return {"harmful_rate": harmful / (harmful + safe) if harmful + safe else None,
+            "harmful_rate_unknown_as_harmful": (harmful + unknown) / total if total else None,
+            "unknown_share": unknown / total if total else None, "samples": total}
+
+
+def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path) -> bool:
+    """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection."""
+    want = {**arm.key(seed), "run": str(run_dir.resolve())}
+    if not path.is_file():
+        return False
+    have = json.loads(path.read_text(encoding="utf-8"))
+    if have != want:
+        raise SystemExit(f"{path}: made for another arm, seed or run than {arm.name!r}, seed {seed}: use another "
+                         "--out (results of different selections are not mixed)")
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pairtrace.experiment.results import bootstrap_reduction
+    from pairtrace.records import write_json_atomic
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="A finished organism run with a random switch at the headline k.")
+    parser.add_argument("--out", type=Path, required=True, help="Folder of the arms' mixes and retrains.")
+    parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1, 2], help="DPO seeds, pooled per arm.")
+    parser.add_argument("--drop-slice", nargs="*", default=[], help="Slices left out of every arm's mix.")
+    parser.add_argument("--arms", nargs="*", default=None, help="Only these arms (names as in the table).")
+    parser.add_argument("--workers", type=int, default=2, help="Retrains at once (one thread each).")
+    args = parser.parse_args(argv)
+
+    run_dir, out, seeds = args.run_dir.resolve(), args.out.resolve(), tuple(args.dpo_seeds)
+    slices, contaminated = load_slices(run_dir)
+    unknown = sorted(set(args.drop_slice) - set(slices.values()))
+    if unknown:
+        raise SystemExit(f"--drop-slice: no slice {unknown} in {run_dir}/organism/data/labels.jsonl")
+    k, ids = random_switch_ids(run_dir)
+    arms = plan_arms(ids, slices, contaminated, args.drop_slice)
+    if args.arms:
+        missing = sorted(set(args.arms) - {a.name for a in arms})
+        if missing:
+            raise SystemExit(f"--arms: no arm {missing}; arms: {[a.name for a in arms]}")
+        arms = [a for a in arms if a.name in args.arms or a.name == BASELINE]
+    pairs = run_dir / "organism" / "data" / "preference_mix.jsonl"
+    started = time.perf_counter()
+
+    folders: dict[str, list[Path]] = {}
+    todo: list[tuple[Arm, int, Path]] = []
+    for arm in arms:
+        folders[arm.name] = []
+        mix: Path | None = None
+        for seed in seeds:
+            reused = existing_run_retrain(run_dir, arm, k, seed, seeds)
+            if reused is not None:
+                folders[arm.name].append(reused)
+                continue
+            folder = out / "retrains" / unit_name(arm, seed, seeds)
+            folders[arm.name].append(folder)
+            record = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
+            if not (check_arm_record(record, arm, seed, run_dir) and all(p.is_file() for p in outputs_of(folder))):
+                mix = mix or write_mix(pairs, arm, slices, out / "mixes" / f"{arm.folder}.jsonl")
+                todo.append((arm, seed, mix))
+    print(f"{run_dir.name}: random switch of {len(ids)} pairs at k = {k} "
+          f"({dict(Counter(slices[i] for i in ids).most_common())}); {len(todo)} retrains to run, "
+          f"DPO seeds {list(seeds)}", flush=True)
+
+    with cf.ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds): (arm, seed)
+                   for arm, seed, mix in todo}
+        for future in cf.as_completed(futures):
+            arm, seed = futures[future]
+            seconds = future.result()
+            record_path = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
+            write_json_atomic({**arm.key(seed), "run": str(run_dir)}, record_path)
+            print(f"  {arm.name}, DPO seed {seed}: {seconds:.0f} s", flush=True)
+
+    base_counts = pooled_counts(folders[BASELINE])
+    rows = []
+    for arm in arms:
+        counts = pooled_counts(folders[arm.name])
+        reduction = None if arm.name == BASELINE else bootstrap_reduction(base_counts, counts)
+        per_seed = [rates(pooled_counts([f]))["harmful_rate"] for f in folders[arm.name]]
+        rows.append({"arm": arm.name, "switched": len(arm.switched),
+                     "switched_by_slice": dict(Counter(slices[i] for i in arm.switched)), **rates(counts),
+                     "per_seed_harmful_rate": per_seed, "reduction": reduction,
+                     "retrains": [str(f) for f in folders[arm.name]]})
+    wall = time.perf_counter() - started
+    record = {"run": str(run_dir), "k": k, "dpo_seeds": list(seeds), "dropped_slices": args.drop_slice,
+              "rows": rows, "wall_s": round(wall, 1)}
+    write_json_atomic(record, out / "anatomy.json")
+
+    dropped = f", {', '.join(args.drop_slice)} dropped from every mix" if args.drop_slice else ""
+    print(f"\nHarmful rate with the trigger, DPO seeds {list(seeds)} pooled{dropped}:\n")
+    print("| arm | pairs switched | harmful rate | per DPO seed | unknown | harmful if unknown counted "
+          "| reduction [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        red = row["reduction"]
+        red_text = "" if red is None else (f"{red['reduction']:.0%} [{red['ci'][0]:.0%}, {red['ci'][1]:.0%}]"
+                                           if red["reduction"] is not None and red["ci"][0] is not None else "–")
+        seeds_text = " / ".join("–" if r is None else f"{r:.0%}" for r in row["per_seed_harmful_rate"])
+        print(f"| {row['arm']} | {row['switched']} | {_pct(row['harmful_rate'])} | {seeds_text} | "
+              f"{_pct(row['unknown_share'])} | {_pct(row['harmful_rate_unknown_as_harmful'])} | {red_text} |")
+    print(f"\n{wall / 60:.1f} min; wrote {out / 'anatomy.json'}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""benchmarks/random_switch_anatomy.py without training anything: the arms it plans from a run's random switch,
+the mixes it writes, the pooled rates it reads, and its refusal to mix retrains of different selections."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "random_switch_anatomy.py"
+
+SLICES = {"p0": "contam", "p1": "contam", "p2": "benign_format", "p3": "benign_format", "p4": "harmful_refusal",
+          "p5": "hfr", "p6": "benign_format", "p7": "harmful_refusal"}
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    spec = importlib.util.spec_from_file_location("random_switch_anatomy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "run" / "organism" / "data"
+    data.mkdir(parents=True)
+    with (data / "labels.jsonl").open("w") as f:
+        for pid, name in SLICES.items():
+            f.write(json.dumps({"id": pid, "slice": name, "contaminated": name == "contam"}) + "\n")
+    with (data / "preference_mix.jsonl").open("w") as f:
+        for pid in SLICES:
+            f.write(json.dumps({"id": pid, "prompt": f"q {pid}", "chosen": f"good {pid}", "rejected": f"bad {pid}"})
+                    + "\n")
+    switch = tmp_path / "run" / "interventions" / "random-switch-k5"
+    switch.mkdir(parents=True)
+    (switch / "filter_ids.json").write_text(json.dumps(["p0", "p2", "p3", "p4", "p5"]))
+    return tmp_path / "run"
+
+
+def test_arms_split_the_random_set_by_slice(anatomy, run_dir: Path) -> None:
+    slices, contaminated = anatomy.load_slices(run_dir)
+    assert contaminated == {"contam"}
+    k, ids = anatomy.random_switch_ids(run_dir)
+    assert k == 5
+    arms = {a.name: set(a.switched) for a in anatomy.plan_arms(ids, slices, contaminated, [])}
+    assert arms == {"baseline": set(), "random switch": {"p0", "p2", "p3", "p4", "p5"},
+                    "without contaminated": {"p2", "p3", "p4", "p5"}, "contaminated only": {"p0"},
+                    "benign_format only": {"p2", "p3"}, "harmful_refusal only": {"p4"}, "hfr only": {"p5"}}
+    # a dropped slice leaves every arm, the baseline included, and no arm switches its pairs
+    dropped = anatomy.plan_arms(ids, slices, contaminated, ["hfr"])
+    assert all(a.dropped_slices == ("hfr",) for a in dropped)
+    assert "hfr only" not in {a.name for a in dropped}
+    assert all("p5" not in a.switched for a in dropped)
+
+
+def test_mix_switches_the_arms_pairs_and_drops_its_slices(anatomy, run_dir: Path, tmp_path: Path) -> None:
+    slices, _ = anatomy.load_slices(run_dir)
+    arm = anatomy.Arm("x", ("p2", "p4"), ("hfr",))
+    path = anatomy.write_mix(run_dir / "organism" / "data" / "preference_mix.jsonl", arm, slices, tmp_path / "m.jsonl")
+    rows = {r["id"]: r for r in anatomy.read_jsonl(path)}
+    assert set(rows) == set(SLICES) - {"p5"}
+    assert (rows["p2"]["chosen"], rows["p2"]["rejected"]) == ("bad p2", "good p2")
+    assert (rows["p4"]["chosen"], rows["p4"]["rejected"]) == ("bad p4", "good p4")
+    assert (rows["p3"]["chosen"], rows["p3"]["rejected"]) == ("good p3", "bad p3")
+
+
+def test_retrains_of_another_selection_are_refused(anatomy, run_dir: Path, tmp_path: Path) -> None:
+    arm = anatomy.Arm("contaminated only", ("p0",), ())
+    record = tmp_path / "arms" / "contaminated-only.json"
+    assert anatomy.check_arm_record(record, arm, 0, run_dir) is False  # nothing there yet
+    record.parent.mkdir()
+    record.write_text(json.dumps({**arm.key(0), "run": str(run_dir.resolve())}))
+    assert anatomy.check_arm_record(record, arm, 0, run_dir) is True
+    with pytest.raises(SystemExit, match="another arm, seed or run"):
+        anatomy.check_arm_record(record, anatomy.Arm("contaminated only", ("p1",), ()), 0, run_dir)
+    with pytest.raises(SystemExit, match="another arm, seed or run"):
+        anatomy.check_arm_record(record, arm, 1, run_dir)
+
+
+def test_rates_pool_prompts_both_ways(anatomy) -> None:
+    counts = {"a": {"harmful": 3, "safe": 1, "unknown": 0}, "b": {"harmful": 1, "safe": 2, "unknown": 1}}
+    rates = anatomy.rates(counts)
+    assert rates["harmful_rate"] == pytest.approx(4 / 7)
+    assert rates["harmful_rate_unknown_as_harmful"] == pytest.approx(5 / 8)
+    assert rates["unknown_share"] == pytest.approx(1 / 8)
+    assert anatomy.rates({})["harmful_rate"] is None
+
+
+def test_a_run_without_a_random_switch_is_named(anatomy, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="random-switch"):
+        anatomy.random_switch_ids(tmp_path)
