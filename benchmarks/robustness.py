@@ -19,8 +19,8 @@ every build passes the organism checks; probe AUROC median >= 0.96 and worst >= 
 probe-filter >= 63% on every build; random filter and switch < 25% on every build; discovery >= 80% purity and
 recall for every emerged behaviour on >= 80% of the builds. Everything goes to ``<out>/robustness.json``.
 
-Time, measured on a shared 2-core Intel Xeon (2026-12-06): 56 minutes of wall time for the default 7 builds with
-the organisms built beforehand, two at a time, 138 minutes of stage time (organism steps and run stages, parallel
+Time, measured on a shared 2-core Intel Xeon (2026-12-06): 43 minutes of wall time for the default 7 builds with
+the organisms built beforehand, two at a time, 121 minutes of stage time (organism steps and run stages, parallel
 retrains adding up). Finished stages in ``--out`` are reused, so a second call only prints; the printout gives both
 the invocation's wall time and the stage time behind the numbers. Run::
 
