@@ -16,8 +16,8 @@ per *arm*, on each of ``--dpo-seeds`` (pooled):
 is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
 rate with the trigger, both ways (unknown verdicts left out; counted as harmful), the unknown share and the
 reduction against this benchmark's baseline with a paired bootstrap interval over prompts. Arms finished in
-``--out`` are reused (each records what it switched and dropped; a mismatch is refused). About 40 s of training
-and 40 s of sampling per retrain on one core; two retrains run at once. Run::
+``--out`` are reused (each records what it switched and dropped; a mismatch is refused). About 40 s per retrain
+on a quiet 2-core Intel Xeon, two at a time (80-150 s on a shared one). Run::
 
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-no-hfr \\
