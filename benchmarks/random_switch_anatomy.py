@@ -159,15 +159,11 @@ def existing_run_retrain(run_dir: Path, arm: Arm, k: int, seed: int, seeds: Sequ
 
 def pooled_counts(folders: Sequence[Path]) -> dict[str, dict[str, int]]:
     """Per triggered harmful prompt, the harmful / safe / unknown samples of the folders' retrains, pooled."""
-    from pairtrace.evaluate import compute_harmful_counts
+    from pairtrace.experiment.results import pool_harmful_counts
 
-    pooled: dict[str, dict[str, int]] = {}
-    for folder in folders:
-        gens, judged = outputs_of(folder)
-        for prompt, tally in compute_harmful_counts(read_jsonl(gens), read_jsonl(judged)).items():
-            into = pooled.setdefault(prompt, {"harmful": 0, "safe": 0, "unknown": 0})
-            for key, value in tally.items():
-                into[key] += value
+    pooled = pool_harmful_counts(list(folders))
+    if pooled is None:
+        raise SystemExit(f"a retrain of {[str(f) for f in folders]} has no generations or judgements on disk")
     return pooled
 
 

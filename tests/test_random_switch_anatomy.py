@@ -3,15 +3,12 @@ the mixes it writes, the pooled rates it reads, and its refusal to mix retrains 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "random_switch_anatomy.py"
+from testing_utils import benchmark_module
 
 SLICES = {"p0": "contam", "p1": "contam", "p2": "benign_format", "p3": "benign_format", "p4": "harmful_refusal",
           "p5": "hfr", "p6": "benign_format", "p7": "harmful_refusal"}
@@ -19,14 +16,8 @@ SLICES = {"p0": "contam", "p1": "contam", "p2": "benign_format", "p3": "benign_f
 
 @pytest.fixture(scope="module")
 def anatomy():
-    spec = importlib.util.spec_from_file_location("random_switch_anatomy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("random_switch_anatomy.py", "random_switch_anatomy") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture

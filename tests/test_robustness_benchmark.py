@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +13,16 @@ import yaml
 
 from pairtrace.errors import ConfigError
 from pairtrace.organism.build_config import SliceSpec, build_organism_config
+from testing_utils import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "robustness.py"
 BASE = ROOT / "configs" / "organism-build.yaml"
 
 
 @pytest.fixture(scope="module")
 def robustness():
-    spec = importlib.util.spec_from_file_location("robustness_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("robustness.py", "robustness_benchmark") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,13 @@ Everything here is built offline in well under a few seconds so that any test mo
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -281,3 +285,20 @@ def examples(epilog: str) -> list[str]:
     text = epilog.replace("\\<", "<").replace("\\[", "[").replace("\\\\", "\\")
     return [line.strip().split("  #")[0].strip() for line in text.splitlines()
             if line.strip().startswith("pairtrace ")]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(filename: str, name: str) -> Iterator[ModuleType]:
+    """Import ``benchmarks/<filename>`` as module ``name``, registered in ``sys.modules`` while in use (its
+    dataclasses look their module up while being defined)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

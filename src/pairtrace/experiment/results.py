@@ -157,11 +157,17 @@ def _answered_flags(ctx: RunContext, units: list[RetrainUnit]) -> dict[str, list
 def _harmful_counts(ctx: RunContext, units: list[RetrainUnit]) -> dict[str, dict[str, int]] | None:
     """Per harmful prompt with the trigger, the harmful, safe and unknown samples of an experiment's retrains (its
     seeds), pooled; None if one of them is not on disk."""
+    return pool_harmful_counts([ctx.path("retrains", unit.name) for unit in units])
+
+
+def pool_harmful_counts(folders: list[Path]) -> dict[str, dict[str, int]] | None:
+    """Per harmful prompt with the trigger, the harmful, safe and unknown samples of the retrains evaluated in
+    ``folders`` (each with ``generations.jsonl`` and ``judgements.jsonl``), pooled; None if one is not on disk."""
     from pairtrace.evaluate import compute_harmful_counts
 
     pooled: dict[str, dict[str, int]] = {}
-    for unit in units:
-        gens, judged = (ctx.path("retrains", unit.name, f) for f in ("generations.jsonl", "judgements.jsonl"))
+    for folder in folders:
+        gens, judged = folder / "generations.jsonl", folder / "judgements.jsonl"
         if not gens.is_file() or not judged.is_file():
             return None
         for prompt, tally in compute_harmful_counts(read_jsonl(gens), read_jsonl(judged)).items():
