@@ -46,21 +46,12 @@ def compute_margins(m0, m1, pairs: Sequence[Any], max_length: int = 256, batch_s
     Returns:
         ``[n]`` margins m = (log π1(c) − log π0(c)) − (log π1(r) − log π0(r)).
     """
-    import torch
-
-    from pairtrace.baselines.lora_warmup import batches, encode_pairs, model_device, pair_logps
+    from pairtrace.baselines.lora_warmup import compute_pair_logps, encode_pairs
 
     encoded = encode_pairs(m0, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
                            max_length)
     pad_id = m0.tokenizer.pad_token_id
-
-    def logps(loaded) -> torch.Tensor:  # [n, 2] summed response log-probs (chosen, rejected)
-        device = model_device(loaded.model)
-        with torch.no_grad():
-            return torch.cat([pair_logps(loaded.model, chunk, pad_id, device).cpu()
-                              for _, chunk in batches(encoded, batch_size)])
-
-    ref, policy = logps(m0), logps(m1)
+    ref, policy = (compute_pair_logps(m.model, encoded, pad_id, batch_size) for m in (m0, m1))  # [n, 2] each
     return ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])).double().numpy()
 
 

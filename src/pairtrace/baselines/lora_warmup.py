@@ -222,6 +222,24 @@ def lora_linear_modules(peft_model) -> list[nn.Linear]:
     return modules
 
 
+def compute_pair_logps(model: nn.Module, encoded: Sequence[EncodedPair], pad_id: int, batch_size: int, *,
+                       meter: CostMeter | None = None, progress: bool = False,
+                       desc: str = "pair log-probs") -> torch.Tensor:
+    """Summed response log-probs of every pair under ``model`` as it is (no grad, batches of ``batch_size``).
+
+    Returns:
+        [n, 2] float32 (chosen, rejected) log-probs on the CPU.
+    """
+    device = model_device(model)
+    out = torch.zeros((len(encoded), 2), dtype=torch.float32)
+    with torch.no_grad():
+        for start, batch in tqdm(list(batches(encoded, batch_size)), desc=desc, disable=not progress, unit="batch"):
+            out[start : start + len(batch)] = pair_logps(model, batch, pad_id, device).cpu()
+            if meter is not None:
+                meter.add_forward(sum(p.n_tokens for p in batch), passes=2 * len(batch))
+    return out
+
+
 def compute_reference_logps(peft_model, encoded: Sequence[EncodedPair], pad_id: int, batch_size: int, *,
                             meter: CostMeter | None = None, progress: bool = False,
                             desc: str = "reference log-probs") -> torch.Tensor:
@@ -239,20 +257,14 @@ def compute_reference_logps(peft_model, encoded: Sequence[EncodedPair], pad_id: 
     Returns:
         [n, 2] float32 (chosen, rejected) log-probs on the CPU.
     """
-    device = model_device(peft_model)
-    out = torch.zeros((len(encoded), 2), dtype=torch.float32)
     was_training = peft_model.training
     peft_model.eval()
     try:
-        with torch.no_grad(), peft_model.disable_adapter():
-            for start, batch in tqdm(list(batches(encoded, batch_size)), desc=desc, disable=not progress,
-                                     unit="batch"):
-                out[start : start + len(batch)] = pair_logps(peft_model, batch, pad_id, device).cpu()
-                if meter is not None:
-                    meter.add_forward(sum(p.n_tokens for p in batch), passes=2 * len(batch))
+        with peft_model.disable_adapter():
+            return compute_pair_logps(peft_model, encoded, pad_id, batch_size, meter=meter, progress=progress,
+                                      desc=desc)
     finally:
         peft_model.train(was_training)
-    return out
 
 
 def _linear_schedule(total_steps: int, warmup_ratio: float):
