@@ -42,6 +42,15 @@ class Experiment:
     def is_baseline(self) -> bool:
         return self.method is None
 
+    @property
+    def selected_by(self) -> str | None:
+        """The stage whose output selects the pairs this experiment changes: ``rankings`` (a ranker's top-k),
+        ``sources`` (a source ablation), or ``None`` (the baseline and a random selection, ready as soon as the
+        pairs are)."""
+        if self.method in (None, "random"):
+            return None
+        return "sources" if self.method == "sources" else "rankings"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["models"] = list(self.models) or None

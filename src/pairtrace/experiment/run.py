@@ -27,7 +27,7 @@ from pairtrace.experiment.resources import ResourceOptions
 from pairtrace.experiment.results import collect_results, compute_attribution_quality
 from pairtrace.experiment.run_config import RunConfig, load_run_config
 from pairtrace.experiment.tables import render_tables
-from pairtrace.experiment.validation import generate_and_judge, run_retrains, unit_key
+from pairtrace.experiment.validation import RetrainQueue, generate_and_judge, resolve_workers, unit_key
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from pairtrace.stage_cache import chain_key, file_digest
 
@@ -42,35 +42,48 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     ctx.generation_engine()  # refuse generation.backend: vllm where vLLM cannot run, before any work
     inputs = resolve_inputs(ctx)
 
-    # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
-    probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(), cfg.judge)
-    probe = cache.run("probe_generations", probe_key, lambda: generate_and_judge(
-        ctx, "probe", ["m0", "m1"], inputs.probe_prompts, cfg.generation.probe_samples))
-    ctx.release("m1")
-    triples_key = chain_key(probe_key, cfg.prompts.unknown_policy)
-    triples = cache.run("triples", triples_key, lambda: build_triples(ctx, probe))
+    # causal validation, first the retrains that need no ranking (the baseline, random selections): with worker
+    # processes they train from M0 while this process samples, ranks and enriches
+    early = build_plan(cfg, n_pairs=len(ctx.pairs()))
+    workers = resolve_workers(cfg.validation.parallel_retrains, len(early.units))
+    with RetrainQueue(ctx, workers) as queue:
+        ready = [u for u in early.units if u.experiment.selected_by is None]
+        queue.submit(ready, {u.name: unit_key(ctx, u, None, None) for u in ready})
 
-    # attribution: every ranker over the pairs, and its quality against ground truth where there is one
-    rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge, screen_digests(cfg))
-    rankings = cache.run("rankings", rankings_key, lambda: rank_pairs(ctx, triples))
-    labels = inputs.labels_path()
-    quality = cache.run("quality", chain_key(rankings_key, ctx.labels_digest()),
-                        lambda: compute_attribution_quality(rankings["rankings"], labels) if labels else {})
-    plan = build_plan(cfg, n_pairs=rankings["n_pairs"])
-    sources = sources_key = None
-    if cfg.extras.sources:
-        sources_key = chain_key(rankings_key, plan.headline_k, plan.k_values)
-        sources = cache.run("sources", sources_key, lambda: find_sources(ctx, plan.headline_k, list(plan.k_values)))
+        # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
+        probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(),
+                              cfg.judge)
+        probe = cache.run("probe_generations", probe_key, lambda: generate_and_judge(
+            ctx, "probe", ["m0", "m1"], inputs.probe_prompts, cfg.generation.probe_samples))
+        ctx.release("m1")
+        triples_key = chain_key(probe_key, cfg.prompts.unknown_policy)
+        triples = cache.run("triples", triples_key, lambda: build_triples(ctx, probe))
 
-    # causal validation: the plan's retrains from M0, each evaluated on the held-out prompts
-    plan = build_plan(cfg, n_pairs=rankings["n_pairs"], source_models=flagged_models(sources))
-    keys = {u.name: unit_key(ctx, u, rankings_key, sources_key) for u in plan.units}
-    outcomes = run_retrains(ctx, plan, keys)
+        # attribution: every ranker over the pairs, and its quality against ground truth where there is one
+        rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge, screen_digests(cfg))
+        rankings = cache.run("rankings", rankings_key, lambda: rank_pairs(ctx, triples))
+        labels = inputs.labels_path()
+        quality = cache.run("quality", chain_key(rankings_key, ctx.labels_digest()),
+                            lambda: compute_attribution_quality(rankings["rankings"], labels) if labels else {})
+        plan = build_plan(cfg, n_pairs=rankings["n_pairs"])
+        sources = sources_key = None
+        if cfg.extras.sources:
+            sources_key = chain_key(rankings_key, plan.headline_k, plan.k_values)
+            sources = cache.run("sources", sources_key,
+                                lambda: find_sources(ctx, plan.headline_k, list(plan.k_values)))
 
-    # discovery and steering through the same M0
-    extras_key = chain_key(rankings_key, probe_key, ctx.labels_digest(), cfg.extras)
-    discovery = cache.run("discover", extras_key, lambda: discover(ctx, probe)) if cfg.extras.discover else None
-    steer = cache.run("steer", extras_key, lambda: steer_check(ctx, rankings["layer"])) if cfg.extras.steer else None
+        # the rest of the plan's retrains from M0, each evaluated on the held-out prompts
+        plan = build_plan(cfg, n_pairs=rankings["n_pairs"], source_models=flagged_models(sources))
+        keys = {u.name: unit_key(ctx, u, rankings_key, sources_key) for u in plan.units}
+        queue.submit(plan.units, keys)
+
+        # discovery and steering through the same M0, while the workers retrain
+        extras_key = chain_key(rankings_key, probe_key, ctx.labels_digest(), cfg.extras)
+        discovery = cache.run("discover", extras_key, lambda: discover(ctx, probe)) if cfg.extras.discover else None
+        steer = cache.run("steer", extras_key, lambda: steer_check(ctx, rankings["layer"])) if cfg.extras.steer \
+            else None
+        finished = queue.results()
+    outcomes = {u.name: finished[u.name] for u in plan.units}
 
     results = collect_results(ctx, plan, rankings, quality, sources, outcomes, discovery, steer, config_path)
     wall_s = None if cache.reused else time.perf_counter() - started  # only a run with nothing cached

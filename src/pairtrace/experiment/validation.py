@@ -9,12 +9,13 @@ import logging
 import multiprocessing as mp
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pairtrace.experiment.context import Inputs, RunContext
-from pairtrace.experiment.plan import Experiment, Plan, RetrainUnit
+from pairtrace.experiment.plan import Experiment, RetrainUnit
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.stage_cache import chain_key, file_digest
 
@@ -49,14 +50,18 @@ def generate_and_judge(ctx: RunContext, name: str, models: list[str], prompts: s
     return {"generations": str(gens), "judgements": str(judgements), "engine": engine}
 
 
-def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key: str | None) -> str:
+def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str | None, sources_key: str | None) -> str:
     """What one retrain depends on: the pairs, the recipe, the engine, the evaluation settings and prompts, its
-    seed, and (for ranked selections) the rankings or (for a source ablation) the flagged models."""
+    seed, and (for ranked selections) the rankings or (for a source ablation) the flagged models. The baseline and
+    a random selection need neither key (they are planned before the rankings exist)."""
     exp = unit.experiment
     cfg = ctx.config
-    selection = {"ranking": rankings_key} if exp.method not in (None, "random", "sources") else {}
-    if exp.method == "sources":
-        selection = {"sources": sources_key}
+    selection: dict[str, Any] = {}
+    if exp.selected_by is not None:
+        stage_key = rankings_key if exp.selected_by == "rankings" else sources_key
+        if stage_key is None:
+            raise ValueError(f"retrain {unit.name} is selected by the {exp.selected_by} stage, which has no key yet")
+        selection = {"ranking" if exp.selected_by == "rankings" else "sources": stage_key}
     if exp.method == "random":
         selection = {"random_seed": cfg.seed}
     return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
@@ -64,36 +69,100 @@ def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str, sources_key:
                      file_digest(ctx.inputs.eval_prompts))
 
 
-def run_retrains(ctx: RunContext, plan: Plan, keys: dict[str, str]) -> dict[str, Any]:
-    """Retrain and evaluate every unit of the plan (cached units are reused); returns unit name -> outcome."""
-    outcomes: dict[str, Any] = {}
-    todo = []
-    for unit in plan.units:
-        stamp = ctx.cache.reuse(f"retrain-{unit.name}", keys[unit.name])
-        if stamp is not None:
-            outcomes[unit.name] = stamp["result"]
-        else:
-            todo.append(unit)
-    workers = resolve_workers(ctx.config.validation.parallel_retrains, len(todo))
-    if workers <= 1:
-        for unit in todo:
-            outcomes[unit.name] = ctx.cache.run(f"retrain-{unit.name}", keys[unit.name],
-                                                lambda unit=unit: retrain_and_evaluate(ctx, unit))
-        return outcomes
-    logger.info("retraining %d models in %d worker processes (1 thread each)", len(todo), workers)
-    state = {"config": ctx.config.to_dict(), "out": str(ctx.out), "inputs": ctx.inputs.to_dict()}
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    try:
-        futures = {pool.submit(_retrain_worker, state, unit): unit for unit in todo}
-        for future in cf.as_completed(futures):
-            unit = futures[future]
-            result, seconds = future.result()  # a failed retrain stops the run; finished ones stay cached
-            ctx.cache.record(f"retrain-{unit.name}", keys[unit.name], seconds, result)
-            logger.info("stage %-28s done in %.1f s", f"retrain-{unit.name}", seconds)
-            outcomes[unit.name] = result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return outcomes
+class RetrainQueue:
+    """Retrains and evaluates the plan's units, each a cached stage of its own, starting each as soon as its
+    inputs exist.
+
+    With several workers, units go to worker processes (one thread each) the moment they are submitted: the
+    baseline and random retrains start while the main process still samples, ranks and enriches, and the main
+    process runs discovery and steering while the ranked retrains train, so no core waits. With one worker the
+    queue runs its units in the main process, in the order they were submitted, when :meth:`results` is called.
+    On any exit, every retrain that finished is recorded in the stage cache, so an interrupted or failed run
+    keeps it.
+
+        with RetrainQueue(ctx, workers=2) as queue:
+            queue.submit(early_units, keys)      # baseline, random: start now
+            ...                                   # rankings, sources
+            queue.submit(plan.units, keys)       # the rest (units already submitted are skipped)
+            outcomes = queue.results()
+    """
+
+    def __init__(self, ctx: RunContext, workers: int) -> None:
+        self.ctx = ctx
+        self.workers = workers
+        self.outcomes: dict[str, Any] = {}
+        self._keys: dict[str, str] = {}
+        self._in_process: list[RetrainUnit] = []
+        self._futures: dict[cf.Future, RetrainUnit] = {}
+        self._recorded: set[cf.Future] = set()
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> RetrainQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(self, units: Iterable[RetrainUnit], keys: dict[str, str]) -> None:
+        """Queue units (a unit submitted before is skipped; a cached one is reused, not retrained)."""
+        for unit in units:
+            if unit.name in self._keys:
+                if self._keys[unit.name] != keys[unit.name]:
+                    raise ValueError(f"retrain {unit.name} was submitted twice with different inputs")
+                continue
+            self._keys[unit.name] = keys[unit.name]
+            stamp = self.ctx.cache.reuse(f"retrain-{unit.name}", keys[unit.name])
+            if stamp is not None:
+                self.outcomes[unit.name] = stamp["result"]
+            elif self.workers <= 1:
+                self._in_process.append(unit)
+            else:
+                self._futures[self._worker_pool().submit(_retrain_worker, self._state(), unit)] = unit
+
+    def results(self) -> dict[str, Any]:
+        """Wait for every submitted unit (running the in-process ones now); returns unit name -> outcome.
+
+        Raises:
+            Exception: The first failed retrain's error (finished retrains stay cached).
+        """
+        ctx = self.ctx
+        while self._in_process:
+            unit = self._in_process.pop(0)
+            self.outcomes[unit.name] = ctx.cache.run(f"retrain-{unit.name}", self._keys[unit.name],
+                                                     lambda unit=unit: retrain_and_evaluate(ctx, unit))
+        for future in cf.as_completed(list(self._futures)):
+            self._record(future)
+        return dict(self.outcomes)
+
+    def close(self) -> None:
+        """Stop the workers (queued units are cancelled, running ones finish) and record every finished one."""
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+        for future in self._futures:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._record(future)
+
+    def _record(self, future: cf.Future) -> None:
+        if future in self._recorded:
+            return
+        unit = self._futures[future]
+        result, seconds = future.result()  # a failed retrain raises here
+        self._recorded.add(future)
+        self.ctx.cache.record(f"retrain-{unit.name}", self._keys[unit.name], seconds, result)
+        logger.info("stage %-28s done in %.1f s", f"retrain-{unit.name}", seconds)
+        self.outcomes[unit.name] = result
+
+    def _worker_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            logger.info("retraining in %d worker processes (1 thread each)", self.workers)
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        return self._pool
+
+    def _state(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {"config": ctx.config.to_dict(), "out": str(ctx.out), "inputs": ctx.inputs.to_dict()}
 
 
 def resolve_workers(requested: int | None, n_jobs: int) -> int:
