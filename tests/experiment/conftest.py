@@ -61,5 +61,5 @@ def local_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     monkeypatch.setattr(run_module, "render_tables", lambda results: "")
     monkeypatch.setattr("pairtrace.report.write_report", lambda out: None)
     monkeypatch.setattr(validation, "retrain_and_evaluate", lambda ctx, unit: ran.append(f"retrain-{unit.name}"))
-    return {"config": config_path, "pairs": pairs, "eval": evaluation, "m1": m1, "out": tmp_path / "out",
+    return {"config": config_path, "pairs": pairs, "eval": evaluation, "m0": m0, "m1": m1, "out": tmp_path / "out",
             "ran": ran}

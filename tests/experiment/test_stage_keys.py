@@ -40,9 +40,17 @@ def test_editing_the_evaluation_prompts_reruns_only_the_retrains(local_run: dict
     assert _run(local_run) == [name for name in every if name.startswith("retrain-")]
 
 
-def test_new_weights_for_m1_rerun_everything_downstream_of_the_probing_samples(local_run: dict[str, Any]) -> None:
+def test_new_weights_for_m1_rerun_what_reads_them_but_not_the_retrains_no_ranking_selects(
+        local_run: dict[str, Any]) -> None:
     every = _run(local_run)
     (local_run["m1"] / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}" + b"c" * 64)
+    unranked = {"retrain-baseline", "retrain-random-filter-k1", "retrain-random-switch-k1"}  # retrained from M0
+    assert _run(local_run) == sorted(set(every) - unranked)
+
+
+def test_new_weights_for_m0_rerun_everything(local_run: dict[str, Any]) -> None:
+    every = _run(local_run)
+    (local_run["m0"] / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}" + b"c" * 64)
     assert _run(local_run) == every
 
 

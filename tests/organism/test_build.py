@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -70,6 +71,29 @@ def test_second_build_reuses_finished_steps(small_organism, small_config, tmp_pa
     third = build_organism(changed, copy, progress=False)
     assert third["timings"]["reused_steps"] == ["data", "tokenizer", "m0", "m1"]
     assert third["sha256"] == first["sha256"]
+
+
+def test_reference_ready_is_announced_before_m1_trains_and_when_m1_is_reused(small_organism, small_config,
+                                                                             tmp_path) -> None:
+    out, _ = small_organism
+    copy = tmp_path / "organism"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "m1")
+    shutil.rmtree(copy / build_module.REF_CACHE_DIR)
+    seen: list[dict] = []
+
+    def announce() -> None:  # what a run's first retrains rely on when they start
+        caches = list((copy / build_module.REF_CACHE_DIR).glob("*.json"))
+        seen.append({"m1": (copy / "m1" / "model.safetensors").exists(),
+                     "ref_values": sum(len(json.loads(p.read_text())) for p in caches)})
+
+    again = build_organism(small_config, copy, progress=False, on_reference_ready=announce)
+    assert again["timings"]["reused_steps"] == ["data", "tokenizer", "m0", "eval"]  # M1 came out the same
+    assert seen == [{"m1": False, "ref_values": seen[0]["ref_values"]}] and seen[0]["ref_values"] > 0
+    digests = [hashlib.sha256((d / "m1" / "model.safetensors").read_bytes()).digest() for d in (out, copy)]
+    assert digests[0] == digests[1]
+    build_organism(small_config, copy, progress=False, on_reference_ready=announce)
+    assert len(seen) == 2 and seen[1]["m1"]  # everything reused: announced once all the same
 
 
 def test_acceptance_flags_a_model_whose_answers_cannot_be_judged() -> None:

@@ -104,6 +104,7 @@ class RunContext:
         self._models: dict[str, LoadedModel] = {}
         self._specs: dict[str, ModelSpec] = {}
         self._models_digest: str | None = None
+        self._m0_digest: str | None = None
         self._judge: Judge | None = None
         self._pairs: Any = None
         self._engine: str | None = None
@@ -129,7 +130,7 @@ class RunContext:
     @inputs.setter
     def inputs(self, value: Inputs) -> None:
         self._inputs = value
-        self._models_digest = None
+        self._models_digest = self._m0_digest = None
 
     def path(self, *parts: str) -> Path:
         """A path inside the run directory."""
@@ -245,6 +246,14 @@ class RunContext:
             self._models_digest = chain_key(model_digest(i.m0, i.m0_revision), model_digest(i.m1, i.m1_revision),
                                             dataclasses.asdict(self.config.models))
         return self._models_digest
+
+    def m0_digest(self) -> str:
+        """Digest of M0 and of the options models are loaded with: what a retrain from M0 depends on (it never
+        reads M1, so a retrain that needs no ranking can start before M1 exists); computed once."""
+        if self._m0_digest is None:
+            i = self.inputs
+            self._m0_digest = chain_key(model_digest(i.m0, i.m0_revision), dataclasses.asdict(self.config.models))
+        return self._m0_digest
 
     def labels_digest(self) -> str:
         """Digest of the ground-truth labels (``none`` without them)."""

@@ -38,17 +38,12 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     """Run every stage and write ``results.json``, ``tables.md`` and ``report.html``."""
     cfg, cache = ctx.config, ctx.cache
     started = time.perf_counter()
-    build_plan(cfg)  # refuse unknown rankers, actions or seeds before any work
+    planned = build_plan(cfg)  # refuse unknown rankers, actions or seeds before any work
     ctx.generation_engine()  # refuse generation.backend: vllm where vLLM cannot run, before any work
-    inputs = resolve_inputs(ctx)
-
-    # causal validation, first the retrains that need no ranking (the baseline, random selections): with worker
-    # processes they train from M0 while this process samples, ranks and enriches
-    early = build_plan(cfg, n_pairs=len(ctx.pairs()))
-    workers = resolve_workers(cfg.validation.parallel_retrains, len(early.units))
-    with RetrainQueue(ctx, workers) as queue:
-        ready = [u for u in early.units if u.experiment.selected_by is None]
-        queue.submit(ready, {u.name: unit_key(ctx, u, None, None) for u in ready})
+    with RetrainQueue(ctx, resolve_workers(cfg.validation.parallel_retrains, len(planned.units))) as queue:
+        # the retrains that need no ranking (the baseline, random selections) need only M0, the pairs and the
+        # evaluation prompts: with worker processes they start as soon as those exist, beside M1's training
+        inputs = resolve_inputs(ctx, on_retrain_ready=lambda: submit_unranked(ctx, queue))
 
         # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
         probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(),
@@ -94,6 +89,13 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
 
     write_report(ctx.out)
     return results
+
+
+def submit_unranked(ctx: RunContext, queue: RetrainQueue) -> None:
+    """Queue the retrains whose pairs no ranking selects: the baseline and the random selections."""
+    plan = build_plan(ctx.config, n_pairs=len(ctx.pairs()))
+    ready = [u for u in plan.units if u.experiment.selected_by is None]
+    queue.submit(ready, {u.name: unit_key(ctx, u, None, None) for u in ready})
 
 
 def screen_digests(cfg: RunConfig) -> list[str]:

@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -51,9 +52,9 @@ def generate_and_judge(ctx: RunContext, name: str, models: list[str], prompts: s
 
 
 def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str | None, sources_key: str | None) -> str:
-    """What one retrain depends on: the pairs, the recipe, the engine, the evaluation settings and prompts, its
+    """What one retrain depends on: M0, the pairs, the recipe, the engine, the evaluation settings and prompts, its
     seed, and (for ranked selections) the rankings or (for a source ablation) the flagged models. The baseline and
-    a random selection need neither key (they are planned before the rankings exist)."""
+    a random selection need neither key: they are planned before the rankings (and the organism's M1) exist."""
     exp = unit.experiment
     cfg = ctx.config
     selection: dict[str, Any] = {}
@@ -65,7 +66,7 @@ def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str | None, sourc
     if exp.method == "random":
         selection = {"random_seed": cfg.seed}
     return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
-                     cfg.validation.retrain.key_material(), ctx.models_digest(), ctx.generation_key(), cfg.judge,
+                     cfg.validation.retrain.key_material(), ctx.m0_digest(), ctx.generation_key(), cfg.judge,
                      file_digest(ctx.inputs.eval_prompts))
 
 
@@ -73,17 +74,18 @@ class RetrainQueue:
     """Retrains and evaluates the plan's units, each a cached stage of its own, starting each as soon as its
     inputs exist.
 
-    With several workers, units go to worker processes (one thread each) the moment they are submitted: the
-    baseline and random retrains start while the main process still samples, ranks and enriches, and the main
-    process runs discovery and steering while the ranked retrains train, so no core waits. With one worker the
-    queue runs its units in the main process, in the order they were submitted, when :meth:`results` is called.
-    On any exit, every retrain that finished is recorded in the stage cache, so an interrupted or failed run
+    With several workers, units go to worker processes (one thread each). Until :meth:`results` is called the
+    main process still works (building M1, sampling, ranking, discovery), so the queue runs one unit fewer than it
+    has workers and every core stays busy without sharing; then it runs as many as it has workers. With one worker
+    the queue runs its units in the main process, in the order they were submitted, when :meth:`results` is
+    called. On any exit every retrain that finished is recorded in the stage cache, so an interrupted or failed run
     keeps it.
 
         with RetrainQueue(ctx, workers=2) as queue:
-            queue.submit(early_units, keys)      # baseline, random: start now
-            ...                                   # rankings, sources
-            queue.submit(plan.units, keys)       # the rest (units already submitted are skipped)
+            queue.submit(unranked_units, keys)   # the baseline, random selections: they start now
+            ...                                  # M1, rankings, sources
+            queue.submit(plan.units, keys)      # the rest (units submitted before are skipped)
+            ...                                  # discovery, steering
             outcomes = queue.results()
     """
 
@@ -92,10 +94,12 @@ class RetrainQueue:
         self.workers = workers
         self.outcomes: dict[str, Any] = {}
         self._keys: dict[str, str] = {}
-        self._in_process: list[RetrainUnit] = []
+        self._backlog: list[RetrainUnit] = []
         self._futures: dict[cf.Future, RetrainUnit] = {}
         self._recorded: set[cf.Future] = set()
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._limit = max(1, workers - 1)  # units running at once while the main process works
+        self._lock = threading.RLock()  # the backlog is also filled from the pool's completion callbacks
 
     def __enter__(self) -> RetrainQueue:
         return self
@@ -114,42 +118,75 @@ class RetrainQueue:
             stamp = self.ctx.cache.reuse(f"retrain-{unit.name}", keys[unit.name])
             if stamp is not None:
                 self.outcomes[unit.name] = stamp["result"]
-            elif self.workers <= 1:
-                self._in_process.append(unit)
             else:
-                self._futures[self._worker_pool().submit(_retrain_worker, self._state(), unit)] = unit
+                with self._lock:
+                    self._backlog.append(unit)
+        if self.workers > 1:
+            self._fill()
 
     def results(self) -> dict[str, Any]:
-        """Wait for every submitted unit (running the in-process ones now); returns unit name -> outcome.
+        """Wait for every submitted unit, now with every worker (or run them here, with one); returns unit name ->
+        outcome.
 
         Raises:
             Exception: The first failed retrain's error (finished retrains stay cached).
         """
         ctx = self.ctx
-        while self._in_process:
-            unit = self._in_process.pop(0)
-            self.outcomes[unit.name] = ctx.cache.run(f"retrain-{unit.name}", self._keys[unit.name],
-                                                     lambda unit=unit: retrain_and_evaluate(ctx, unit))
-        for future in cf.as_completed(list(self._futures)):
-            self._record(future)
-        return dict(self.outcomes)
+        if self.workers <= 1:
+            while self._backlog:
+                unit = self._backlog.pop(0)
+                self.outcomes[unit.name] = ctx.cache.run(f"retrain-{unit.name}", self._keys[unit.name],
+                                                         lambda unit=unit: retrain_and_evaluate(ctx, unit))
+            return dict(self.outcomes)
+        self._limit = self.workers
+        while True:
+            self._fill()
+            with self._lock:
+                running = [f for f in self._futures if not f.done()]
+                finished = [f for f in self._futures if f.done() and f not in self._recorded]
+                waiting = bool(self._backlog)
+            for future in finished:
+                self._record(future)
+            if running:
+                cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            elif not waiting and not finished:
+                return dict(self.outcomes)
 
     def close(self) -> None:
-        """Stop the workers (queued units are cancelled, running ones finish) and record every finished one."""
+        """Drop the units not started, stop the workers (running units finish) and record every finished one."""
+        with self._lock:
+            self._backlog.clear()
         if self._pool is None:
             return
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
-        for future in self._futures:
+        for future in list(self._futures):
             if future.done() and not future.cancelled() and future.exception() is None:
                 self._record(future)
 
+    def _fill(self) -> None:
+        """Start backlog units while fewer than the limit run (raises what the pool raises: a broken pool)."""
+        with self._lock:
+            while self._backlog and sum(not f.done() for f in self._futures) < self._limit:
+                future = self._worker_pool().submit(_retrain_worker, self._state(), self._backlog[0])
+                self._futures[future] = self._backlog.pop(0)
+                future.add_done_callback(self._refill)
+
+    def _refill(self, _finished: cf.Future) -> None:
+        """The pool's completion callback: start the next units. It must not raise; a pool that cannot take them
+        (broken, shut down) leaves them in the backlog, and :meth:`results` raises its error."""
+        try:
+            self._fill()
+        except Exception as exc:
+            logger.debug("retrain queue: no unit started after a finished one (%s)", exc)
+
     def _record(self, future: cf.Future) -> None:
-        if future in self._recorded:
-            return
+        with self._lock:
+            if future in self._recorded:
+                return
+            self._recorded.add(future)
         unit = self._futures[future]
         result, seconds = future.result()  # a failed retrain raises here
-        self._recorded.add(future)
         self.ctx.cache.record(f"retrain-{unit.name}", self._keys[unit.name], seconds, result)
         logger.info("stage %-28s done in %.1f s", f"retrain-{unit.name}", seconds)
         self.outcomes[unit.name] = result

@@ -165,6 +165,7 @@ def build_organism(
     out_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_reference_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or resume building) the organism into ``out_dir`` and return its summary.
 
@@ -173,6 +174,9 @@ def build_organism(
         out_dir: Output folder (created; finished steps found there are reused when their inputs match).
         progress: Show progress bars.
         log: Receives one line per step (default: silent).
+        on_reference_ready: Called once M0, the data, the prompts and M0's reference log-probabilities of every
+            pair (in the build's reference cache) exist, before M1 is trained: a run starts the retrains that need
+            only M0 there, so the build's time includes the CPU they share.
 
     Returns:
         The summary also written to ``summary.json``: ``timings`` (seconds per step, ``total``, which steps
@@ -203,10 +207,12 @@ def build_organism(
             stamp = cache.reuse(step, key, outputs)
             if stamp is not None:
                 log(f"{step}: up to date, reused")
+                if step == "m1" and on_reference_ready is not None:
+                    on_reference_ready()  # M1 was built before, and its reference pass with it
             else:
                 log(f"{step}: building")
                 started = time.perf_counter()
-                info = _run_step(step, config, out, progress)
+                info = _run_step(step, config, out, progress, on_reference_ready if step == "m1" else None)
                 stamp = cache.record(step, key, time.perf_counter() - started, info)
                 log(f"{step}: done in {stamp['seconds']:.1f} s")
             stamps[step] = stamp
@@ -218,7 +224,8 @@ def build_organism(
     return summary
 
 
-def _run_step(step: str, config: OrganismConfig, out: Path, progress: bool) -> dict[str, Any]:
+def _run_step(step: str, config: OrganismConfig, out: Path, progress: bool,
+              on_reference_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     if step == "data":
         return _run_data(config, out)
     if step == "tokenizer":
@@ -238,7 +245,7 @@ def _run_step(step: str, config: OrganismConfig, out: Path, progress: bool) -> d
         from pairtrace.retrain.trl_dpo import train_dpo
 
         return train_dpo(out / "m0", out / "data" / "preference_mix.jsonl", out / "m1", config.dpo,
-                         progress=progress, ref_cache_dir=out / REF_CACHE_DIR)
+                         progress=progress, ref_cache_dir=out / REF_CACHE_DIR, on_reference_ready=on_reference_ready)
     return _run_eval(config, out, progress)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ def train_dpo(
     *,
     progress: bool = True,
     ref_cache_dir: str | Path | None = None,
+    on_reference_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train a policy with DPO from ``m0_dir`` (also the frozen reference) on a preference JSONL.
 
@@ -213,6 +215,8 @@ def train_dpo(
         ref_cache_dir: Folder caching the reference log-probabilities of ``m0_dir`` per tokenised sequence
             (keyed by its weights fingerprint and the tokenisation), so that repeated retrains from the same
             checkpoint compute each sequence once. ``None`` computes them every time.
+        on_reference_ready: Called once the reference log-probabilities of every pair are computed (and saved
+            to ``ref_cache_dir``), before training starts.
 
     Returns:
         Summary: ``n_pairs``, ``steps``, ``train_loss``, ``seconds``, ``recipe``, ``ref_cached`` (whether a
@@ -228,7 +232,8 @@ def train_dpo(
     if recipe.torch_threads:
         torch.set_num_threads(recipe.torch_threads)
     try:
-        return _run_dpo(Path(m0_dir), Path(pairs_jsonl), Path(out_dir), recipe, progress, ref_cache_dir)
+        return _run_dpo(Path(m0_dir), Path(pairs_jsonl), Path(out_dir), recipe, progress, ref_cache_dir,
+                        on_reference_ready)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -295,7 +300,7 @@ def _reference_cache(m0_dir: Path, tokenizer: Any, recipe: DPORecipe, ref_cache_
 
 def _run_dpo(
     m0_dir: Path, pairs_jsonl: Path, out_dir: Path, recipe: DPORecipe, progress: bool,
-    ref_cache_dir: str | Path | None,
+    ref_cache_dir: str | Path | None, on_reference_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -314,7 +319,9 @@ def _run_dpo(
         trainer = _trainer_class(recipe.group_by_length, cache)(
             model=model, args=_dpo_config(recipe, tmp, progress), train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
-        )
+        )  # the reference pass runs here
+        if on_reference_ready is not None:
+            on_reference_ready()
         result = trainer.train()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
