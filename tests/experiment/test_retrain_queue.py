@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -131,3 +132,20 @@ def test_unit_key_needs_the_stage_that_selects_the_pairs(local_run: dict[str, An
     assert validation.unit_key(ctx, units["random-switch-k1"], None, None)
     with pytest.raises(ValueError, match="rankings stage"):
         validation.unit_key(ctx, units["probe-switch-k1"], None, None)
+
+
+def test_the_first_retrain_runs_alone_so_one_pass_fills_the_reference_cache(threaded: dict[str, Any],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+
+    def slow_first(state: dict[str, Any], unit: Any) -> tuple[dict[str, Any], float]:
+        events.append(("start", unit.name))
+        if unit.name == "baseline":
+            time.sleep(0.3)  # the main process reaches results() meanwhile and allows two at once
+        events.append(("end", unit.name))
+        return {"unit": unit.name}, 0.1
+
+    monkeypatch.setattr(validation, "_retrain_worker", slow_first)
+    _execute(threaded)
+    assert events[:2] == [("start", "baseline"), ("end", "baseline")]
+    assert {name for kind, name in events if kind == "end"} == {n.removeprefix("retrain-") for n in EARLY | RANKED}

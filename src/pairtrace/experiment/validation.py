@@ -165,9 +165,16 @@ class RetrainQueue:
                 self._record(future)
 
     def _fill(self) -> None:
-        """Start backlog units while fewer than the limit run (raises what the pool raises: a broken pool)."""
+        """Start backlog units while fewer than the limit run (raises what the pool raises: a broken pool).
+
+        The first unit runs alone: it fills M0's reference cache for its pairs in one pass before any other retrain
+        reads it (two passes over different subsets of the pairs can differ in the last bit of a log-prob, which
+        would make a retrain depend on the schedule). The organism's M1 build has filled it already.
+        """
         with self._lock:
-            while self._backlog and sum(not f.done() for f in self._futures) < self._limit:
+            first_running = bool(self._futures) and not any(f.done() for f in self._futures)
+            limit = 1 if first_running else self._limit
+            while self._backlog and sum(not f.done() for f in self._futures) < limit:
                 future = self._worker_pool().submit(_retrain_worker, self._state(), self._backlog[0])
                 self._futures[future] = self._backlog.pop(0)
                 future.add_done_callback(self._refill)
