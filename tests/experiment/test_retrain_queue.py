@@ -149,3 +149,23 @@ def test_the_first_retrain_runs_alone_so_one_pass_fills_the_reference_cache(thre
     _execute(threaded)
     assert events[:2] == [("start", "baseline"), ("end", "baseline")]
     assert {name for kind, name in events if kind == "end"} == {n.removeprefix("retrain-") for n in EARLY | RANKED}
+
+
+def test_without_overlap_every_stage_waits_for_the_one_before(threaded: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    config = yaml.safe_load(threaded["config"].read_text(encoding="utf-8"))
+    config["validation"]["overlap"] = False
+    threaded["config"].write_text(yaml.safe_dump(config), encoding="utf-8")
+    started_at_rankings: list[bool] = []
+
+    def rank_pairs(ctx: Any, triples: Any) -> dict[str, Any]:
+        started_at_rankings.append(any(event.is_set() for event in threaded["started"].values()))
+        threaded["ran"].append("rankings")
+        return {"n_pairs": 1, "layer": 1, "rankings": {}}
+
+    monkeypatch.setattr(run_module, "rank_pairs", rank_pairs)
+    _execute(threaded)
+    assert started_at_rankings == [False]
+    ran = threaded["ran"]
+    assert set(ran[ran.index("rankings") + 1:ran.index("discover")]) == EARLY | RANKED
+    assert ran[ran.index("rankings") + 1] == "retrain-baseline"  # the plan's order

@@ -43,7 +43,8 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     with RetrainQueue(ctx, resolve_workers(cfg.validation.parallel_retrains, len(planned.units))) as queue:
         # the retrains that need no ranking (the baseline, random selections) need only M0, the pairs and the
         # evaluation prompts: with worker processes they start as soon as those exist, beside M1's training
-        inputs = resolve_inputs(ctx, on_retrain_ready=lambda: submit_unranked(ctx, queue))
+        overlap = cfg.validation.overlap
+        inputs = resolve_inputs(ctx, on_retrain_ready=(lambda: submit_unranked(ctx, queue)) if overlap else None)
 
         # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
         probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(),
@@ -72,12 +73,15 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
         keys = {u.name: unit_key(ctx, u, rankings_key, sources_key) for u in plan.units}
         queue.submit(plan.units, keys)
 
+        finished = None if overlap else queue.results()
+
         # discovery and steering through the same M0, while the workers retrain
         extras_key = chain_key(rankings_key, probe_key, ctx.labels_digest(), cfg.extras)
         discovery = cache.run("discover", extras_key, lambda: discover(ctx, probe)) if cfg.extras.discover else None
         steer = cache.run("steer", extras_key, lambda: steer_check(ctx, rankings["layer"])) if cfg.extras.steer \
             else None
-        finished = queue.results()
+        if finished is None:
+            finished = queue.results()
     outcomes = {u.name: finished[u.name] for u in plan.units}
 
     results = collect_results(ctx, plan, rankings, quality, sources, outcomes, discovery, steer, config_path)

@@ -194,6 +194,12 @@ class ValidationSection:
         metadata={"help": "Retrains run at once in worker processes (default: one per CPU core without a GPU, "
                   "one with a GPU)."},
     )
+    overlap: bool = field(
+        default=True,
+        metadata={"help": "Start the retrains no ranking selects (baseline, random) as soon as M0's reference cache "
+                  "exists, beside M1's training and the ranking stages, and run discovery and steering beside the "
+                  "ranked retrains (with parallel_retrains > 1). false: every stage after the one before it."},
+    )
     keep_models: bool = field(default=True, metadata={"help": "Keep retrained checkpoints on disk."})
     retrain: RetrainEngineOptions = field(
         default_factory=RetrainEngineOptions,
