@@ -169,3 +169,33 @@ def test_without_overlap_every_stage_waits_for_the_one_before(threaded: dict[str
     ran = threaded["ran"]
     assert set(ran[ran.index("rankings") + 1:ran.index("discover")]) == EARLY | RANKED
     assert ran[ran.index("rankings") + 1] == "retrain-baseline"  # the plan's order
+
+
+def test_with_the_reference_cache_filled_the_first_retrain_does_not_wait(threaded: dict[str, Any],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+
+    def slow_first(state: dict[str, Any], unit: Any) -> tuple[dict[str, Any], float]:
+        events.append(("start", unit.name))
+        if unit.name == "baseline":
+            time.sleep(0.3)
+        events.append(("end", unit.name))
+        return {"unit": unit.name}, 0.1
+
+    monkeypatch.setattr(validation, "_retrain_worker", slow_first)
+    ctx = RunContext(load_run_config(threaded["config"]), threaded["out"], progress=False)
+    resolve_inputs(ctx)
+    units = run_module.build_plan(ctx.config, n_pairs=1).units[:2]
+    with validation.RetrainQueue(ctx, workers=2, reference_cached=True) as queue:
+        queue.submit(units, {u.name: validation.unit_key(ctx, u, "r", None) for u in units})
+        queue.results()
+    assert events[:2] == [("start", units[0].name), ("start", units[1].name)]
+
+
+def test_the_organism_fills_the_reference_cache_when_the_recipes_tokenise_alike() -> None:
+    from pathlib import Path
+
+    config = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "organism.yaml")
+    assert run_module.organism_filled_reference_cache(config)
+    config.validation.recipe.max_length = config.organism.dpo.max_length // 2
+    assert not run_module.organism_filled_reference_cache(config)

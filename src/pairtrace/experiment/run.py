@@ -40,7 +40,8 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     planned = build_plan(cfg)  # refuse unknown rankers, actions or seeds before any work
     ctx.generation_engine()  # refuse generation.backend: vllm where vLLM cannot run, before any work
-    with RetrainQueue(ctx, resolve_workers(cfg.validation.parallel_retrains, len(planned.units))) as queue:
+    workers = resolve_workers(cfg.validation.parallel_retrains, len(planned.units))
+    with RetrainQueue(ctx, workers, reference_cached=organism_filled_reference_cache(cfg)) as queue:
         # the retrains that need no ranking (the baseline, random selections) need only M0, the pairs and the
         # evaluation prompts: with worker processes they start as soon as those exist, beside M1's training
         overlap = cfg.validation.overlap
@@ -93,6 +94,16 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
 
     write_report(ctx.out)
     return results
+
+
+def organism_filled_reference_cache(cfg: RunConfig) -> bool:
+    """Whether the organism build's M1 pass leaves M0's reference log-probabilities of every pair of the mix in
+    the cache the retrains read: the run's recipe tokenises as the organism's (same ``max_length``) and both
+    precompute them."""
+    if cfg.organism is None:
+        return False
+    built, shared = cfg.organism.dpo, cfg.validation.recipe
+    return built.precompute_ref_log_probs and shared.precompute_ref_log_probs and built.max_length == shared.max_length
 
 
 def submit_unranked(ctx: RunContext, queue: RetrainQueue) -> None:

@@ -89,9 +89,12 @@ class RetrainQueue:
             outcomes = queue.results()
     """
 
-    def __init__(self, ctx: RunContext, workers: int) -> None:
+    def __init__(self, ctx: RunContext, workers: int, *, reference_cached: bool = False) -> None:
         self.ctx = ctx
         self.workers = workers
+        self.reference_cached = reference_cached
+        """M0's reference log-probabilities of every pair are in the cache already (the organism build's M1 pass
+        wrote them), so no retrain has to run alone first (see :meth:`_fill`)."""
         self.outcomes: dict[str, Any] = {}
         self._keys: dict[str, str] = {}
         self._backlog: list[RetrainUnit] = []
@@ -169,10 +172,11 @@ class RetrainQueue:
 
         The first unit runs alone: it fills M0's reference cache for its pairs in one pass before any other retrain
         reads it (two passes over different subsets of the pairs can differ in the last bit of a log-prob, which
-        would make a retrain depend on the schedule). The organism's M1 build has filled it already.
+        would make a retrain depend on the schedule), unless the cache holds every pair already.
         """
         with self._lock:
-            first_running = bool(self._futures) and not any(f.done() for f in self._futures)
+            first_running = (not self.reference_cached and bool(self._futures)
+                             and not any(f.done() for f in self._futures))
             limit = 1 if first_running else self._limit
             while self._backlog and sum(not f.done() for f in self._futures) < limit:
                 future = self._worker_pool().submit(_retrain_worker, self._state(), self._backlog[0])
