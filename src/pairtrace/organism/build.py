@@ -176,7 +176,7 @@ def build_organism(
         log: Receives one line per step (default: silent).
         on_reference_ready: Called once M0, the data, the prompts and M0's reference log-probabilities of every
             pair (in the build's reference cache) exist, before M1 is trained: a run starts the retrains that need
-            only M0 there, so the build's time includes the CPU they share.
+            only M0 there, beside M1's training.
 
     Returns:
         The summary also written to ``summary.json``: ``timings`` (seconds per step, ``total``, which steps
