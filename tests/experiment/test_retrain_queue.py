@@ -134,18 +134,24 @@ def test_unit_key_needs_the_stage_that_selects_the_pairs(local_run: dict[str, An
         validation.unit_key(ctx, units["probe-switch-k1"], None, None)
 
 
-def test_the_first_retrain_runs_alone_so_one_pass_fills_the_reference_cache(threaded: dict[str, Any],
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[tuple[str, str]] = []
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Workers that record when each retrain starts and ends; the baseline takes a while."""
+    recorded: list[tuple[str, str]] = []
 
     def slow_first(state: dict[str, Any], unit: Any) -> tuple[dict[str, Any], float]:
-        events.append(("start", unit.name))
+        recorded.append(("start", unit.name))
         if unit.name == "baseline":
             time.sleep(0.3)  # the main process reaches results() meanwhile and allows two at once
-        events.append(("end", unit.name))
+        recorded.append(("end", unit.name))
         return {"unit": unit.name}, 0.1
 
     monkeypatch.setattr(validation, "_retrain_worker", slow_first)
+    return recorded
+
+
+def test_the_first_retrain_runs_alone_so_one_pass_fills_the_reference_cache(
+        threaded: dict[str, Any], events: list[tuple[str, str]]) -> None:
     _execute(threaded)
     assert events[:2] == [("start", "baseline"), ("end", "baseline")]
     assert {name for kind, name in events if kind == "end"} == {n.removeprefix("retrain-") for n in EARLY | RANKED}
@@ -171,18 +177,8 @@ def test_without_overlap_every_stage_waits_for_the_one_before(threaded: dict[str
     assert ran[ran.index("rankings") + 1] == "retrain-baseline"  # the plan's order
 
 
-def test_with_the_reference_cache_filled_the_first_retrain_does_not_wait(threaded: dict[str, Any],
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[tuple[str, str]] = []
-
-    def slow_first(state: dict[str, Any], unit: Any) -> tuple[dict[str, Any], float]:
-        events.append(("start", unit.name))
-        if unit.name == "baseline":
-            time.sleep(0.3)
-        events.append(("end", unit.name))
-        return {"unit": unit.name}, 0.1
-
-    monkeypatch.setattr(validation, "_retrain_worker", slow_first)
+def test_with_the_reference_cache_filled_the_first_retrain_does_not_wait(
+        threaded: dict[str, Any], events: list[tuple[str, str]]) -> None:
     ctx = RunContext(load_run_config(threaded["config"]), threaded["out"], progress=False)
     resolve_inputs(ctx)
     units = run_module.build_plan(ctx.config, n_pairs=1).units[:2]
