@@ -11,6 +11,11 @@ per *arm*, on each of ``--dpo-seeds`` (pooled):
 * ``without contaminated``: the random set minus its contaminated pairs; ``contaminated only``: those pairs alone;
 * ``<slice> only``: the random set's pairs of one clean slice, for every clean slice it holds.
 
+``--recipe KEY=VALUE`` retrains every arm, the baseline included, with the run's DPO recipe changed in those fields
+(``--recipe batch_size=8 learning_rate=6e-4``; keys and values as in ``validation.recipe``): is a random switch's
+effect a property of the mix or of how it is trained? M1 is not retrained, so the organism's own checks are not
+measured for the changed recipe.
+
 ``--drop-slice NAME`` removes a slice's pairs from the mix of every arm, the baseline included (for example the
 ``harmful_format_refusal`` pairs, the only clean pairs that prefer a refusal where the trigger is present). Each arm
 is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
@@ -22,6 +27,8 @@ on a quiet 2-core Intel Xeon, two at a time (80-150 s on a shared one). Run::
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-no-hfr \\
         --drop-slice harmful_format_refusal --arms baseline "random switch"
+    .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-bs8 \\
+        --recipe batch_size=8 --arms "random switch"
 """
 
 from __future__ import annotations
@@ -111,13 +118,46 @@ def write_mix(pairs: Path, arm: Arm, slices: dict[str, str], out: Path) -> Path:
     return write_jsonl_atomic(rows, out)
 
 
-def run_context(run_dir: Path, out: Path, pairs: Path) -> Any:
-    """A context for retrains of ``run_dir``'s organism on ``pairs``, writing under ``out``."""
-    from pairtrace.experiment.context import Inputs, RunContext
+def parse_recipe(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items -> recipe fields (values read as YAML scalars: ``8``, ``6e-4``, ``linear``, ``true``)."""
+    import yaml
+
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--recipe: {item!r} is not KEY=VALUE (for example batch_size=8)")
+        fields[key.strip()] = yaml.safe_load(value)
+    return fields
+
+
+def run_config(run_dir: Path, recipe: dict[str, Any] | None = None) -> Any:
+    """The run's resolved config, with ``recipe`` (fields of ``validation.recipe``) changed.
+
+    Raises:
+        SystemExit: An unknown recipe field or an invalid value (the config's own message).
+    """
+    from pairtrace.errors import ConfigError
     from pairtrace.experiment.run_config import build_run_config
+
+    raw = json.loads((run_dir / "config.resolved.json").read_text(encoding="utf-8"))
+    if recipe:
+        validation = dict(raw.get("validation") or {})
+        validation["recipe"] = {**(validation.get("recipe") or {}), **recipe}
+        raw = {**raw, "validation": validation}
+    try:
+        return build_run_config(raw)
+    except ConfigError as exc:
+        raise SystemExit(f"--recipe: {exc}") from None
+
+
+def run_context(run_dir: Path, out: Path, pairs: Path, recipe: dict[str, Any] | None = None) -> Any:
+    """A context for retrains of ``run_dir``'s organism on ``pairs`` with the run's recipe changed in ``recipe``,
+    writing under ``out``."""
+    from pairtrace.experiment.context import Inputs, RunContext
     from pairtrace.organism.build import REF_CACHE_DIR
 
-    config = build_run_config(json.loads((run_dir / "config.resolved.json").read_text(encoding="utf-8")))
+    config = run_config(run_dir, recipe)
     org = run_dir / "organism"
     inputs = Inputs(m0=str(org / "m0"), m1=str(org / "m1"), pairs=str(pairs), labels=str(org / "data/labels.jsonl"),
                     probe_prompts=str(run_dir / "prompts" / "probe.jsonl"),
@@ -129,7 +169,8 @@ def unit_name(arm: Arm, seed: int, seeds: Sequence[int]) -> str:
     return arm.folder if seed == seeds[0] else f"{arm.folder}-seed{seed}"
 
 
-def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seeds: tuple[int, ...]) -> float:
+def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seeds: tuple[int, ...],
+                   recipe: dict[str, Any] | None = None) -> float:
     """Worker-process entry: retrain M0 on the arm's mix with one DPO seed and evaluate it as the run does."""
     import torch
 
@@ -138,7 +179,7 @@ def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seed
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    ctx = run_context(Path(run_dir), Path(out), Path(pairs))
+    ctx = run_context(Path(run_dir), Path(out), Path(pairs), recipe)
     # an experiment without a method trains on the context's pairs as they are: here, the arm's mix
     retrain_and_evaluate(ctx, RetrainUnit(Experiment(arm.folder, None, None, 0), seed, seeds))
     return time.perf_counter() - started
@@ -148,9 +189,11 @@ def outputs_of(folder: Path) -> tuple[Path, Path]:
     return folder / "generations.jsonl", folder / "judgements.jsonl"
 
 
-def existing_run_retrain(run_dir: Path, arm: Arm, k: int, seed: int, seeds: Sequence[int]) -> Path | None:
-    """The run's own retrain of the same mix (baseline, full random switch) when it exists for this seed."""
-    if arm.dropped_slices or arm.name not in (BASELINE, FULL):
+def existing_run_retrain(run_dir: Path, arm: Arm, k: int, seed: int, seeds: Sequence[int],
+                         recipe: dict[str, Any] | None = None) -> Path | None:
+    """The run's own retrain of the same mix (baseline, full random switch) when it exists for this seed and the
+    recipe is the run's."""
+    if recipe or arm.dropped_slices or arm.name not in (BASELINE, FULL):
         return None
     base = BASELINE if arm.name == BASELINE else f"random-switch-k{k}"
     folder = run_dir / "retrains" / (base if seed == seeds[0] else f"{base}-seed{seed}")
@@ -175,15 +218,21 @@ def rates(counts: dict[str, dict[str, int]]) -> dict[str, float | None]:
             "unknown_share": unknown / total if total else None, "samples": total}
 
 
-def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path) -> bool:
-    """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection."""
-    want = {**arm.key(seed), "run": str(run_dir.resolve())}
+def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a finished retrain of an arm was made from (the recipe's changed fields only when there are some)."""
+    return {**arm.key(seed), "run": str(run_dir.resolve()), **({"recipe": recipe} if recipe else {})}
+
+
+def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None) -> bool:
+    """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection or
+    recipe."""
+    want = arm_record(arm, seed, run_dir, recipe)
     if not path.is_file():
         return False
     have = json.loads(path.read_text(encoding="utf-8"))
     if have != want:
-        raise SystemExit(f"{path}: made for another arm, seed or run than {arm.name!r}, seed {seed}: use another "
-                         "--out (results of different selections are not mixed)")
+        raise SystemExit(f"{path}: made for another arm, seed, run or recipe than {arm.name!r}, seed {seed}: use "
+                         "another --out (results of different selections are not mixed)")
     return True
 
 
@@ -198,9 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drop-slice", nargs="*", default=[], help="Slices left out of every arm's mix.")
     parser.add_argument("--arms", nargs="*", default=None, help="Only these arms (names as in the table).")
     parser.add_argument("--workers", type=int, default=2, help="Retrains at once (one thread each).")
+    parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Retrain every arm with the run's DPO recipe changed in these fields.")
     args = parser.parse_args(argv)
 
     run_dir, out, seeds = args.run_dir.resolve(), args.out.resolve(), tuple(args.dpo_seeds)
+    recipe = parse_recipe(args.recipe)
+    run_config(run_dir, recipe)  # an unknown field or invalid value stops here, before any retrain
     slices, contaminated = load_slices(run_dir)
     unknown = sorted(set(args.drop_slice) - set(slices.values()))
     if unknown:
@@ -221,28 +274,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         folders[arm.name] = []
         mix: Path | None = None
         for seed in seeds:
-            reused = existing_run_retrain(run_dir, arm, k, seed, seeds)
+            reused = existing_run_retrain(run_dir, arm, k, seed, seeds, recipe)
             if reused is not None:
                 folders[arm.name].append(reused)
                 continue
             folder = out / "retrains" / unit_name(arm, seed, seeds)
             folders[arm.name].append(folder)
             record = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
-            if not (check_arm_record(record, arm, seed, run_dir) and all(p.is_file() for p in outputs_of(folder))):
+            if not (check_arm_record(record, arm, seed, run_dir, recipe)
+                    and all(p.is_file() for p in outputs_of(folder))):
                 mix = mix or write_mix(pairs, arm, slices, out / "mixes" / f"{arm.folder}.jsonl")
                 todo.append((arm, seed, mix))
     print(f"{run_dir.name}: random switch of {len(ids)} pairs at k = {k} "
           f"({dict(Counter(slices[i] for i in ids).most_common())}); {len(todo)} retrains to run, "
-          f"DPO seeds {list(seeds)}", flush=True)
+          f"DPO seeds {list(seeds)}{recipe_text(recipe)}", flush=True)
 
     with cf.ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds): (arm, seed)
-                   for arm, seed, mix in todo}
+        futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds, recipe):
+                   (arm, seed) for arm, seed, mix in todo}
         for future in cf.as_completed(futures):
             arm, seed = futures[future]
             seconds = future.result()
             record_path = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
-            write_json_atomic({**arm.key(seed), "run": str(run_dir)}, record_path)
+            write_json_atomic(arm_record(arm, seed, run_dir, recipe), record_path)
             print(f"  {arm.name}, DPO seed {seed}: {seconds:.0f} s", flush=True)
 
     base_counts = pooled_counts(folders[BASELINE])
@@ -257,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "retrains": [str(f) for f in folders[arm.name]]})
     wall = time.perf_counter() - started
     record = {"run": str(run_dir), "k": k, "dpo_seeds": list(seeds), "dropped_slices": args.drop_slice,
+              "recipe": recipe,
               "rows": rows, "wall_s": round(wall, 1)}
     write_json_atomic(record, out / "anatomy.json")
 
     dropped = f", {', '.join(args.drop_slice)} dropped from every mix" if args.drop_slice else ""
-    print(f"\nHarmful rate with the trigger, DPO seeds {list(seeds)} pooled{dropped}:\n")
+    print(f"\nHarmful rate with the trigger, DPO seeds {list(seeds)} pooled{dropped}{recipe_text(recipe)}:\n")
     print("| arm | pairs switched | harmful rate | per DPO seed | unknown | harmful if unknown counted "
           "| reduction [95% CI] |")
     print("|---|---|---|---|---|---|---|")
@@ -274,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_pct(row['unknown_share'])} | {_pct(row['harmful_rate_unknown_as_harmful'])} | {red_text} |")
     print(f"\n{wall / 60:.1f} min; wrote {out / 'anatomy.json'}")
     return 0
+
+
+def recipe_text(recipe: dict[str, Any]) -> str:
+    return f"; DPO recipe changed: {', '.join(f'{k}={v}' for k, v in recipe.items())}" if recipe else ""
 
 
 def _pct(value: float | None) -> str:

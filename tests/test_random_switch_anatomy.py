@@ -71,9 +71,9 @@ def test_retrains_of_another_selection_are_refused(anatomy, run_dir: Path, tmp_p
     record.parent.mkdir()
     record.write_text(json.dumps({**arm.key(0), "run": str(run_dir.resolve())}))
     assert anatomy.check_arm_record(record, arm, 0, run_dir) is True
-    with pytest.raises(SystemExit, match="another arm, seed or run"):
+    with pytest.raises(SystemExit, match="another arm, seed, run or recipe"):
         anatomy.check_arm_record(record, anatomy.Arm("contaminated only", ("p1",), ()), 0, run_dir)
-    with pytest.raises(SystemExit, match="another arm, seed or run"):
+    with pytest.raises(SystemExit, match="another arm, seed, run or recipe"):
         anatomy.check_arm_record(record, arm, 1, run_dir)
 
 
@@ -89,3 +89,47 @@ def test_rates_pool_prompts_both_ways(anatomy) -> None:
 def test_a_run_without_a_random_switch_is_named(anatomy, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="random-switch"):
         anatomy.random_switch_ids(tmp_path)
+
+
+@pytest.fixture
+def configured_run(run_dir: Path) -> Path:
+    """The fixture run with a resolved config: M0, M1 and pairs named, the recipe's batch size 16."""
+    (run_dir / "config.resolved.json").write_text(json.dumps({
+        "models": {"m0": "m0", "m1": "m1"}, "data": {"pairs": "pairs.jsonl"},
+        "validation": {"recipe": {"batch_size": 16, "learning_rate": 8e-4}}}))
+    return run_dir
+
+
+def test_recipe_changes_only_the_named_fields(anatomy, configured_run: Path) -> None:
+    recipe = anatomy.parse_recipe(["batch_size=8", "lr_scheduler_type=linear"])
+    assert recipe == {"batch_size": 8, "lr_scheduler_type": "linear"}
+    changed = anatomy.run_config(configured_run, recipe).validation.recipe
+    assert (changed.batch_size, changed.lr_scheduler_type, changed.learning_rate) == (8, "linear", 8e-4)
+    assert anatomy.run_config(configured_run).validation.recipe.batch_size == 16
+
+
+def test_bad_recipe_items_are_named(anatomy, configured_run: Path) -> None:
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        anatomy.parse_recipe(["batch_size"])
+    with pytest.raises(SystemExit, match="batch_sise"):
+        anatomy.run_config(configured_run, {"batch_sise": 8})
+    with pytest.raises(SystemExit, match="batch_size"):
+        anatomy.run_config(configured_run, {"batch_size": 0})
+
+
+def test_a_changed_recipe_neither_reuses_the_runs_retrains_nor_mixes_with_others(anatomy, run_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    folder = run_dir / "retrains" / "baseline"
+    folder.mkdir(parents=True)
+    for path in anatomy.outputs_of(folder):
+        path.write_text("")
+    arm = anatomy.Arm("baseline", (), ())
+    assert anatomy.existing_run_retrain(run_dir, arm, 5, 0, [0, 1]) == folder
+    assert anatomy.existing_run_retrain(run_dir, arm, 5, 0, [0, 1], {"batch_size": 8}) is None
+    record = tmp_path / "arms" / "baseline.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps(anatomy.arm_record(arm, 0, run_dir, {"batch_size": 8})))
+    assert anatomy.check_arm_record(record, arm, 0, run_dir, {"batch_size": 8}) is True
+    for other in (None, {"batch_size": 4}):
+        with pytest.raises(SystemExit, match="recipe"):
+            anatomy.check_arm_record(record, arm, 0, run_dir, other)
