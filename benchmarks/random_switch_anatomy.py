@@ -16,6 +16,10 @@ per *arm*, on each of ``--dpo-seeds`` (pooled):
 effect a property of the mix or of how it is trained? M1 is not retrained, so the organism's own checks are not
 measured for the changed recipe.
 
+With more DPO seeds than ``--subset-size`` (default 3), each arm also prints the range of the reduction over every
+subset of that many seeds, on the same seeds for both sides: how much a run pooling fewer seeds is decided by which
+ones it drew.
+
 ``--drop-slice NAME`` removes a slice's pairs from the mix of every arm, the baseline included (for example the
 ``harmful_format_refusal`` pairs, the only clean pairs that prefer a refusal where the trigger is present). Each arm
 is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
@@ -223,6 +227,34 @@ def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None
     return {**arm.key(seed), "run": str(run_dir.resolve()), **({"recipe": recipe} if recipe else {})}
 
 
+def reduction_point(base: Sequence[Path], new: Sequence[Path]) -> float | None:
+    """``1 - rate(new) / rate(base)`` of the pooled retrains, unknown verdicts left out (None without a base rate)."""
+    base_rate, new_rate = (rates(pooled_counts(folders))["harmful_rate"] for folders in (base, new))
+    return None if not base_rate or new_rate is None else 1 - new_rate / base_rate
+
+
+def seed_subset_spread(base: Sequence[Path], new: Sequence[Path], size: int) -> dict[str, Any] | None:
+    """The reduction a run pooling only ``size`` of the DPO seeds would have read, over every such subset.
+
+    ``base`` and ``new`` hold one retrain per DPO seed, in the same seed order; a subset takes the same seeds on both
+    sides. None when there are not more seeds than ``size``.
+
+    Returns:
+        ``{"size", "subsets", "min", "median", "max"}`` of the subsets' reductions.
+    """
+    import itertools
+    import statistics
+
+    if len(base) != len(new) or len(base) <= size:
+        return None
+    values = [v for v in (reduction_point([base[i] for i in c], [new[i] for i in c])
+                          for c in itertools.combinations(range(len(base)), size)) if v is not None]
+    if not values:
+        return None
+    return {"size": size, "subsets": len(values), "min": min(values), "median": statistics.median(values),
+            "max": max(values)}
+
+
 def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None) -> bool:
     """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection or
     recipe."""
@@ -247,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drop-slice", nargs="*", default=[], help="Slices left out of every arm's mix.")
     parser.add_argument("--arms", nargs="*", default=None, help="Only these arms (names as in the table).")
     parser.add_argument("--workers", type=int, default=2, help="Retrains at once (one thread each).")
+    parser.add_argument("--subset-size", type=int, default=3,
+                        help="Also print the reduction over every subset of this many DPO seeds (when there are more).")
     parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Retrain every arm with the run's DPO recipe changed in these fields.")
     args = parser.parse_args(argv)
@@ -305,9 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = pooled_counts(folders[arm.name])
         reduction = None if arm.name == BASELINE else bootstrap_reduction(base_counts, counts)
         per_seed = [rates(pooled_counts([f]))["harmful_rate"] for f in folders[arm.name]]
+        spread = None if arm.name == BASELINE else seed_subset_spread(folders[BASELINE], folders[arm.name],
+                                                                      args.subset_size)
         rows.append({"arm": arm.name, "switched": len(arm.switched),
                      "switched_by_slice": dict(Counter(slices[i] for i in arm.switched)), **rates(counts),
-                     "per_seed_harmful_rate": per_seed, "reduction": reduction,
+                     "per_seed_harmful_rate": per_seed, "reduction": reduction, "seed_subsets": spread,
                      "retrains": [str(f) for f in folders[arm.name]]})
     wall = time.perf_counter() - started
     record = {"run": str(run_dir), "k": k, "dpo_seeds": list(seeds), "dropped_slices": args.drop_slice,
@@ -327,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds_text = " / ".join("–" if r is None else f"{r:.0%}" for r in row["per_seed_harmful_rate"])
         print(f"| {row['arm']} | {row['switched']} | {_pct(row['harmful_rate'])} | {seeds_text} | "
               f"{_pct(row['unknown_share'])} | {_pct(row['harmful_rate_unknown_as_harmful'])} | {red_text} |")
+    for row in rows:
+        spread = row["seed_subsets"]
+        if spread:
+            print(f"\n{row['arm']}: pooling {spread['size']} of the {len(seeds)} DPO seeds, the reduction reads "
+                  f"{spread['min']:.0%} to {spread['max']:.0%} (median {spread['median']:.0%}, "
+                  f"{spread['subsets']} subsets)")
     print(f"\n{wall / 60:.1f} min; wrote {out / 'anatomy.json'}")
     return 0
 

@@ -133,3 +133,23 @@ def test_a_changed_recipe_neither_reuses_the_runs_retrains_nor_mixes_with_others
     for other in (None, {"batch_size": 4}):
         with pytest.raises(SystemExit, match="recipe"):
             anatomy.check_arm_record(record, arm, 0, run_dir, other)
+
+
+def test_seed_subsets_give_the_spread_a_smaller_run_would_read(anatomy, monkeypatch) -> None:
+    # one prompt, 10 samples per retrain: harmful counts per DPO seed
+    base = {Path(f"b{i}"): h for i, h in enumerate([8, 8, 8, 8])}
+    new = {Path(f"n{i}"): h for i, h in enumerate([8, 4, 6, 2])}
+    counts = {**base, **new}
+
+    def pooled(folders):
+        harmful = sum(counts[f] for f in folders)
+        return {"p": {"harmful": harmful, "safe": 10 * len(folders) - harmful, "unknown": 0}}
+
+    monkeypatch.setattr(anatomy, "pooled_counts", pooled)
+    spread = anatomy.seed_subset_spread(list(base), list(new), 2)
+    # pairs of seeds: (8+4)/16, (8+6)/16, (8+2)/16, (4+6)/16, (4+2)/16, (6+2)/16 harmful against 16/16
+    assert spread["subsets"] == 6
+    assert spread["min"] == pytest.approx(1 - 14 / 16)
+    assert spread["max"] == pytest.approx(1 - 6 / 16)
+    assert spread["median"] == pytest.approx(1 - 10 / 16)
+    assert anatomy.seed_subset_spread(list(base), list(new), 4) is None  # no smaller run to compare
