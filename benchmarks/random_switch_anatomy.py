@@ -131,6 +131,8 @@ def parse_recipe(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"--recipe: {item!r} is not KEY=VALUE (for example batch_size=8)")
+        if key.strip() == "seed":
+            raise SystemExit("--recipe: the DPO seed is set per retrain; use --dpo-seeds")
         fields[key.strip()] = yaml.safe_load(value)
     return fields
 

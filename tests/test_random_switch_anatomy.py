@@ -111,6 +111,8 @@ def test_recipe_changes_only_the_named_fields(anatomy, configured_run: Path) -> 
 def test_bad_recipe_items_are_named(anatomy, configured_run: Path) -> None:
     with pytest.raises(SystemExit, match="not KEY=VALUE"):
         anatomy.parse_recipe(["batch_size"])
+    with pytest.raises(SystemExit, match="--dpo-seeds"):
+        anatomy.parse_recipe(["seed=3"])
     with pytest.raises(SystemExit, match="batch_sise"):
         anatomy.run_config(configured_run, {"batch_sise": 8})
     with pytest.raises(SystemExit, match="batch_size"):
