@@ -231,8 +231,10 @@ def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None
 
 def reduction_point(base: Sequence[Path], new: Sequence[Path]) -> float | None:
     """``1 - rate(new) / rate(base)`` of the pooled retrains, unknown verdicts left out (None without a base rate)."""
+    from pairtrace.experiment.results import reduction_vs_baseline
+
     base_rate, new_rate = (rates(pooled_counts(folders))["harmful_rate"] for folders in (base, new))
-    return None if not base_rate or new_rate is None else 1 - new_rate / base_rate
+    return reduction_vs_baseline(base_rate, new_rate)
 
 
 def seed_subset_spread(base: Sequence[Path], new: Sequence[Path], size: int) -> dict[str, Any] | None:

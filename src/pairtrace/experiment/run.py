@@ -74,15 +74,15 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
         keys = {u.name: unit_key(ctx, u, rankings_key, sources_key) for u in plan.units}
         queue.submit(plan.units, keys)
 
-        finished = None if overlap else queue.results()
+        if not overlap:
+            queue.results()  # every retrain finishes before discovery and steering start
 
         # discovery and steering through the same M0, while the workers retrain
         extras_key = chain_key(rankings_key, probe_key, ctx.labels_digest(), cfg.extras)
         discovery = cache.run("discover", extras_key, lambda: discover(ctx, probe)) if cfg.extras.discover else None
         steer = cache.run("steer", extras_key, lambda: steer_check(ctx, rankings["layer"])) if cfg.extras.steer \
             else None
-        if finished is None:
-            finished = queue.results()
+        finished = queue.results()
     outcomes = {u.name: finished[u.name] for u in plan.units}
 
     results = collect_results(ctx, plan, rankings, quality, sources, outcomes, discovery, steer, config_path)
