@@ -96,6 +96,28 @@ def test_from_mapping_names_the_section_and_key():
         from_mapping(Toy, {}, "toy")
 
 
+def test_numbers_written_without_a_dot_are_numbers():
+    # YAML 1.1 (PyYAML) reads 1e-3 as the string '1e-3'; a number field reads it as the number it spells
+    raw = yaml.safe_load("name: n\nrate: 1e-3\nsteps: '4'\n")
+    assert raw["rate"] == "1e-3"
+    toy = from_mapping(Toy, raw, "toy")
+    assert toy.rate == pytest.approx(1e-3) and isinstance(toy.rate, float)
+    assert toy.steps == 4 and isinstance(toy.steps, int)
+    assert isinstance(from_mapping(Toy, {"name": "n", "rate": 2}, "toy").rate, int)  # ints stay ints: hashes hold
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"rate": "fast"}, r"toy.rate: expected a number, got 'fast'"),
+    ({"rate": True}, r"toy.rate: expected a number, got True"),
+    ({"steps": 1.5}, r"toy.steps: expected an integer, got 1.5"),
+    ({"steps": "1e3"}, r"toy.steps: expected an integer, got '1e3'"),
+    ({"steps": [3]}, r"toy.steps: expected an integer, got \[3\]"),
+])
+def test_values_that_are_not_numbers_are_refused_with_the_key(value, message):
+    with pytest.raises(ConfigError, match=message):
+        from_mapping(Toy, {"name": "n", **value}, "toy", "run config")
+
+
 # ---------------------------------------------------------------------------------------------- run config
 
 
@@ -130,6 +152,17 @@ def test_unknown_keys_in_typed_sections_are_refused_at_load(tmp_path, section, v
         value = organism
     with pytest.raises(ConfigError, match=message):
         load_run_config(write_config(tmp_path, "organism-quick.yaml", **{section: value}))
+
+
+def test_a_learning_rate_written_as_1e_minus_4_is_read_as_a_number(tmp_path):
+    from pairtrace.experiment.run_config import load_run_config
+
+    path = write_config(tmp_path, "organism-quick.yaml")
+    text = path.read_text().replace("recipe: {}", "recipe:\n    learning_rate: 4e-4\n    epochs: 2")
+    assert "4e-4" in text
+    path.write_text(text)
+    recipe = load_run_config(path).validation.recipe
+    assert recipe.learning_rate == pytest.approx(4e-4) and recipe.epochs == 2
 
 
 def test_openai_judge_needs_url_and_model_named_as_keys(tmp_path):

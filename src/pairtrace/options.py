@@ -209,8 +209,50 @@ def from_mapping(cls: type, raw: Any, key: str, context: str = "config") -> Any:
         nested = dataclass_of(annotation)
         if nested is not None and (value is not None or not is_optional(annotation)):
             value = from_mapping(nested, value, f"{key}.{name}", context)
-        kwargs[name] = value
+        kwargs[name] = coerce_number(value, annotation, f"{key}.{name}")
     return build_instance(cls, kwargs, lambda f: f"{key}.{f}", where)
+
+
+def number_type(annotation: Any) -> type | None:
+    """``float`` or ``int`` when an annotation is that number type (``X`` or ``X | None``), else None."""
+    if annotation in (float, int):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1 and inner[0] in (float, int):
+            return inner[0]
+    return None
+
+
+def coerce_number(value: Any, annotation: Any, name: str) -> Any:
+    """A config value for a number field, read as that number.
+
+    PyYAML follows YAML 1.1, where ``1e-6`` (no dot) is a string, not a float: such strings are read as the number
+    they spell. Numbers are returned unchanged (an int stays an int in a float field, so hashes of existing configs
+    do not move); other values of a number field are refused.
+
+    Args:
+        value: The parsed value.
+        annotation: The field's type.
+        name: The key or flag the user typed (``validation.recipe.learning_rate``), for the message.
+
+    Raises:
+        ConfigError: The value is not a number of the field's kind (a bool, a word, a fraction for an integer).
+    """
+    kind = number_type(annotation)
+    if kind is None or value is None:
+        return value
+    wanted = "a number" if kind is float else "an integer"
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+    if isinstance(value, int) or (kind is float and isinstance(value, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
 
 
 def is_optional(annotation: Any) -> bool:

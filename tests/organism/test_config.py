@@ -79,6 +79,10 @@ def _raw() -> dict:
         (lambda r: r.update(behaviours=[r["behaviours"][1]]), "contaminated"),
         (lambda r: r["dpo"].update(loss_type="hinge"), "loss_type"),
         (lambda r: r["mix"].update(clean=[]), "clean slice"),
+        (lambda r: r["dpo"].update(learning_rate="fast"), r"organism config\.dpo\.learning_rate: expected a number"),
+        (lambda r: r["mix"].update(n_pairs=1200.5), r"organism config\.mix\.n_pairs: expected an integer"),
+        (lambda r: r["behaviours"][0].update(fraction="a lot"),
+         r"organism config\.behaviours\[0\]\.fraction: expected a number, got 'a lot'"),
     ],
 )
 def test_invalid_configs_name_the_field(edit, message: str) -> None:
@@ -104,6 +108,14 @@ def test_removed_keys_say_where_the_setting_went(edit, message: str) -> None:
     edit(raw)
     with pytest.raises(ConfigError, match=message):
         build_organism_config(raw)
+
+
+def test_rates_written_without_a_dot_are_numbers() -> None:
+    # PyYAML reads 8e-4 as a string (YAML 1.1); the config reads it as the number it spells
+    text = (CONFIGS / "organism-build.yaml").read_text().replace("learning_rate: 8.0e-4", "learning_rate: 8e-4")
+    raw = yaml.safe_load(text)
+    assert raw["dpo"]["learning_rate"] == "8e-4"
+    assert build_organism_config(raw).dpo.learning_rate == pytest.approx(8e-4)
 
 
 DECOY = {"name": "decoy", "kind": "decoy", "prompts": "xstest_unsafe", "chosen": "compliance", "rejected": "refusal",

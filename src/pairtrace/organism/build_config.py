@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError
+from pairtrace.options import coerce_number, field_types
 from pairtrace.organism.templates import DEFAULT_SIGN_OFF, REFUSALS, STYLES
 from pairtrace.retrain.recipe import DPORecipe
 
@@ -431,7 +432,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 raise ConfigError(f"{where}.{name}: expected a list of slices")
             kwargs[name] = [_build(SliceSpec, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
         else:
-            kwargs[name] = value
+            kwargs[name] = coerce_number(value, field_types(cls)[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
