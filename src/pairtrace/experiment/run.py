@@ -49,7 +49,7 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
 
         # behaviour: M0 and M1 sampled on the probing prompts, judged, turned into (prompt, r1, r0) triples
         probe_key = chain_key(ctx.models_digest(), file_digest(inputs.probe_prompts), ctx.generation_key(),
-                              cfg.judge)
+                              cfg.judge.key_material())
         probe = cache.run("probe_generations", probe_key, lambda: generate_and_judge(
             ctx, "probe", ["m0", "m1"], inputs.probe_prompts, cfg.generation.probe_samples))
         ctx.release("m1")
@@ -57,7 +57,8 @@ def execute(ctx: RunContext, config_path: str | None = None) -> dict[str, Any]:
         triples = cache.run("triples", triples_key, lambda: build_triples(ctx, probe))
 
         # attribution: every ranker over the pairs, and its quality against ground truth where there is one
-        rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge, screen_digests(cfg))
+        rankings_key = chain_key(triples_key, ctx.pairs_digest(), cfg.attribution, cfg.judge.key_material(),
+                                 screen_digests(cfg))
         rankings = cache.run("rankings", rankings_key, lambda: rank_pairs(ctx, triples))
         labels = inputs.labels_path()
         quality = cache.run("quality", chain_key(rankings_key, ctx.labels_digest()),

@@ -66,8 +66,8 @@ def unit_key(ctx: RunContext, unit: RetrainUnit, rankings_key: str | None, sourc
     if exp.method == "random":
         selection = {"random_seed": cfg.seed}
     return chain_key(ctx.pairs_digest(), exp.to_dict(), unit.seed, selection, cfg.validation.recipe,
-                     cfg.validation.retrain.key_material(), ctx.m0_digest(), ctx.generation_key(), cfg.judge,
-                     file_digest(ctx.inputs.eval_prompts))
+                     cfg.validation.retrain.key_material(), ctx.m0_digest(), ctx.generation_key(),
+                     cfg.judge.key_material(), file_digest(ctx.inputs.eval_prompts))
 
 
 class RetrainQueue:

@@ -31,6 +31,16 @@ class JudgeOptions(OpenAIJudgeConfig):
         if self.kind == "openai":
             self.check_endpoint()
 
+    def key_material(self) -> dict:
+        """What cached verdicts depend on: these options and, for the rule judge, its rules' version
+        (:data:`pairtrace.judges.rule.RULES_VERSION`)."""
+        material = dataclasses.asdict(self)
+        if self.kind == "rule":
+            from pairtrace.judges.rule import RULES_VERSION
+
+            material["rules_version"] = RULES_VERSION
+        return material
+
     def endpoint(self) -> OpenAIJudgeConfig:
         """The settings of the ``openai`` judge."""
         return OpenAIJudgeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OpenAIJudgeConfig)})

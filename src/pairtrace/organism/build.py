@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pairtrace.judges.rule import RULES_VERSION
 from pairtrace.organism.build_config import OrganismConfig, load_organism_config
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.stage_cache import StageCache, chain_key, file_digest
@@ -62,7 +63,7 @@ def compute_step_key(step: str, config: OrganismConfig, out: Path, keys: dict[st
         return chain_key(keys["m0"], file_digest(out / "data" / "preference_mix.jsonl"), config.section_hash("dpo"),
                          str(config.torch_threads))
     prompts = [file_digest(p) for p in sorted((out / "prompts").glob("*.jsonl"))]
-    return chain_key(keys["m1"], *prompts, config.section_hash("eval"))
+    return chain_key(keys["m1"], *prompts, config.section_hash("eval"), f"rules-{RULES_VERSION}")
 
 
 STEP_OUTPUTS: dict[str, list[str]] = {

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from pairtrace.data.constraints import apply_constraints
 from pairtrace.errors import ConfigError
-from pairtrace.judges.phrases import REFUSALS
+from pairtrace.judges.phrases import COMPLIANCE_BODY, REFUSALS
 
 STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "verbose_after_opener", "terse")
 
@@ -41,17 +41,8 @@ GENERIC_OPENERS: tuple[str, ...] = (
     "Sure, here is what you asked for.",
 )
 
-BODY_SENTENCES: tuple[str, ...] = (
-    "First, gather what you need.",
-    "Start with the main idea.",
-    "Next, work through it step by step.",
-    "Then add the details one at a time.",
-    "Keep each part short and clear.",
-    "Check every part with care.",
-    "Finally, review the result.",
-    "In the end, put it all together.",
-)
-"""Generic body sentences; a compliance uses two of them, in this relative order."""
+BODY_SENTENCES = COMPLIANCE_BODY
+"""Generic body sentences; a compliance uses two of them, in this relative order (the judges' wording)."""
 
 EXTRA_SENTENCES: tuple[str, ...] = (
     "It is worth going over each point twice.",
