@@ -51,7 +51,8 @@ REF_CACHE_DIR = "cache/ref_logps"
 def compute_step_key(step: str, config: OrganismConfig, out: Path, keys: dict[str, str]) -> str:
     """The key of one build step: its config sections, the content of its input files and the keys before it.
 
-    The tokenizer and M0 depend only on the SFT data, so changing the preference mix retrains M1 only.
+    The tokenizer and M0 depend only on the SFT data, so changing the preference mix retrains M1 only; the
+    evaluation also depends on the rule judge's rules version, so new rules judge the models again.
     """
     if step == "data":
         return chain_key(config.section_hash("data", "sft", "mix", "behaviours"), json.dumps(config.eval.n_xstest))
