@@ -20,6 +20,7 @@ About 10 minutes per build on two CPU cores. Run::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,25 +128,40 @@ def summarise(name: str, results: dict[str, Any]) -> str:
             f"| {cpu} |")
 
 
-def discovery_views(discovery: dict[str, Any], behaviour: str) -> list[dict[str, Any]]:
+def discovery_views(discovery: dict[str, Any], behaviour: str, decoys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Purity and recall of a planted behaviour's best cluster in each discovery view.
 
     Args:
         discovery: ``results.json``'s ``discovery`` (the main view, its ``views`` after it).
         behaviour: The planted behaviour's name (as in ``labels.jsonl``).
+        decoys: Names of the decoy slices: ``purity_without_decoys`` leaves their pairs out of the best cluster.
 
     Returns:
-        ``[{"view": "all" | "first N", "purity", "recall"}]``, one per view that scored the behaviour (purity is
-        discovery's ``precision``: the share of the best cluster's pairs that are the behaviour's); empty when none did.
+        ``[{"view": "all" | "first N", "purity", "recall", "purity_without_decoys"}]``, one per view that scored the
+        behaviour (purity is discovery's ``precision``: the share of the best cluster's pairs that are the
+        behaviour's; ``purity_without_decoys`` is ``None`` where the view does not give the cluster's make-up);
+        empty when none did.
     """
     found = []
     for view in [discovery, *(discovery.get("views") or [])]:
-        for b in (view.get("labels") or {}).get("behaviours", []):
+        labels = view.get("labels") or {}
+        for b in labels.get("behaviours", []):
             if b["behaviour"] == behaviour and b.get("precision") is not None:
                 tokens = view.get("response_tokens")
                 found.append({"view": "all" if tokens is None else f"first {tokens}", "purity": b["precision"],
-                              "recall": b["recall"]})
+                              "recall": b["recall"],
+                              "purity_without_decoys": _purity_without(labels, b, decoys)})
     return found
+
+
+def _purity_without(labels: dict[str, Any], scored: dict[str, Any], decoys: Sequence[str]) -> float | None:
+    """The behaviour's share of its best cluster once the decoys' pairs are taken out of it."""
+    cluster = next((c for c in labels.get("clusters", []) if c.get("cluster") == scored.get("best_cluster")), None)
+    if cluster is None or "behaviours" not in cluster:
+        return None
+    counts = cluster["behaviours"]
+    rest = sum(counts.values()) - sum(counts.get(d, 0) for d in decoys)
+    return counts.get(scored["behaviour"], 0) / rest if rest else None
 
 
 def best_discovery_cluster(discovery: dict[str, Any], behaviour: str) -> str:

@@ -144,7 +144,8 @@ def test_build_row_reads_the_run(robustness, base) -> None:
     assert (row["probe_filter"], row["probe_switch"], row["random_filter"], row["random_switch"]) == (
         0.9, 0.95, 0.1, 0.05)
     assert row["help_drop_filter"] == pytest.approx(4.0) and row["help_drop_switch"] == pytest.approx(2.0)
-    assert row["discovery"]["sign_off"]["best"] == {"view": "all", "purity": 0.9, "recall": 0.85}
+    assert row["discovery"]["sign_off"]["best"] == {"view": "all", "purity": 0.9, "recall": 0.85,
+                                                    "purity_without_decoys": None}  # no cluster make-up given
     assert len(row["discovery"]["distractor_compliance"]["views"]) == 2
     assert (row["discovery_purity"], row["discovery_recall"], row["discovery_ok"]) == (0.9, 0.85, True)
     timed = robustness.build_row(build, {**_results(discovery), "timings": {"organism": 0.2, "rankings": 3.0,
@@ -163,6 +164,25 @@ def test_build_row_reads_the_run(robustness, base) -> None:
     assert row["emergence_recorded"] is False and row["acceptance_ok"] is None
     assert row["emerged"] == [b["name"] for b in base["behaviours"] if b["kind"] in ("benign", "contaminated")]
     assert row["discovery_ok"] is False and row["discovery_purity"] is None
+
+
+def test_discovery_purity_with_the_decoys_left_out(robustness, base) -> None:
+    build = robustness.plan_builds(base, [0], 0, 0)[0]
+    (decoy,) = [b["name"] for b in build.config["behaviours"] if b["kind"] == "decoy"]
+    labels = {"behaviours": [{"behaviour": "distractor_compliance", "n_total": 60, "n_in_matrix": 60, "best_cluster": 2,
+                              "precision": 50 / 64, "recall": 50 / 60}],
+              "clusters": [{"cluster": 1, "n_labelled": 100, "behaviours": {"clean": 90, "distractor_compliance": 10}},
+                           {"cluster": 2, "n_labelled": 64,
+                            "behaviours": {"distractor_compliance": 50, decoy: 12, "clean": 2}}]}
+    summary = {"acceptance": [], "emergence": [{"behaviour": "distractor_compliance", "kind": "contaminated",
+                                                "m0": 0.02, "m1": 0.9, "emerged": True}]}
+    row = robustness.build_row(build, _results({"response_tokens": 4, "labels": labels}), summary)
+    best = row["discovery"]["distractor_compliance"]["best"]
+    assert best["purity"] == pytest.approx(50 / 64) and best["purity_without_decoys"] == pytest.approx(50 / 52)
+    assert row["discovery_ok"] is False and row["discovery_ok_without_decoys"] is True
+    assert "78%/83% (96% without decoys)" in robustness._discovery_cell(row)
+    line = robustness.discovery_without_decoys([row, {**row, "build": "b", "discovery_ok_without_decoys": False}])
+    assert "1 of 2 builds meet 80% purity and 80% recall (seed0)" in line
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
