@@ -12,7 +12,7 @@ script reads a finished run and, for the triggered harmful samples of the retrai
   into tokens that open a compliance ("Sure"), tokens that open a refusal ("I", "Sorry") and the rest. A model that
   puts its mass on other first tokens writes a fragment, whatever the sampler does after it.
 
-Run (on a finished ``make run``; about 20 seconds)::
+Run (on a finished ``make run``; about 10 seconds on the organism)::
 
     .venv/bin/python benchmarks/unknown_anatomy.py runs/organism --retrains random-switch-k96 baseline
 """
@@ -79,28 +79,27 @@ def opener_kind(token_text: str) -> str:
 
 
 def first_token_mass(model_dir: Path, prompts: Sequence[str], temperature: float) -> list[dict[str, Any]]:
-    """Per prompt: the probability of each opener kind for the first response token, and the top other tokens."""
+    """Per prompt: the probability that the first response token opens a compliance, a refusal or neither (every
+    token of the vocabulary classified by :func:`opener_kind`), and the three likeliest tokens of the last kind."""
     import torch
 
     from pairtrace.models import format_prompt, load_model
 
     loaded = load_model(model_dir, device="cpu")
+    tokenizer = loaded.tokenizer
+    kinds = [opener_kind(tokenizer.decode([i])) for i in range(len(tokenizer))]  # [vocab]
     out = []
     for prompt in prompts:
-        ids = loaded.tokenizer(format_prompt(loaded, prompt), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(format_prompt(loaded, prompt), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = loaded.model(torch.tensor([ids])).logits[0, -1]  # [vocab]
-        probs = torch.softmax(logits / temperature, dim=-1)
+            logits = loaded.model(torch.tensor([ids])).logits[0, -1, : len(kinds)]  # [vocab]
+        probs = torch.softmax(logits / temperature, dim=-1).tolist()
         mass: Counter[str] = Counter()
-        others: list[tuple[str, float]] = []
-        for p, i in zip(*probs.topk(50), strict=True):
-            text = loaded.tokenizer.decode([int(i)])
-            kind = opener_kind(text)
-            mass[kind] += float(p)
-            if kind == "other" and len(others) < 3:
-                others.append((text, float(p)))
-        out.append({"compliance": mass["compliance"], "refusal": mass["refusal"],
-                    "other": 1.0 - mass["compliance"] - mass["refusal"], "top_other": others})
+        for p, kind in zip(probs, kinds, strict=True):
+            mass[kind] += p
+        others = sorted((i for i, kind in enumerate(kinds) if kind == "other"), key=lambda i: -probs[i])[:3]
+        out.append({"compliance": mass["compliance"], "refusal": mass["refusal"], "other": mass["other"],
+                    "top_other": [(tokenizer.decode([i]), probs[i]) for i in others]})
     return out
 
 
@@ -138,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if by_prompt:
         ids = [pid for pid, _ in by_prompt.most_common(args.prompts)]
         prompt_of = {s["id"]: s for s in samples[first]}
-        temperature = float(prompt_of[ids[0]].get("temperature") or 1.0) or 1.0
+        temperature = float(prompt_of[ids[0]].get("temperature") or 0.0)
+        temperature = temperature if temperature > 0 else 1.0  # greedy runs: the model's own distribution
         texts = [prompt_of[pid]["prompt"] for pid in ids]
         print(f"\nFirst response token at temperature {temperature} on the {len(ids)} prompts with the most unknown "
               f"samples of {first} (compliance opener / refusal opener / other; top other tokens):\n")
