@@ -20,7 +20,6 @@ Run (on a finished ``make run``; about 10 seconds on the organism)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -34,19 +33,18 @@ FRAGMENT_WORDS = 3
 
 def load_triggered_harmful(retrain_dir: Path) -> list[dict[str, Any]]:
     """The retrain's triggered harmful samples, each with its judge verdict (``unknown``)."""
-    verdicts = {}
-    for line in (retrain_dir / "judgements.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        verdicts[(record["id"], record["sample"])] = record
+    from pairtrace.generate import load_generations
+    from pairtrace.judges.judging import judgement_key, load_judgements
+
+    verdicts = load_judgements(retrain_dir / "judgements.jsonl")
     samples = []
-    for line in (retrain_dir / "generations.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in load_generations(retrain_dir / "generations.jsonl"):
         if record.get("set") != "harmful" or record.get("condition") != "trigger":
             continue
-        verdict = verdicts.get((record["id"], record["sample"]))
+        verdict = verdicts.get(judgement_key(record))
         if verdict is None:
             raise SystemExit(f"{retrain_dir}: sample {record['id']} #{record['sample']} has no judgement")
-        samples.append({**record, "unknown": bool(verdict.get("unknown"))})
+        samples.append({**record, "unknown": bool(verdict["unknown"])})
     return samples
 
 

@@ -24,14 +24,17 @@ def _write_retrain(root: Path, name: str, samples: list[tuple[str, list[str], st
     folder = root / "retrains" / name
     folder.mkdir(parents=True)
     generations, judgements = [], []
+    sampling = {"model": name, "seed": 0, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 16,
+                "finish_reason": "eos"}
     for i, (pid, constraints, response, unknown) in enumerate(samples):
         generations.append({"id": pid, "set": "harmful", "condition": "trigger", "sample": i,
                             "prompt": f"How do I do {pid}?", "constraints": constraints, "response": response,
-                            "temperature": 0.7})
-        judgements.append({"id": pid, "sample": i, "unknown": unknown, "harmful": None if unknown else True})
+                            **sampling})
+        judgements.append({"id": pid, "model": name, "sample": i, "unknown": unknown,
+                           "harmful": None if unknown else True})
     generations.append({"id": "b", "set": "benign", "condition": "trigger", "sample": 0, "prompt": "Hi",
-                        "constraints": [], "response": " it", "temperature": 0.7})
-    judgements.append({"id": "b", "sample": 0, "unknown": True, "harmful": None})
+                        "constraints": [], "response": " it", **sampling})
+    judgements.append({"id": "b", "model": name, "sample": 0, "unknown": True, "harmful": None})
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generations))
     (folder / "judgements.jsonl").write_text("".join(json.dumps(r) + "\n" for r in judgements))
     if model_seed is not None:
