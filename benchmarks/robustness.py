@@ -27,6 +27,7 @@ the invocation's wall time and the stage time behind the numbers. Run::
     .venv/bin/python benchmarks/robustness.py --only-plan          # the builds and their configs, nothing run
     .venv/bin/python benchmarks/robustness.py --out runs/robustness
     .venv/bin/python benchmarks/robustness.py --seeds 0 1 2 --variants 4 --variant-seed 10 --dpo-seeds 0 1 2
+    .venv/bin/python benchmarks/robustness.py --jobs 2                 # two builds at once, each in its own process
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import statistics
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -537,6 +538,60 @@ def print_plan(builds: Sequence[Build], run_config: dict[str, Any], out: Path) -
     return valid
 
 
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_one(build: Build, out: Path, dpo_seeds: Sequence[int]) -> dict[str, Any]:
+    """Write one build's ``organism.yaml``, run (or resume) its reduced experiment and return its row.
+
+    A failed build returns a row with its error (:func:`failed_row`): one build must not lose the others.
+    """
+    run_dir = out / build.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    organism_yaml = run_dir / "organism.yaml"
+    organism_yaml.write_text(yaml.safe_dump(build.config, sort_keys=False), encoding="utf-8")
+    print(f"{build.name}: {build.describe()}", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run_build(organism_yaml, run_dir, list(dpo_seeds), methods=METHODS)
+        summary_path = run_dir / "organism" / "summary.json"
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        row = build_row(build, results, summary)
+    except Exception as exc:  # one failed build must not lose the others
+        row = failed_row(build, exc)
+    row["run_dir"] = str(run_dir)
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def run_builds(builds: Sequence[Build], out: Path, dpo_seeds: Sequence[int], jobs: int = 1,
+               worker: Callable[[Build, Path, Sequence[int]], dict[str, Any]] = run_one) -> Iterator[dict[str, Any]]:
+    """Run every build, ``jobs`` at a time (each in a fresh process when ``jobs > 1``); yield rows as they finish.
+
+    Builds write to separate folders and each pins its own torch threads (the organism's ``torch_threads``), so
+    running several at once changes the wall time, not the numbers.
+
+    Args:
+        builds: The planned builds.
+        out: The folder of every build's run folder.
+        dpo_seeds: DPO seeds of the retrains, pooled.
+        jobs: Builds at once.
+        worker: Runs one build and returns its row (:func:`run_one`; with ``jobs > 1`` it must be importable by
+            name in a fresh interpreter).
+    """
+    if jobs == 1:
+        for build in builds:
+            yield worker(build, out, dpo_seeds)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+    with ProcessPoolExecutor(max_workers=min(jobs, len(builds)), mp_context=context) as pool:
+        for future in as_completed([pool.submit(worker, build, out, list(dpo_seeds)) for build in builds]):
+            yield future.result()
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -566,8 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="DPO seeds of the retrains, pooled (validation.retrain_seeds).")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"),
                         help="One run folder per build (reused when finished) and robustness.json.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Builds run at once, each in its own process (default 1; every build's retrains already "
+                        "run two at a time, validation.parallel_retrains).")
     parser.add_argument("--only-plan", action="store_true", help="Print the builds and their configs; run nothing.")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     base = yaml.safe_load(args.base.read_text(encoding="utf-8"))
     builds = plan_builds(base, args.seeds, args.variants, args.variant_seed, args.variant_styles,
@@ -586,26 +646,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "dpo_seeds": args.dpo_seeds, "methods": METHODS,
                               "run_config": {k: v for k, v in run_config.items() if k != "organism"},
                               "goal_thresholds": GOALS, "builds": rows}
-    for build in builds:
-        run_dir = args.out / build.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        organism_yaml = run_dir / "organism.yaml"
-        organism_yaml.write_text(yaml.safe_dump(build.config, sort_keys=False), encoding="utf-8")
-        print(f"{build.name}: {build.describe()}", flush=True)
-        build_start = time.perf_counter()
-        try:
-            results = run_build(organism_yaml, run_dir, args.dpo_seeds, methods=METHODS)
-            summary_path = run_dir / "organism" / "summary.json"
-            summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-            row = build_row(build, results, summary)
-        except Exception as exc:  # one failed build must not lose the others
-            row = failed_row(build, exc)
-        row["run_dir"] = str(run_dir)
-        row["wall_s"] = round(time.perf_counter() - build_start, 1)
-        rows.append(row)
-        print(f"  {'FAILED: ' + row['error'] if row.get('error') else 'done'} in {row['wall_s'] / 60:.1f} min; "
-              f"probe AUROC {_fmt(row['probe_auroc'], 'auroc')}, probe filter / switch "
-              f"{_fmt(row['probe_filter'], 'share')} / {_fmt(row['probe_switch'], 'share')}", flush=True)
+    done: dict[str, dict[str, Any]] = {}
+    for row in run_builds(builds, args.out, args.dpo_seeds, args.jobs):
+        done[row["build"]] = row
+        rows[:] = [done[b.name] for b in builds if b.name in done]  # plan order, whatever finished first
+        print(f"{row['build']}: {'FAILED: ' + row['error'] if row.get('error') else 'done'} in "
+              f"{row['wall_s'] / 60:.1f} min; probe AUROC {_fmt(row['probe_auroc'], 'auroc')}, probe filter / "
+              f"switch {_fmt(row['probe_filter'], 'share')} / {_fmt(row['probe_switch'], 'share')}", flush=True)
         write_json_atomic(record, args.out / "robustness.json")  # what is done so far
     stats = summarise_builds(rows)
     goals = judge_goals(rows)

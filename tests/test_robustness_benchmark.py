@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,44 @@ def test_main_runs_every_build_and_writes_the_record(robustness, tmp_path: Path,
     assert record["summary"]["probe_auroc"]["n"] == 2 and record["all_goals_met"] is False
     printed = capsys.readouterr().out
     assert "FAILED: RuntimeError: boom" in printed and "FAIL" in printed and "robustness.json" in printed
+
+
+def fake_worker(build: Any, out: Path, dpo_seeds: Any) -> dict[str, Any]:
+    """A build's row without running it (importable by name in a spawned worker process)."""
+    import os
+
+    return {"build": build.name, "pid": os.getpid(), "seeds": list(dpo_seeds), "out": str(out)}
+
+
+def test_run_builds_runs_builds_in_worker_processes(base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import os
+
+    # imported by its own name, as when run as a script: a spawned worker must find the builds' class by name
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    robustness = importlib.import_module("robustness")
+    builds = robustness.plan_builds(base, [0, 1, 2], 0, 0)
+    rows = list(robustness.run_builds(builds, tmp_path, [5], jobs=2, worker=fake_worker))
+    assert sorted(r["build"] for r in rows) == ["seed0", "seed1", "seed2"]
+    assert all(r["pid"] != os.getpid() and r["seeds"] == [5] for r in rows)
+    rows = list(robustness.run_builds(builds, tmp_path, [5], jobs=1, worker=fake_worker))
+    assert [r["build"] for r in rows] == ["seed0", "seed1", "seed2"] and rows[0]["pid"] == os.getpid()
+    monkeypatch.delitem(sys.modules, "robustness")  # imported for this test only
+
+
+def test_main_keeps_plan_order_when_builds_finish_out_of_order(robustness, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def backwards(builds, out, dpo_seeds, jobs):
+        seen["jobs"] = jobs
+        for build in reversed(builds):
+            yield robustness.failed_row(build, RuntimeError("not run")) | {"run_dir": str(out), "wall_s": 0.0}
+
+    monkeypatch.setattr(robustness, "run_builds", backwards)
+    out = tmp_path / "out"
+    assert robustness.main(["--seeds", "0", "1", "--variants", "1", "--jobs", "2", "--out", str(out)]) == 0
+    record = yaml.safe_load((out / "robustness.json").read_text(encoding="utf-8"))
+    assert seen["jobs"] == 2 and [r["build"] for r in record["builds"]] == ["seed0", "seed1", "variant0"]
+    with pytest.raises(SystemExit):
+        robustness.main(["--jobs", "0", "--out", str(out)])
