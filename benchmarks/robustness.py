@@ -569,7 +569,9 @@ def run_builds(builds: Sequence[Build], out: Path, dpo_seeds: Sequence[int], job
     """Run every build, ``jobs`` at a time (each in a fresh process when ``jobs > 1``); yield rows as they finish.
 
     Builds write to separate folders and each pins its own torch threads (the organism's ``torch_threads``), so
-    running several at once changes the wall time, not the numbers.
+    running several at once changes the wall time, not the numbers. A worker process that dies (killed, out of
+    memory) breaks the pool: its build and every build not finished by then come back as failed rows, and the same
+    command again resumes them from their finished stages.
 
     Args:
         builds: The planned builds.
@@ -588,8 +590,15 @@ def run_builds(builds: Sequence[Build], out: Path, dpo_seeds: Sequence[int], job
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
     with ProcessPoolExecutor(max_workers=min(jobs, len(builds)), mp_context=context) as pool:
-        for future in as_completed([pool.submit(worker, build, out, list(dpo_seeds)) for build in builds]):
-            yield future.result()
+        started = time.perf_counter()
+        futures = {pool.submit(worker, build, out, list(dpo_seeds)): build for build in builds}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker process itself died (killed, out of memory): report, go on
+                build = futures[future]
+                yield failed_row(build, exc) | {"run_dir": str(out / build.name),
+                                                "wall_s": round(time.perf_counter() - started, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -306,3 +306,25 @@ def test_main_keeps_plan_order_when_builds_finish_out_of_order(robustness, tmp_p
     assert seen["jobs"] == 2 and [r["build"] for r in record["builds"]] == ["seed0", "seed1", "variant0"]
     with pytest.raises(SystemExit):
         robustness.main(["--jobs", "0", "--out", str(out)])
+
+
+def dying_worker(build: Any, out: Path, dpo_seeds: Any) -> dict[str, Any]:
+    """Kills its own worker process on one build (as the out-of-memory killer would)."""
+    import os
+
+    if build.name == "seed1":
+        os._exit(1)
+    return {"build": build.name}
+
+
+def test_a_worker_process_that_dies_fails_its_build_not_the_benchmark(base, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    robustness = importlib.import_module("robustness")
+    builds = robustness.plan_builds(base, [0, 1], 0, 0)
+    rows = {r["build"]: r for r in robustness.run_builds(builds, tmp_path, [0], jobs=2, worker=dying_worker)}
+    monkeypatch.delitem(sys.modules, "robustness")
+    assert set(rows) == {"seed0", "seed1"} and "error" in rows["seed1"]
+    assert rows["seed1"]["run_dir"] == str(tmp_path / "seed1")
