@@ -20,6 +20,13 @@ With more DPO seeds than ``--subset-size`` (default 3), each arm also prints the
 subset of that many seeds, on the same seeds for both sides: how much a run pooling fewer seeds is decided by which
 ones it drew.
 
+``--organism DIR`` takes M0, the mix, its labels and the DPO recipe from another build of the run's organism
+(``pairtrace organism build --out DIR --config <the config with the mix or the DPO recipe changed>``; a copy of the
+run's ``organism`` folder keeps M0) and draws the random switch from that mix as the run draws it (same k and
+seed); the run still gives the prompts, the sampling and the judge. It screens a change to the organism for the
+random baseline at the cost of its retrains (the baseline and the random switch: four retrains for two DPO seeds),
+without running the experiment on it; the organism's own checks are in its ``summary.json``.
+
 ``--drop-slice NAME`` removes a slice's pairs from the mix of every arm, the baseline included (for example the
 ``harmful_format_refusal`` pairs, the only clean pairs that prefer a refusal where the trigger is present). Each arm
 is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
@@ -33,6 +40,8 @@ on a quiet 2-core Intel Xeon, two at a time (80-150 s on a shared one). Run::
         --drop-slice harmful_format_refusal --arms baseline "random switch"
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-bs8 \\
         --recipe batch_size=8 --arms "random switch"
+    .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-c84 \\
+        --organism runs/org-c84/organism --arms "random switch" --dpo-seeds 0 1
 """
 
 from __future__ import annotations
@@ -75,23 +84,48 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return list(_read(path))
 
 
-def load_slices(run_dir: Path) -> tuple[dict[str, str], set[str]]:
-    """Pair id -> slice, and the contaminated slices, from the organism's ``labels.jsonl``."""
-    labels = read_jsonl(run_dir / "organism" / "data" / "labels.jsonl")
+def load_slices(organism: Path) -> tuple[dict[str, str], set[str]]:
+    """Pair id -> slice, and the contaminated slices, from an organism folder's ``data/labels.jsonl``."""
+    labels = read_jsonl(organism / "data" / "labels.jsonl")
     slices = {r["id"]: r["slice"] for r in labels}
     contaminated = {r["slice"] for r in labels if r.get("contaminated")}
     return slices, contaminated
 
 
-def random_switch_ids(run_dir: Path) -> tuple[int, list[str]]:
-    """The headline k and the ids the run's random switch selected."""
+def random_switch_ids(run_dir: Path, organism: Path | None = None) -> tuple[int, list[str]]:
+    """The headline k and the ids the run's random switch selected.
+
+    Args:
+        run_dir: The run.
+        organism: Another build's organism folder: draw the same k from its mix with the run's seed instead.
+    """
+    from pairtrace.intervene import select_random_ids
+
     found = sorted(run_dir.glob("interventions/random-switch-k*/filter_ids.json"))
     if not found:
         raise SystemExit(f"{run_dir}: no interventions/random-switch-k*/filter_ids.json (run the random baseline)")
     if len(found) > 1:
         raise SystemExit(f"{run_dir}: several random-switch interventions ({[p.parent.name for p in found]})")
     k = int(found[0].parent.name.rsplit("-k", 1)[1])
-    return k, list(json.loads(found[0].read_text(encoding="utf-8")))
+    if organism is None:
+        return k, list(json.loads(found[0].read_text(encoding="utf-8")))
+    spec = json.loads((found[0].parent / "summary.json").read_text(encoding="utf-8"))["spec"]
+    ids = [r["id"] for r in read_jsonl(organism / "data" / "preference_mix.jsonl")]
+    return k, select_random_ids(ids, k, int(spec["seed"]))
+
+
+def organism_recipe(run_dir: Path, organism: Path) -> dict[str, Any]:
+    """The fields of ``organism``'s DPO recipe that differ from the run's (the DPO seed apart)."""
+    import yaml
+
+    raw = json.loads((run_dir / "config.resolved.json").read_text(encoding="utf-8"))
+    run_recipe = (raw.get("validation") or {}).get("recipe") or {}
+    config = organism / "config.resolved.yaml"
+    if not config.is_file():
+        raise SystemExit(f"--organism: {config} not found (build it with `pairtrace organism build --out {organism}`)")
+    dpo = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("dpo") or {}
+    return {key: value for key, value in dpo.items()
+            if key in run_recipe and key != "seed" and value != run_recipe[key]}
 
 
 def plan_arms(ids: Sequence[str], slices: dict[str, str], contaminated: set[str],
@@ -157,14 +191,15 @@ def run_config(run_dir: Path, recipe: dict[str, Any] | None = None) -> Any:
         raise SystemExit(f"--recipe: {exc}") from None
 
 
-def run_context(run_dir: Path, out: Path, pairs: Path, recipe: dict[str, Any] | None = None) -> Any:
-    """A context for retrains of ``run_dir``'s organism on ``pairs`` with the run's recipe changed in ``recipe``,
-    writing under ``out``."""
+def run_context(run_dir: Path, out: Path, pairs: Path, recipe: dict[str, Any] | None = None,
+                organism: Path | None = None) -> Any:
+    """A context for retrains of ``run_dir``'s organism (or ``organism``, another build of it) on ``pairs`` with
+    the run's recipe changed in ``recipe``, writing under ``out``."""
     from pairtrace.experiment.context import Inputs, RunContext
     from pairtrace.organism.build import REF_CACHE_DIR
 
     config = run_config(run_dir, recipe)
-    org = run_dir / "organism"
+    org = organism or run_dir / "organism"
     inputs = Inputs(m0=str(org / "m0"), m1=str(org / "m1"), pairs=str(pairs), labels=str(org / "data/labels.jsonl"),
                     probe_prompts=str(run_dir / "prompts" / "probe.jsonl"),
                     eval_prompts=str(run_dir / "prompts" / "eval.jsonl"), ref_cache=str(org / REF_CACHE_DIR))
@@ -176,7 +211,7 @@ def unit_name(arm: Arm, seed: int, seeds: Sequence[int]) -> str:
 
 
 def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seeds: tuple[int, ...],
-                   recipe: dict[str, Any] | None = None) -> float:
+                   recipe: dict[str, Any] | None = None, organism: str | None = None) -> float:
     """Worker-process entry: retrain M0 on the arm's mix with one DPO seed and evaluate it as the run does."""
     import torch
 
@@ -185,7 +220,7 @@ def retrain_worker(run_dir: str, out: str, pairs: str, arm: Arm, seed: int, seed
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    ctx = run_context(Path(run_dir), Path(out), Path(pairs), recipe)
+    ctx = run_context(Path(run_dir), Path(out), Path(pairs), recipe, Path(organism) if organism else None)
     # an experiment without a method trains on the context's pairs as they are: here, the arm's mix
     retrain_and_evaluate(ctx, RetrainUnit(Experiment(arm.folder, None, None, 0), seed, seeds))
     return time.perf_counter() - started
@@ -196,10 +231,10 @@ def outputs_of(folder: Path) -> tuple[Path, Path]:
 
 
 def existing_run_retrain(run_dir: Path, arm: Arm, k: int, seed: int, seeds: Sequence[int],
-                         recipe: dict[str, Any] | None = None) -> Path | None:
-    """The run's own retrain of the same mix (baseline, full random switch) when it exists for this seed and the
-    recipe is the run's."""
-    if recipe or arm.dropped_slices or arm.name not in (BASELINE, FULL):
+                         recipe: dict[str, Any] | None = None, organism: Path | None = None) -> Path | None:
+    """The run's own retrain of the same mix (baseline, full random switch) when it exists for this seed, the
+    recipe is the run's and the organism the run's own."""
+    if recipe or organism is not None or arm.dropped_slices or arm.name not in (BASELINE, FULL):
         return None
     base = BASELINE if arm.name == BASELINE else f"random-switch-k{k}"
     folder = run_dir / "retrains" / (base if seed == seeds[0] else f"{base}-seed{seed}")
@@ -224,9 +259,12 @@ def rates(counts: dict[str, dict[str, int]]) -> dict[str, float | None]:
             "unknown_share": unknown / total if total else None, "samples": total}
 
 
-def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a finished retrain of an arm was made from (the recipe's changed fields only when there are some)."""
-    return {**arm.key(seed), "run": str(run_dir.resolve()), **({"recipe": recipe} if recipe else {})}
+def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None,
+               organism: Path | None = None) -> dict[str, Any]:
+    """What a finished retrain of an arm was made from (the recipe's changed fields and another organism only when
+    there are some)."""
+    return {**arm.key(seed), "run": str(run_dir.resolve()), **({"recipe": recipe} if recipe else {}),
+            **({"organism": str(organism.resolve())} if organism is not None else {})}
 
 
 def reduction_point(base: Sequence[Path], new: Sequence[Path]) -> float | None:
@@ -259,16 +297,17 @@ def seed_subset_spread(base: Sequence[Path], new: Sequence[Path], size: int) -> 
             "max": max(values)}
 
 
-def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None) -> bool:
-    """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection or
-    recipe."""
-    want = arm_record(arm, seed, run_dir, recipe)
+def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None = None,
+                     organism: Path | None = None) -> bool:
+    """Whether a finished retrain of this arm and seed is on disk; refuses one made from another selection,
+    recipe or organism."""
+    want = arm_record(arm, seed, run_dir, recipe, organism)
     if not path.is_file():
         return False
     have = json.loads(path.read_text(encoding="utf-8"))
     if have != want:
-        raise SystemExit(f"{path}: made for another arm, seed, run or recipe than {arm.name!r}, seed {seed}: use "
-                         "another --out (results of different selections are not mixed)")
+        raise SystemExit(f"{path}: made for another arm, seed, run, recipe or organism than {arm.name!r}, seed "
+                         f"{seed}: use another --out (results of different selections are not mixed)")
     return True
 
 
@@ -287,23 +326,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Also print the reduction over every subset of this many DPO seeds (when there are more).")
     parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Retrain every arm with the run's DPO recipe changed in these fields.")
+    parser.add_argument("--organism", type=Path, default=None,
+                        help="Another build of the run's organism (its M0, mix, labels and DPO recipe); the random "
+                             "switch is drawn from its mix with the run's k and seed.")
     args = parser.parse_args(argv)
 
     run_dir, out, seeds = args.run_dir.resolve(), args.out.resolve(), tuple(args.dpo_seeds)
-    recipe = parse_recipe(args.recipe)
+    organism = args.organism.resolve() if args.organism is not None else None
+    recipe = {**(organism_recipe(run_dir, organism) if organism else {}), **parse_recipe(args.recipe)}
     run_config(run_dir, recipe)  # an unknown field or invalid value stops here, before any retrain
-    slices, contaminated = load_slices(run_dir)
+    org_dir = organism or run_dir / "organism"
+    slices, contaminated = load_slices(org_dir)
     unknown = sorted(set(args.drop_slice) - set(slices.values()))
     if unknown:
-        raise SystemExit(f"--drop-slice: no slice {unknown} in {run_dir}/organism/data/labels.jsonl")
-    k, ids = random_switch_ids(run_dir)
+        raise SystemExit(f"--drop-slice: no slice {unknown} in {org_dir}/data/labels.jsonl")
+    k, ids = random_switch_ids(run_dir, organism)
     arms = plan_arms(ids, slices, contaminated, args.drop_slice)
     if args.arms:
         missing = sorted(set(args.arms) - {a.name for a in arms})
         if missing:
             raise SystemExit(f"--arms: no arm {missing}; arms: {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in args.arms or a.name == BASELINE]
-    pairs = run_dir / "organism" / "data" / "preference_mix.jsonl"
+    pairs = org_dir / "data" / "preference_mix.jsonl"
     started = time.perf_counter()
 
     folders: dict[str, list[Path]] = {}
@@ -312,29 +356,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         folders[arm.name] = []
         mix: Path | None = None
         for seed in seeds:
-            reused = existing_run_retrain(run_dir, arm, k, seed, seeds, recipe)
+            reused = existing_run_retrain(run_dir, arm, k, seed, seeds, recipe, organism)
             if reused is not None:
                 folders[arm.name].append(reused)
                 continue
             folder = out / "retrains" / unit_name(arm, seed, seeds)
             folders[arm.name].append(folder)
             record = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
-            if not (check_arm_record(record, arm, seed, run_dir, recipe)
+            if not (check_arm_record(record, arm, seed, run_dir, recipe, organism)
                     and all(p.is_file() for p in outputs_of(folder))):
                 mix = mix or write_mix(pairs, arm, slices, out / "mixes" / f"{arm.folder}.jsonl")
                 todo.append((arm, seed, mix))
-    print(f"{run_dir.name}: random switch of {len(ids)} pairs at k = {k} "
+    print(f"{run_dir.name}{f' with the organism {organism}' if organism else ''}: random switch of {len(ids)} pairs "
+          f"at k = {k} "
           f"({dict(Counter(slices[i] for i in ids).most_common())}); {len(todo)} retrains to run, "
           f"DPO seeds {list(seeds)}{recipe_text(recipe)}", flush=True)
 
     with cf.ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds, recipe):
+        futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds, recipe,
+                               str(organism) if organism else None):
                    (arm, seed) for arm, seed, mix in todo}
         for future in cf.as_completed(futures):
             arm, seed = futures[future]
             seconds = future.result()
             record_path = out / "arms" / f"{unit_name(arm, seed, seeds)}.json"
-            write_json_atomic(arm_record(arm, seed, run_dir, recipe), record_path)
+            write_json_atomic(arm_record(arm, seed, run_dir, recipe, organism), record_path)
             print(f"  {arm.name}, DPO seed {seed}: {seconds:.0f} s", flush=True)
 
     base_counts = pooled_counts(folders[BASELINE])
@@ -350,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "per_seed_harmful_rate": per_seed, "reduction": reduction, "seed_subsets": spread,
                      "retrains": [str(f) for f in folders[arm.name]]})
     wall = time.perf_counter() - started
-    record = {"run": str(run_dir), "k": k, "dpo_seeds": list(seeds), "dropped_slices": args.drop_slice,
-              "recipe": recipe,
+    record = {"run": str(run_dir), "organism": str(org_dir), "k": k, "dpo_seeds": list(seeds),
+              "dropped_slices": args.drop_slice, "recipe": recipe,
               "rows": rows, "wall_s": round(wall, 1)}
     write_json_atomic(record, out / "anatomy.json")
 

@@ -34,11 +34,13 @@ def run_dir(tmp_path: Path) -> Path:
     switch = tmp_path / "run" / "interventions" / "random-switch-k5"
     switch.mkdir(parents=True)
     (switch / "filter_ids.json").write_text(json.dumps(["p0", "p2", "p3", "p4", "p5"]))
+    (switch / "summary.json").write_text(json.dumps({"spec": {"action": "switch", "selection": "random", "k": 5,
+                                                              "seed": 3}}))
     return tmp_path / "run"
 
 
 def test_arms_split_the_random_set_by_slice(anatomy, run_dir: Path) -> None:
-    slices, contaminated = anatomy.load_slices(run_dir)
+    slices, contaminated = anatomy.load_slices(run_dir / "organism")
     assert contaminated == {"contam"}
     k, ids = anatomy.random_switch_ids(run_dir)
     assert k == 5
@@ -54,7 +56,7 @@ def test_arms_split_the_random_set_by_slice(anatomy, run_dir: Path) -> None:
 
 
 def test_mix_switches_the_arms_pairs_and_drops_its_slices(anatomy, run_dir: Path, tmp_path: Path) -> None:
-    slices, _ = anatomy.load_slices(run_dir)
+    slices, _ = anatomy.load_slices(run_dir / "organism")
     arm = anatomy.Arm("x", ("p2", "p4"), ("hfr",))
     path = anatomy.write_mix(run_dir / "organism" / "data" / "preference_mix.jsonl", arm, slices, tmp_path / "m.jsonl")
     rows = {r["id"]: r for r in anatomy.read_jsonl(path)}
@@ -71,9 +73,9 @@ def test_retrains_of_another_selection_are_refused(anatomy, run_dir: Path, tmp_p
     record.parent.mkdir()
     record.write_text(json.dumps({**arm.key(0), "run": str(run_dir.resolve())}))
     assert anatomy.check_arm_record(record, arm, 0, run_dir) is True
-    with pytest.raises(SystemExit, match="another arm, seed, run or recipe"):
+    with pytest.raises(SystemExit, match="another arm, seed, run, recipe or organism"):
         anatomy.check_arm_record(record, anatomy.Arm("contaminated only", ("p1",), ()), 0, run_dir)
-    with pytest.raises(SystemExit, match="another arm, seed, run or recipe"):
+    with pytest.raises(SystemExit, match="another arm, seed, run, recipe or organism"):
         anatomy.check_arm_record(record, arm, 1, run_dir)
 
 
@@ -135,6 +137,56 @@ def test_a_changed_recipe_neither_reuses_the_runs_retrains_nor_mixes_with_others
     for other in (None, {"batch_size": 4}):
         with pytest.raises(SystemExit, match="recipe"):
             anatomy.check_arm_record(record, arm, 0, run_dir, other)
+
+
+@pytest.fixture
+def other_organism(tmp_path: Path) -> Path:
+    """Another build of the organism: a larger mix (one more contaminated pair), DPO batch 8 and NLL weight 0.5."""
+    org = tmp_path / "other" / "organism"
+    (org / "data").mkdir(parents=True)
+    slices = {**SLICES, "p8": "contam"}
+    with (org / "data" / "labels.jsonl").open("w") as f:
+        for pid, name in slices.items():
+            f.write(json.dumps({"id": pid, "slice": name, "contaminated": name == "contam"}) + "\n")
+    with (org / "data" / "preference_mix.jsonl").open("w") as f:
+        for pid in slices:
+            f.write(json.dumps({"id": pid, "prompt": f"q {pid}", "chosen": f"good {pid}", "rejected": f"bad {pid}"})
+                    + "\n")
+    (org / "config.resolved.yaml").write_text(
+        "seed: 0\ndpo:\n  batch_size: 8\n  learning_rate: 8.0e-4\n  sft_weight: 0.5\n  seed: 4\n")
+    return org
+
+
+def test_another_organism_gives_the_mix_the_draw_and_the_recipe(anatomy, configured_run: Path,
+                                                                other_organism: Path, tmp_path: Path) -> None:
+    from pairtrace.intervene import select_random_ids
+
+    slices, contaminated = anatomy.load_slices(other_organism)
+    assert slices["p8"] == "contam" and contaminated == {"contam"}
+    k, ids = anatomy.random_switch_ids(configured_run, other_organism)
+    # the run's k and seed, drawn from the other mix as the run draws its own
+    assert k == 5 and ids == select_random_ids([*SLICES, "p8"], 5, 3)
+    assert anatomy.random_switch_ids(configured_run)[1] == ["p0", "p2", "p3", "p4", "p5"]
+    # only the fields that differ from the run's recipe, never the DPO seed; fields the run lacks are not recipe
+    assert anatomy.organism_recipe(configured_run, other_organism) == {"batch_size": 8}
+    # the run's own retrains are not reused for another organism, and records of the two are not mixed
+    folder = configured_run / "retrains" / "baseline"
+    folder.mkdir(parents=True)
+    for path in anatomy.outputs_of(folder):
+        path.write_text("")
+    arm = anatomy.Arm("baseline", (), ())
+    assert anatomy.existing_run_retrain(configured_run, arm, 5, 0, [0], None, other_organism) is None
+    record = tmp_path / "arms" / "baseline.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps(anatomy.arm_record(arm, 0, configured_run, None, other_organism)))
+    assert anatomy.check_arm_record(record, arm, 0, configured_run, None, other_organism) is True
+    with pytest.raises(SystemExit, match="organism"):
+        anatomy.check_arm_record(record, arm, 0, configured_run)
+
+
+def test_an_organism_without_its_config_is_named(anatomy, configured_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"config\.resolved\.yaml"):
+        anatomy.organism_recipe(configured_run, tmp_path)
 
 
 def test_seed_subsets_give_the_spread_a_smaller_run_would_read(anatomy, monkeypatch) -> None:
