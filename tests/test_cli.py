@@ -157,12 +157,12 @@ def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):
     common = ["discover", "--m0", tiny_model_dir, "--vectors", tmp_path / "v", "--generations-m0",
               tmp_path / "m0.jsonl", "--generations-m1", tmp_path / "m1.jsonl", "--pairs", tmp_path / "pairs.jsonl"]
     result = invoke(*common, "--out", tmp_path / "d", "--also-response-tokens", "2", "--also-response-tokens", "all",
-                    "--min-cluster-size", 2)
+                    "--min-cluster-size", 2, "--max-cluster-fraction", 0.6)
     assert result.exit_code == 0, result.output
     assert "view first-2-tokens" in result.output and "all-tokens" not in result.output  # 'all' is the store's own
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["config"]["auto_k"] == "stability" and summary["config"]["also_response_tokens"] == [2, None]
-    assert summary["config"]["min_cluster_size"] == 2
+    assert summary["config"]["min_cluster_size"] == 2 and summary["config"]["max_cluster_fraction"] == 0.6
     (view,) = summary["views"]
     assert view["response_tokens"] == 2 and (tmp_path / "d" / view["dir"] / "heatmap.png").is_file()
     assert view["n_columns"] == 6  # the sign-off pairs open alike: no direction over the first 2 tokens

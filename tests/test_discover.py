@@ -204,6 +204,10 @@ def test_config_validation():
         DiscoverConfig(also_response_tokens=[4, 4])
     with pytest.raises(ConfigError, match="min_cluster_size"):
         DiscoverConfig(min_cluster_size=0)
+    for bad in (0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match="max_cluster_fraction"):
+            DiscoverConfig(max_cluster_fraction=bad)
+    assert DiscoverConfig(max_cluster_fraction=None).max_cluster_fraction is None
     with pytest.raises(ConfigError, match="auto_k"):
         DiscoverConfig(auto_k="elbow")
     assert DiscoverConfig(also_response_tokens=[None, 4]).also_response_tokens == [None, 4]

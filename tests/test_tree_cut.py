@@ -44,8 +44,8 @@ def test_stability_cut_is_the_best_set_of_disjoint_subtrees():
         height[n + j] = h
         parent[int(a)] = parent[int(b)] = n + j
     delta = 0.01 * z[-1, 2]
-    for min_size in (1, 2, 3):
-        nodes = [v for v in parent if len(leaves[v]) >= min_size]
+    for min_size, max_size in ((1, None), (2, None), (3, None), (1, 4), (2, 3)):
+        nodes = [v for v in parent if min_size <= len(leaves[v]) <= (max_size or n)]
         stability = {v: len(leaves[v]) * np.log((height[parent[v]] + delta) / (height[v] + delta)) for v in nodes}
         best = 0.0
         for r in range(1, len(nodes) + 1):
@@ -53,10 +53,10 @@ def test_stability_cut_is_the_best_set_of_disjoint_subtrees():
                 sets = [leaves[v] for v in chosen]
                 if sum(map(len, sets)) == len(frozenset().union(*sets)):  # disjoint
                     best = max(best, sum(stability[v] for v in chosen))
-        labels, total = compute_stability_cut(z, min_size)
+        labels, total = compute_stability_cut(z, min_size, max_size=max_size)
         assert total == pytest.approx(best)
         chosen_sizes = np.bincount(labels)[1:]
-        assert (chosen_sizes >= min_size).all()
+        assert (chosen_sizes >= min_size).all() and (chosen_sizes <= (max_size or n)).all()
 
 
 def test_stability_cut_edge_cases():
@@ -67,6 +67,23 @@ def test_stability_cut_edge_cases():
     assert (labels == 0).all()
     with pytest.raises(ValueError, match="min_size"):
         compute_stability_cut(z, min_size=0)
+    with pytest.raises(ValueError, match="max_size"):
+        compute_stability_cut(z, min_size=3, max_size=2)
+
+
+def test_a_cut_into_two_halves_is_refused_and_the_groups_inside_found():
+    """Far apart, two halves outscore the groups inside the larger one; no cluster above half the items."""
+    rng = np.random.default_rng(0)
+    e = np.eye(8)
+    big = [e[0] + 0.3 * e[1] + 0.1 * rng.normal(size=(35, 8)), e[0] + 0.3 * e[2] + 0.1 * rng.normal(size=(35, 8))]
+    small = e[5] + 0.1 * rng.normal(size=(50, 8))
+    x = np.concatenate([*big, small])
+    truth = np.repeat([0, 1, 2], [35, 35, 50])
+    halves = cluster_features(x, auto_k="stability", min_cluster_size=5, max_cluster_fraction=None)
+    assert halves.n_clusters == 2 and sorted(np.bincount(halves.labels)[1:].tolist()) == [50, 70]
+    capped = cluster_features(x, auto_k="stability", min_cluster_size=5)  # the default: at most half of the items
+    assert (np.bincount(capped.labels)[1:] <= 60).all()
+    assert adjusted_rand_score(truth, capped.labels) == pytest.approx(1.0)
 
 
 def test_cluster_features_stability_assigns_small_groups_to_the_nearest_cluster():

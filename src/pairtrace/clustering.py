@@ -61,10 +61,17 @@ def _cosine_distance(units: np.ndarray) -> np.ndarray:
     return dist
 
 
+DEFAULT_MAX_CLUSTER_FRACTION = 0.5
+"""The stability cut's largest cluster, as a share of the items: on the organism, a build whose every-token view
+the cut split into two halves of the mix (the sign-off pairs 24% of one) finds the sign-off as one cluster with it
+(docs/discovery.md), and the default builds' clusters, all under half of the items, do not change."""
+
+
 def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None = None,
                      distance_threshold: float | None = None, max_clusters: int = 10, seed: int = 0,
                      auto_k: str = "stability", silhouette_sample: int = 3000,
-                     min_cluster_size: int | None = None) -> Clustering:
+                     min_cluster_size: int | None = None,
+                     max_cluster_fraction: float | None = DEFAULT_MAX_CLUSTER_FRACTION) -> Clustering:
     """Hierarchical clustering of rows, with a fixed, thresholded or automatically chosen number of clusters.
 
     ``auto_k="stability"`` cuts each branch of the tree at its own height (:mod:`pairtrace.tree_cut`): the
@@ -88,6 +95,8 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         auto_k: ``stability``, ``gap``, ``calinski_harabasz`` or ``silhouette``.
         silhouette_sample: Largest number of items the silhouette score is computed on.
         min_cluster_size: Smallest cluster of the stability cut; default :func:`default_min_cluster_size`.
+        max_cluster_fraction: Largest cluster of the stability cut, as a share of the items (rounded up, never
+            below ``min_cluster_size``); ``None``: no limit.
 
     Returns:
         The clustering (labels ``1..K`` in order of first appearance along the dendrogram's leaves).
@@ -113,7 +122,8 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         labels, criterion = np.ones(n, dtype=np.int64), "trivial"
     elif auto_k == "stability":
         size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
-        labels, total = compute_stability_cut(z, size)
+        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
+        labels, total = compute_stability_cut(z, size, max_size=largest)
         if labels.max() < 1:
             labels, criterion = np.ones(n, dtype=np.int64), "trivial"
         else:
@@ -243,7 +253,7 @@ def discover_clusters(prompts: Sequence[PromptResponses], behaviour: torch.Tenso
     options = {"method": config.linkage, "n_clusters": config.n_clusters,
                "distance_threshold": config.distance_threshold, "max_clusters": config.max_clusters,
                "seed": config.seed, "auto_k": config.auto_k,
-               "min_cluster_size": config.min_cluster_size}
+               "min_cluster_size": config.min_cluster_size, "max_cluster_fraction": config.max_cluster_fraction}
     rows = cluster_features(behaviour.numpy(), **options)
     pair_features = sim.T if config.cluster_pairs_on == "profile" else datapoints.numpy()
     columns = cluster_features(pair_features, **options)

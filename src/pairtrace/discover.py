@@ -51,7 +51,7 @@ import pandas as pd
 
 from pairtrace import __version__
 from pairtrace.attribute import unit_rows
-from pairtrace.clustering import AUTO_K, LINKAGES, clustering_info, discover_clusters
+from pairtrace.clustering import AUTO_K, DEFAULT_MAX_CLUSTER_FRACTION, LINKAGES, clustering_info, discover_clusters
 from pairtrace.discover_matrix import (
     PromptResponses,
     compute_prompt_behaviour_vectors,
@@ -90,6 +90,9 @@ class DiscoverConfig:
                 "or silhouette."})
     min_cluster_size: int | None = field(default=None, metadata={
         "help": "auto_k=stability: smallest cluster; default 1% of the items, at least 2 and at most 10."})
+    max_cluster_fraction: float | None = field(default=DEFAULT_MAX_CLUSTER_FRACTION, metadata={
+        "help": "auto_k=stability: largest cluster, as a share of the items (null: no limit); keeps the cut from "
+                "stopping at two halves of the items."})
     top_k_per_prompt: int | None = field(default=None, metadata={
         "help": "Keep the union of each prompt's top-K pairs as columns; default: all pairs (see max_columns)."})
     max_columns: int = field(default=5000, metadata={
@@ -133,6 +136,9 @@ class DiscoverConfig:
         if len(set(self.also_response_tokens)) != len(self.also_response_tokens):
             raise ConfigError(f"DiscoverConfig field 'also_response_tokens': repeated values in "
                               f"{self.also_response_tokens}")
+        if self.max_cluster_fraction is not None and not 0 < self.max_cluster_fraction <= 1:
+            raise ConfigError(f"DiscoverConfig field 'max_cluster_fraction': must be in (0, 1] or null, got "
+                              f"{self.max_cluster_fraction}")
         if self.min_cluster_size is not None and self.min_cluster_size < 1:
             raise ConfigError(f"DiscoverConfig field 'min_cluster_size': must be at least 1, got "
                               f"{self.min_cluster_size}")

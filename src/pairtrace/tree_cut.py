@@ -15,6 +15,10 @@ stability, and the score grows with the number of members it explains. Dynamic p
 the disjoint nodes of size ≥ ``min_size`` with the largest total stability: a node is kept whole when its own
 stability beats the best its two subtrees can do apart. The root is never a cluster (it has no parent).
 
+A node larger than ``max_size`` is never a cluster itself (HDBSCAN's ``max_cluster_size``): the root's merge is
+usually far above every other, which weighs the score of its two children so heavily that they can outscore all
+the structure inside them, and a cut into two halves of the items finds no behaviour.
+
 Leaves under no chosen node (they sit in groups smaller than ``min_size``) are returned as 0; the caller assigns
 them (``pairtrace.clustering.cluster_features`` gives each to the cluster with the nearest centroid).
 """
@@ -24,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def compute_stability_cut(z: np.ndarray, min_size: int, delta_fraction: float = 0.01) -> tuple[np.ndarray, float]:
+def compute_stability_cut(z: np.ndarray, min_size: int, delta_fraction: float = 0.01,
+                          max_size: int | None = None) -> tuple[np.ndarray, float]:
     """Choose disjoint subtrees of a linkage with the largest total stability.
 
     Args:
@@ -32,6 +37,7 @@ def compute_stability_cut(z: np.ndarray, min_size: int, delta_fraction: float = 
         min_size: Smallest number of leaves a cluster may have (≥ 1).
         delta_fraction: δ as a fraction of the root's merge height; keeps ratios finite at zero heights
             (identical items).
+        max_size: Largest number of leaves a cluster may have (``None``: no limit).
 
     Returns:
         ``(labels [n], total)``: labels ``1..K`` for leaves under a chosen node (numbered in order of node id),
@@ -39,6 +45,8 @@ def compute_stability_cut(z: np.ndarray, min_size: int, delta_fraction: float = 
     """
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1, got {min_size}")
+    if max_size is not None and max_size < min_size:
+        raise ValueError(f"max_size must be at least min_size ({min_size}), got {max_size}")
     n = len(z) + 1
     n_nodes = 2 * n - 1
     size = np.ones(n_nodes, dtype=np.int64)
@@ -53,6 +61,8 @@ def compute_stability_cut(z: np.ndarray, min_size: int, delta_fraction: float = 
     delta = delta_fraction * top if top > 0 else 1e-12
     stability = np.zeros(n_nodes)
     eligible = (size >= min_size) & (parent >= 0)  # the root is never a cluster
+    if max_size is not None:
+        eligible &= size <= max_size
     stability[eligible] = size[eligible] * np.log((height[parent[eligible]] + delta) / (height[eligible] + delta))
 
     # best[v]: the largest total stability of disjoint chosen nodes within v's subtree; keep[v]: v itself is chosen.

@@ -257,6 +257,8 @@ def discover(
                                                  "calinski_harabasz | silhouette."),
     min_cluster_size: int = typer.Option(None, help="Stability cut: smallest cluster (default: 1% of the items, "
                                                     "2 to 10)."),
+    max_cluster_fraction: float = typer.Option(None, help="Stability cut: largest cluster as a share of the items "
+                                                          "(default 0.5; 1 = no limit)."),
     also_response_tokens: list[str] = typer.Option(
         None, help="A further view per value: response means over the first N tokens ('all': every token)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
@@ -268,8 +270,9 @@ def discover(
     check_out_dir(out)
     from pairtrace.discover import DiscoverConfig, run_discover
 
+    largest = {} if max_cluster_fraction is None else {"max_cluster_fraction": max_cluster_fraction}
     settings = DiscoverConfig(linkage=linkage, n_clusters=n_clusters, top_k_per_prompt=top_k_per_prompt,
-                              auto_k=auto_k, min_cluster_size=min_cluster_size,
+                              auto_k=auto_k, min_cluster_size=min_cluster_size, **largest,
                               also_response_tokens=parse_response_token_views(also_response_tokens or []))
     summary = run_discover(model, vectors_dir, generations_m0, generations_m1, pairs, out, settings,
                            labels_path=labels)
