@@ -41,7 +41,7 @@ on a quiet 2-core Intel Xeon, two at a time (80-150 s on a shared one). Run::
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-bs8 \\
         --recipe batch_size=8 --arms "random switch"
     .venv/bin/python benchmarks/random_switch_anatomy.py runs/organism --out runs/anatomy-c84 \\
-        --organism runs/org-c84/organism --arms "random switch" --dpo-seeds 0 1
+        --organism runs/org-c84 --arms "random switch" --dpo-seeds 0 1
 """
 
 from __future__ import annotations
