@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import sys
 import time
 from collections import Counter
@@ -313,6 +312,7 @@ def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pairtrace.experiment.results import bootstrap_reduction
+    from pairtrace.processes import spawn_pool
     from pairtrace.records import write_json_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({dict(Counter(slices[i] for i in ids).most_common())}); {len(todo)} retrains to run, "
           f"DPO seeds {list(seeds)}{recipe_text(recipe)}", flush=True)
 
-    with cf.ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
+    with spawn_pool(max(1, args.workers)) as pool:  # its workers end with this process
         futures = {pool.submit(retrain_worker, str(run_dir), str(out), str(mix), arm, seed, seeds, recipe,
                                str(organism) if organism else None):
                    (arm, seed) for arm, seed, mix in todo}

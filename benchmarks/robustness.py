@@ -585,11 +585,11 @@ def run_builds(builds: Sequence[Build], out: Path, dpo_seeds: Sequence[int], job
         for build in builds:
             yield worker(build, out, dpo_seeds)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    with ProcessPoolExecutor(max_workers=min(jobs, len(builds)), mp_context=context) as pool:
+    from pairtrace.processes import spawn_pool
+
+    with spawn_pool(min(jobs, len(builds))) as pool:  # its workers (and theirs) end with this process
         started = time.perf_counter()
         futures = {pool.submit(worker, build, out, list(dpo_seeds)): build for build in builds}
         for future in as_completed(futures):

@@ -39,6 +39,7 @@ from typing import Any
 from pairtrace.errors import ConfigError, PairtraceError
 from pairtrace.judges.base import Judge
 from pairtrace.judges.rubric import extract_rubric_fields
+from pairtrace.processes import own, release
 
 logger = logging.getLogger(__name__)
 
@@ -528,6 +529,7 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate the child (kill it if it does not exit within ``timeout_s``)."""
+        release(self.process)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -577,6 +579,7 @@ def launch_server_process(
             env=env,
             text=True,
         )
+    own(process)  # terminated with this process
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:  # keeps draining stdout so the child never blocks on a full pipe
@@ -598,6 +601,7 @@ def launch_server_process(
             if process.poll() is None:
                 process.kill()
             process.wait()
+            release(process)
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise PairtraceError(f"pairtrace serve did not start (exit code {process.returncode}): {tail}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import shutil
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from pairtrace.experiment.context import Inputs, RunContext
 from pairtrace.experiment.plan import Experiment, RetrainUnit
+from pairtrace.processes import spawn_pool
 from pairtrace.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from pairtrace.stage_cache import chain_key, file_digest
 
@@ -205,7 +205,7 @@ class RetrainQueue:
     def _worker_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             logger.info("retraining in %d worker processes (1 thread each)", self.workers)
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+            self._pool = spawn_pool(self.workers)
         return self._pool
 
     def _state(self) -> dict[str, Any]:

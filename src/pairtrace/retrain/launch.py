@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pairtrace.errors import ConfigError, PairtraceError
+from pairtrace.processes import owned
 from pairtrace.records import write_json_atomic
 from pairtrace.retrain.engines import RetrainRequest, RetrainSummary, check_model_folder
 
@@ -79,10 +80,16 @@ def run_logged(args: list[str], log_path: Path, what: str, env: dict[str, str] |
         log.write("$ " + shlex.join(args) + "\n")
         log.flush()
         try:
-            code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                  check=False).returncode
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         except OSError as exc:
             raise PairtraceError(f"{what}: could not start {args[0]!r}: {exc}") from None
+        with owned(process):  # terminated with this process (an orphaned launcher would hold its GPUs)
+            try:
+                code = process.wait()
+            except BaseException:  # Ctrl-C, an error in this process: as subprocess.run, do not leave it running
+                process.kill()
+                process.wait()
+                raise
     if code != 0:
         raise PairtraceError(f"{what} failed with exit code {code}; log: {log_path}; last lines:\n"
                              f"{last_lines(log_path)}")
