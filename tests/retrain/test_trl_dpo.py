@@ -51,8 +51,8 @@ def test_bad_records_name_line_and_field(tmp_path: Path, record: dict, message: 
 
 
 def test_recipe_validation() -> None:
-    assert DPORecipe(loss_type="dpo_norm").loss_type == "dpo_norm"
-    for bad in ({"loss_type": "ipo"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}):
+    assert DPORecipe(loss_type="dpo_norm").loss_type == "dpo_norm" and DPORecipe(loss_type="ipo").loss_type == "ipo"
+    for bad in ({"loss_type": "hinge"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}):
         with pytest.raises(ConfigError):
             DPORecipe(**bad)
 

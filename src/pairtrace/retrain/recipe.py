@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from pairtrace.options import OptionError
 
-LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm"}
+LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo"}
 """Recipe loss name -> TRL loss type. ``dpo_norm`` is TRL's ``sigmoid_norm``: the DPO loss on the *average*
-per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3's ``dpo_norm``)."""
+per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3's ``dpo_norm``). ``ipo`` is IPO
+(Azar et al.): the squared distance of the per-token log-ratio margin from ``1 / (2 beta)``."""
 
 
 @dataclass
