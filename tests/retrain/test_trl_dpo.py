@@ -78,6 +78,11 @@ def test_retrain_is_deterministic_for_a_seed(small_organism, tmp_path: Path) -> 
     norm = train_dpo(out / "m0", pairs, tmp_path / "n", DPORecipe(loss_type="dpo_norm", batch_size=16, beta=2.0),
                      progress=False)
     assert norm["recipe"]["loss_type"] == "dpo_norm" and norm["steps"] == 3
+    ipo = train_dpo(out / "m0", pairs, tmp_path / "i", DPORecipe(loss_type="ipo", batch_size=16, beta=2.0),
+                    progress=False)
+    assert ipo["recipe"]["loss_type"] == "ipo" and ipo["steps"] == 3
+    n, i = (load_file(tmp_path / d / "model.safetensors") for d in "ni")
+    assert any(not (n[k] == i[k]).all() for k in n)  # another loss, another model
 
 
 def test_retrain_command_trains_from_any_layout_with_a_yaml_recipe(small_organism, tmp_path: Path) -> None:
