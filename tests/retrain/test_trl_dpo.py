@@ -52,7 +52,9 @@ def test_bad_records_name_line_and_field(tmp_path: Path, record: dict, message: 
 
 def test_recipe_validation() -> None:
     assert DPORecipe(loss_type="dpo_norm").loss_type == "dpo_norm" and DPORecipe(loss_type="ipo").loss_type == "ipo"
-    for bad in ({"loss_type": "hinge"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}):
+    assert DPORecipe(loss_type="robust", label_smoothing=0.15).label_smoothing == 0.15
+    for bad in ({"loss_type": "hinge"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}, {"label_smoothing": 0.5},
+                {"label_smoothing": -0.1}):
         with pytest.raises(ConfigError):
             DPORecipe(**bad)
 

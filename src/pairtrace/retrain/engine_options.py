@@ -34,7 +34,8 @@ COMMAND_PLACEHOLDERS = {
     "batch_size": "pairs per optimisation step (the global batch)",
     "epochs": "passes over the pairs",
     "max_length": "longest prompt + response, in tokens",
-    "loss_type": "the recipe's loss: sigmoid or dpo_norm",
+    "loss_type": "the recipe's loss: sigmoid, dpo_norm, ipo or robust",
+    "label_smoothing": "the robust loss's share of flipped labels",
     "sft_weight": "weight of the added NLL loss on chosen responses",
     "num_processes": "the num_processes option (1 when unset)",
 }
@@ -95,8 +96,8 @@ class RetrainEngineOptions:
         default=None,
         metadata={"help": "command: the training command template; placeholders {m0} {train_file} {train_dir} "
                   "{mixer_list} {model_dir} {summary_file} {retrain_dir} {seed} {beta} {learning_rate} "
-                  "{lr_scheduler_type} {warmup_ratio} {batch_size} {epochs} {max_length} {loss_type} {sft_weight} "
-                  "{num_processes}. Split like a shell line, then each argument is filled (no shell)."},
+                  "{lr_scheduler_type} {warmup_ratio} {batch_size} {epochs} {max_length} {loss_type} {label_smoothing} "
+                  "{sft_weight} {num_processes}. Split like a shell line, then each argument is filled (no shell)."},
     )
     shell: bool = field(
         default=False,

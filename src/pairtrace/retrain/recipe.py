@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from pairtrace.options import OptionError
 
-LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo"}
+LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo", "robust": "robust"}
 """Recipe loss name -> TRL loss type. ``dpo_norm`` is TRL's ``sigmoid_norm``: the DPO loss on the *average*
 per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3's ``dpo_norm``). ``ipo`` is IPO
-(Azar et al.): the squared distance of the per-token log-ratio margin from ``1 / (2 beta)``."""
+(Azar et al.): the squared distance of the per-token log-ratio margin from ``1 / (2 beta)``. ``robust`` is rDPO
+(Chowdhury et al.): the DPO loss made unbiased for labels flipped at the rate ``label_smoothing``."""
 
 
 @dataclass
@@ -21,6 +22,10 @@ class DPORecipe:
         metadata={"help": "sigmoid (standard DPO) or dpo_norm (length-normalised log-ratios, TRL sigmoid_norm)."},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta (deviation penalty from the reference)."})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "robust: the share of flipped preference labels the loss corrects for, in [0, 0.5)."},
+    )
     sft_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of an added NLL loss on the chosen responses (TRL loss 'sft', as in RPO); 0 = off."},
@@ -49,6 +54,9 @@ class DPORecipe:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise OptionError(f"{{loss_type}}: {self.loss_type!r} is not one of {sorted(LOSS_TYPES)}", "loss_type")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise OptionError(f"{{label_smoothing}} must lie in [0, 0.5), got {self.label_smoothing}",
+                              "label_smoothing")
         if self.sft_weight < 0:
             raise OptionError(f"{{sft_weight}} must be >= 0, got {self.sft_weight}", "sft_weight")
         for name in ("batch_size", "epochs", "learning_rate", "beta"):

@@ -248,6 +248,7 @@ def _dpo_config(recipe: DPORecipe, output_dir: str, progress: bool, **overrides:
         loss_type=[LOSS_TYPES[recipe.loss_type], *(["sft"] if recipe.sft_weight else [])],
         loss_weights=[1.0, recipe.sft_weight] if recipe.sft_weight else None,
         beta=recipe.beta,
+        label_smoothing=recipe.label_smoothing,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
