@@ -83,8 +83,12 @@ def test_retrain_is_deterministic_for_a_seed(small_organism, tmp_path: Path) -> 
     ipo = train_dpo(out / "m0", pairs, tmp_path / "i", DPORecipe(loss_type="ipo", batch_size=16, beta=2.0),
                     progress=False)
     assert ipo["recipe"]["loss_type"] == "ipo" and ipo["steps"] == 3
-    n, i = (load_file(tmp_path / d / "model.safetensors") for d in "ni")
+    train_dpo(out / "m0", pairs, tmp_path / "s", DPORecipe(batch_size=16, beta=2.0), progress=False)
+    train_dpo(out / "m0", pairs, tmp_path / "r", DPORecipe(loss_type="robust", label_smoothing=0.2, batch_size=16,
+                                                           beta=2.0), progress=False)
+    n, i, sig, rob = (load_file(tmp_path / d / "model.safetensors") for d in "nisr")
     assert any(not (n[k] == i[k]).all() for k in n)  # another loss, another model
+    assert any(not (sig[k] == rob[k]).all() for k in sig)  # label smoothing reaches the loss
 
 
 def test_retrain_command_trains_from_any_layout_with_a_yaml_recipe(small_organism, tmp_path: Path) -> None:
