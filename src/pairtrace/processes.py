@@ -10,7 +10,9 @@ Every process pool of the package comes from :func:`spawn_pool` and every long-l
 registered with :func:`own`. On SIGTERM or SIGHUP, a process that went through either of them first terminates its
 children (a pool's workers do the same for theirs: the handler is their pool initializer), waits a few seconds,
 kills what is left, and then dies of the same signal, so its exit status is what it would have been without the
-handler. A signal the process already handles or ignores (``nohup`` ignores SIGHUP) is left alone.
+handler. A signal the process already handles or ignores (``nohup`` ignores SIGHUP) is left alone. A parent killed
+with SIGKILL runs no handler; its pool workers notice within a second that they were orphaned, end their own
+children and exit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ TERMINATION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP
 
 GRACE_S = 10.0
 """How long children get to exit after their SIGTERM before they are killed."""
+
+PARENT_POLL_S = 1.0
+"""How often a pool worker checks that its parent is still alive."""
 
 _owned: set[subprocess.Popen] = set()
 _owned_lock = threading.Lock()
@@ -71,7 +76,7 @@ def spawn_pool(max_workers: int) -> cf.ProcessPoolExecutor:
     """
     end_children_on_termination()
     return cf.ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"),
-                                  initializer=end_children_on_termination)
+                                  initializer=_init_worker, initargs=(os.getpid(),))
 
 
 def end_children_on_termination() -> None:
@@ -108,6 +113,21 @@ def end_children(grace_s: float = GRACE_S) -> None:
             program.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             program.kill()
+
+
+def _init_worker(parent_pid: int) -> None:
+    """A pool worker's start: the signal handler, and a watch on its parent (a parent killed with SIGKILL, or by
+    the out-of-memory killer, runs no handler; its workers would otherwise sit idle forever once their task ends)."""
+    end_children_on_termination()
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="pairtrace-parent-watch",
+                     daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, every_s: float = PARENT_POLL_S) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    end_children()
+    os._exit(128 + signal.SIGTERM)  # its task's result has no one to go to
 
 
 def _end_children_then_die(signum: int, frame: FrameType | None) -> None:

@@ -73,6 +73,7 @@ def _pids(pid_dir: Path) -> list[int]:
     ("nested", 4, signal.SIGTERM),
     ("program", 1, signal.SIGTERM),
     ("flat", 2, signal.SIGHUP),
+    ("nested", 4, signal.SIGKILL),  # no handler runs: the workers notice they were orphaned
 ])
 def test_children_end_with_their_parent(tmp_path: Path, mode: str, children: int, signum: signal.Signals) -> None:
     (tmp_path / "tasks.py").write_text(textwrap.dedent(TASKS))
