@@ -47,10 +47,13 @@ def parent(pid_dir, mode):
 '''
 
 MAIN = '''
+import signal
 import sys
 import tasks
 
 if __name__ == "__main__":
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # as in a terminal, whatever this test runs under (nohup, CI)
+        signal.signal(signum, signal.SIG_DFL)
     tasks.parent(sys.argv[1], sys.argv[2])
 '''
 
