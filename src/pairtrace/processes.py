@@ -57,10 +57,15 @@ def release(process: subprocess.Popen) -> None:
 
 @contextmanager
 def owned(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """:func:`own` the program for the ``with`` block, then :func:`release` it."""
+    """:func:`own` the program for the ``with`` block, then :func:`release` it; if the block raises (Ctrl-C, an
+    error), the program is killed first, as ``subprocess.run`` does."""
     own(process)
     try:
         yield process
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     finally:
         release(process)
 

@@ -83,13 +83,8 @@ def run_logged(args: list[str], log_path: Path, what: str, env: dict[str, str] |
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         except OSError as exc:
             raise PairtraceError(f"{what}: could not start {args[0]!r}: {exc}") from None
-        with owned(process):  # terminated with this process (an orphaned launcher would hold its GPUs)
-            try:
-                code = process.wait()
-            except BaseException:  # Ctrl-C, an error in this process: as subprocess.run, do not leave it running
-                process.kill()
-                process.wait()
-                raise
+        with owned(process):  # ends with this process (an orphaned launcher would hold its GPUs)
+            code = process.wait()
     if code != 0:
         raise PairtraceError(f"{what} failed with exit code {code}; log: {log_path}; last lines:\n"
                              f"{last_lines(log_path)}")

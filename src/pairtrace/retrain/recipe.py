@@ -19,7 +19,8 @@ class DPORecipe:
 
     loss_type: str = field(
         default="sigmoid",
-        metadata={"help": "sigmoid (standard DPO) or dpo_norm (length-normalised log-ratios, TRL sigmoid_norm)."},
+        metadata={"help": "sigmoid (standard DPO), dpo_norm (length-normalised log-ratios, TRL sigmoid_norm), ipo "
+                  "(IPO) or robust (rDPO, with label_smoothing)."},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta (deviation penalty from the reference)."})
     label_smoothing: float = field(
