@@ -54,7 +54,7 @@ def test_recipe_validation() -> None:
     assert DPORecipe(loss_type="dpo_norm").loss_type == "dpo_norm" and DPORecipe(loss_type="ipo").loss_type == "ipo"
     assert DPORecipe(loss_type="robust", label_smoothing=0.15).label_smoothing == 0.15
     for bad in ({"loss_type": "hinge"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}, {"label_smoothing": 0.5},
-                {"label_smoothing": -0.1}):
+                {"label_smoothing": -0.1}, {"label_smoothing": 0.1}):
         with pytest.raises(ConfigError):
             DPORecipe(**bad)
 

@@ -58,6 +58,9 @@ class DPORecipe:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise OptionError(f"{{label_smoothing}} must lie in [0, 0.5), got {self.label_smoothing}",
                               "label_smoothing")
+        if self.label_smoothing and self.loss_type != "robust":
+            raise OptionError(f"{{label_smoothing}} is an option of loss_type robust; the {self.loss_type} loss would "
+                              "ignore it", "label_smoothing")
         if self.sft_weight < 0:
             raise OptionError(f"{{sft_weight}} must be >= 0, got {self.sft_weight}", "sft_weight")
         for name in ("batch_size", "epochs", "learning_rate", "beta"):
