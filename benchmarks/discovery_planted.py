@@ -42,11 +42,13 @@ PAIRS_PER_BEHAVIOUR = 30
 N_CLEAN = 300
 
 METHODS: dict[str, DiscoverConfig] = {
+    "profile, HDBSCAN": DiscoverConfig(auto_k="hdbscan"),
     "profile, stability": DiscoverConfig(auto_k="stability"),
     "profile, gap": DiscoverConfig(auto_k="gap"),
     "profile, CH": DiscoverConfig(auto_k="calinski_harabasz"),
     "profile, silhouette": DiscoverConfig(auto_k="silhouette"),
     "vector, gap": DiscoverConfig(cluster_pairs_on="vector", auto_k="gap"),
+    "vector, HDBSCAN": DiscoverConfig(cluster_pairs_on="vector", auto_k="hdbscan"),
     "vector, stability": DiscoverConfig(cluster_pairs_on="vector", auto_k="stability"),
     "profile, average (gap)": DiscoverConfig(linkage="average", auto_k="gap"),
     "profile, k = 4": DiscoverConfig(n_clusters=4),

@@ -161,7 +161,7 @@ def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "view first-2-tokens" in result.output and "all-tokens" not in result.output  # 'all' is the store's own
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["config"]["auto_k"] == "stability" and summary["config"]["also_response_tokens"] == [2, None]
+    assert summary["config"]["auto_k"] == "hdbscan" and summary["config"]["also_response_tokens"] == [2, None]
     assert summary["config"]["min_cluster_size"] == 2 and summary["config"]["max_cluster_fraction"] == 0.6
     (view,) = summary["views"]
     assert view["response_tokens"] == 2 and (tmp_path / "d" / view["dir"] / "heatmap.png").is_file()

@@ -151,11 +151,12 @@ def test_cluster_features_finds_separated_blobs_and_handles_small_inputs():
     from sklearn.metrics import adjusted_rand_score
 
     for method in ("ward", "average"):
-        for auto_k in ("stability", "gap", "calinski_harabasz", "silhouette"):
+        for auto_k in ("hdbscan", "stability", "gap", "calinski_harabasz", "silhouette"):
             result = cluster_features(x, method=method, auto_k=auto_k, max_clusters=6)
             assert result.n_clusters == 3 and result.criterion == auto_k
             assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
             assert set(result.scores) <= set(range(2, 7)) and result.silhouette > 0.5
+    assert cluster_features(x).criterion == "hdbscan"  # the default
     fixed = cluster_features(x, n_clusters=2)
     assert fixed.n_clusters == 2 and fixed.criterion == "fixed"
     assert cluster_features(x, distance_threshold=1e9).n_clusters == 1
@@ -166,6 +167,38 @@ def test_cluster_features_finds_separated_blobs_and_handles_small_inputs():
 
     result = cluster_features(x)
     assert result.labels[leaves_list(result.linkage)[0]] == 1
+
+
+def test_hdbscan_noise_gets_clusters_of_its_own_not_the_nearest_dense_one():
+    from sklearn.metrics import adjusted_rand_score
+
+    from pairtrace.clustering import (
+        _assign_to_nearest_centroid,
+        cluster_noise,
+        default_density_min_cluster_size,
+        density_labels,
+    )
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:3] * 5
+    x = np.concatenate([c + 0.1 * rng.normal(size=(20, 8)) for c in centres])
+    units = x / np.linalg.norm(x, axis=1, keepdims=True)
+    truth = np.repeat([0, 1, 2], 20)
+    found = np.repeat([1, 2, 0], 20)  # HDBSCAN's labels with the third group called noise
+    found[[0, 25]] = 0  # and one item of each dense group
+    placed = cluster_noise(units, found, 5)
+    assert adjusted_rand_score(truth, placed) == pytest.approx(1.0) and set(placed) == {1, 2, 3}
+    # joining every noise item to the nearest dense cluster merges the third group into one of them
+    assert adjusted_rand_score(truth, _assign_to_nearest_centroid(units, found)) < 0.7
+    # noise smaller than the smallest cluster joins the nearest cluster
+    assert (cluster_noise(units, np.where(np.arange(60) < 58, found.clip(1), 0), 5) > 0).all()
+    result = cluster_features(x)  # the default: HDBSCAN
+    assert result.criterion == "hdbscan" and adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
+    assert result.scores == {3: 0.0}  # no item was noise here
+    # too few items for the smallest cluster: one cluster, not an error
+    assert default_density_min_cluster_size(20) == 5 and default_density_min_cluster_size(1000) == 40
+    assert density_labels(units[:4], 5)[0].max() == 0
+    assert cluster_features(x[:4]).n_clusters == 1 and cluster_features(x[:4]).criterion == "trivial"
 
 
 def test_profile_clustering_separates_planted_behaviours_better_than_raw_vectors():

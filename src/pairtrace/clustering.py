@@ -1,5 +1,6 @@
-"""Hierarchical clustering of discovery's rows and columns (Ward or average linkage; a fixed, threshold, stability or
-automatic cut), and the co-clustering of a similarity matrix (:func:`discover_clusters`)."""
+"""Clustering of discovery's rows and columns (density-based HDBSCAN, or a hierarchical tree, Ward or average
+linkage, cut at a fixed count, a height, by the stability cut or by an automatic rule), and the co-clustering of a
+similarity matrix (:func:`discover_clusters`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from pairtrace.discover import DiscoverConfig
 
 LINKAGES = ("ward", "average")
-AUTO_K = ("stability", "gap", "calinski_harabasz", "silhouette")
+AUTO_K = ("hdbscan", "stability", "gap", "calinski_harabasz", "silhouette")
 
 
 @dataclass
@@ -33,11 +34,11 @@ class Clustering:
         linkage: SciPy linkage matrix ``[n-1, 4]`` (``None`` for fewer than two items).
         labels: Cluster per item, ``1..n_clusters``.
         n_clusters: Number of clusters.
-        criterion: ``"fixed"``, ``"distance_threshold"``, ``"stability"``, ``"gap"``, ``"calinski_harabasz"``,
-            ``"silhouette"`` or ``"trivial"``.
+        criterion: ``"fixed"``, ``"distance_threshold"``, ``"hdbscan"``, ``"stability"``, ``"gap"``,
+            ``"calinski_harabasz"``, ``"silhouette"`` or ``"trivial"``.
         silhouette: Silhouette score of the chosen cut (``None`` for a single cluster), reported in every case.
         scores: Score of each candidate k (automatic choice only; for the stability cut, the chosen k's total
-            stability).
+            stability; for HDBSCAN, the share of items it called noise before they joined the nearest cluster).
     """
 
     linkage: np.ndarray | None
@@ -69,11 +70,16 @@ the cut split into two halves of the mix (the sign-off pairs 24% of one) finds t
 
 def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None = None,
                      distance_threshold: float | None = None, max_clusters: int = 10, seed: int = 0,
-                     auto_k: str = "stability", silhouette_sample: int = 3000,
+                     auto_k: str = "hdbscan", silhouette_sample: int = 3000,
                      min_cluster_size: int | None = None,
                      max_cluster_fraction: float | None = DEFAULT_MAX_CLUSTER_FRACTION) -> Clustering:
-    """Hierarchical clustering of rows, with a fixed, thresholded or automatically chosen number of clusters.
+    """Clustering of rows, with a fixed, thresholded or automatically chosen number of clusters.
 
+    ``auto_k="hdbscan"`` (default) finds the dense groups of the unit features (scikit-learn's HDBSCAN, excess of
+    mass, at least ``min_cluster_size`` items, :data:`HDBSCAN_MIN_SAMPLES` neighbours for the density estimate);
+    the items it calls noise are clustered among themselves by the stability cut (:func:`cluster_noise`). The
+    tree (Ward or average linkage) is still built: it orders the labels along its leaves and draws the heatmap's
+    dendrograms.
     ``auto_k="stability"`` cuts each branch of the tree at its own height (:mod:`pairtrace.tree_cut`): the
     disjoint subtrees of at least ``min_cluster_size`` items that are tightest inside and farthest from the
     rest, weighted by size; items in smaller groups join the cluster with the nearest centroid. It does not use
@@ -92,11 +98,12 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         distance_threshold: Cut height (``fcluster`` criterion ``distance``).
         max_clusters: Largest k tried by the automatic choice.
         seed: Seed of the silhouette subsample.
-        auto_k: ``stability``, ``gap``, ``calinski_harabasz`` or ``silhouette``.
+        auto_k: ``hdbscan``, ``stability``, ``gap``, ``calinski_harabasz`` or ``silhouette``.
         silhouette_sample: Largest number of items the silhouette score is computed on.
-        min_cluster_size: Smallest cluster of the stability cut; default :func:`default_min_cluster_size`.
-        max_cluster_fraction: Largest cluster of the stability cut, as a share of the items (rounded up, never
-            below ``min_cluster_size``); ``None``: no limit.
+        min_cluster_size: Smallest cluster of HDBSCAN (default :func:`default_density_min_cluster_size`) or of the
+            stability cut (default :func:`default_min_cluster_size`).
+        max_cluster_fraction: Largest cluster of HDBSCAN or the stability cut, as a share of the items (rounded
+            up, never below ``min_cluster_size``); ``None``: no limit.
 
     Returns:
         The clustering (labels ``1..K`` in order of first appearance along the dendrogram's leaves).
@@ -120,6 +127,15 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         labels, criterion = fcluster(z, t=distance_threshold, criterion="distance"), "distance_threshold"
     elif n < 3:
         labels, criterion = np.ones(n, dtype=np.int64), "trivial"
+    elif auto_k == "hdbscan":
+        size = default_density_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
+        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
+        labels, noise = density_labels(units, size, largest)
+        if labels.max() < 1:
+            labels, criterion = np.ones(n, dtype=np.int64), "trivial"
+        else:
+            labels, criterion = cluster_noise(units, labels, size, max_cluster_fraction), "hdbscan"
+            scores[len(np.unique(labels))] = noise
     elif auto_k == "stability":
         size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
         largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
@@ -150,6 +166,75 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
     k = len(np.unique(labels))
     sil = _silhouette(units, dist, labels, silhouette_sample, seed) if 1 < k < n else None
     return Clustering(z, labels, k, criterion, sil, scores)
+
+
+HDBSCAN_MIN_SAMPLES = 3
+"""Neighbours behind HDBSCAN's density estimate (its ``min_samples``): small, so that a group of near-identical
+pairs is dense, while the smallest cluster is set by ``min_cluster_size`` alone."""
+
+DENSITY_MIN_CLUSTER_FRACTION = 0.04
+"""HDBSCAN's smallest cluster, as a share of the items (:func:`default_density_min_cluster_size`)."""
+
+
+def default_density_min_cluster_size(n: int) -> int:
+    """Smallest cluster of HDBSCAN for ``n`` items: 4% of them, at least 5 (docs/discovery.md: on 28 organism
+    builds 3.5–5% find the planted behaviours about equally often, 3% and 6% less often)."""
+    return max(5, math.ceil(DENSITY_MIN_CLUSTER_FRACTION * n))
+
+
+def density_labels(units: np.ndarray, min_cluster_size: int,
+                   max_cluster_size: int | None = None) -> tuple[np.ndarray, float]:
+    """HDBSCAN on unit features.
+
+    Args:
+        units: ``[n, f]`` L2-normalised features (Euclidean distance between them is monotone in cosine).
+        min_cluster_size: Smallest cluster.
+        max_cluster_size: Largest cluster (``None``: no limit).
+
+    Returns:
+        ``(labels, noise_share)``: labels ``1..K`` with 0 for noise (all 0 when no group is dense enough or there
+        are too few items), and the share of items labelled noise.
+    """
+    from sklearn.cluster import HDBSCAN
+
+    n = len(units)
+    if n < max(min_cluster_size, 2) or n <= HDBSCAN_MIN_SAMPLES:
+        return np.zeros(n, dtype=np.int64), 1.0
+    found = HDBSCAN(min_cluster_size=max(min_cluster_size, 2), min_samples=HDBSCAN_MIN_SAMPLES,
+                    max_cluster_size=max_cluster_size, copy=True).fit_predict(units)  # [n], -1 = noise
+    labels = found.astype(np.int64) + 1
+    return labels, float(np.mean(labels == 0))
+
+
+def cluster_noise(units: np.ndarray, labels: np.ndarray, min_cluster_size: int,
+                  max_cluster_fraction: float | None = DEFAULT_MAX_CLUSTER_FRACTION) -> np.ndarray:
+    """Give HDBSCAN's noise items clusters of their own, by the stability cut of their Ward tree.
+
+    Noise is not one group: it holds what is too sparse for HDBSCAN, planted groups among them (spread out by
+    sampling noise, or cut off by ``max_cluster_size``). Joining every noise item to the nearest dense cluster
+    would merge such a group into an unrelated one; this cuts the noise items' own tree instead, with the same
+    smallest cluster, and only the items left over (and noise without a group of that size) join the nearest
+    cluster.
+
+    Args:
+        units: ``[n, f]`` unit features.
+        labels: HDBSCAN's labels, ``1..K`` and 0 for noise (at least one item not noise).
+        min_cluster_size: Smallest cluster among the noise items.
+        max_cluster_fraction: Largest cluster among them, as a share of all items (``None``: no limit).
+
+    Returns:
+        Labels ``1..K'`` with no 0: the dense clusters keep their labels, the noise clusters follow.
+    """
+    noise = np.flatnonzero(labels == 0)
+    size = max(min_cluster_size, 2)
+    if len(noise) < size:
+        return _assign_to_nearest_centroid(units, labels)
+    tree = linkage(units[noise], method="ward", metric="euclidean")
+    largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * len(units)))
+    own, _ = compute_stability_cut(tree, size, max_size=largest)  # [len(noise)], 0: in no group of that size
+    out = labels.copy()
+    out[noise[own > 0]] = own[own > 0] + labels.max()
+    return _assign_to_nearest_centroid(units, out)
 
 
 def default_min_cluster_size(n: int) -> int:

@@ -84,15 +84,17 @@ class DiscoverConfig:
         "help": "Cut the dendrograms at this linkage height instead of a cluster count."})
     max_clusters: int = field(default=10, metadata={
         "help": "auto_k gap, calinski_harabasz, silhouette: the k in 2..max_clusters with the best score."})
-    auto_k: str = field(default="stability", metadata={
-        "help": "Automatic cut: stability (default: each branch of the tree cut at its own height, see "
-                "pairtrace.tree_cut), gap (one cut at the largest jump between merge heights), calinski_harabasz "
-                "or silhouette."})
+    auto_k: str = field(default="hdbscan", metadata={
+        "help": "Automatic clustering: hdbscan (default: the dense groups, scikit-learn's HDBSCAN; noise joins the "
+                "nearest cluster), stability (each branch of the tree cut at its own height, see pairtrace.tree_cut), "
+                "gap (one cut at the largest jump between merge heights), calinski_harabasz or silhouette. See "
+                "docs/discovery.md for when each wins."})
     min_cluster_size: int | None = field(default=None, metadata={
-        "help": "auto_k=stability: smallest cluster; default 1% of the items, at least 2 and at most 10."})
+        "help": "auto_k=hdbscan: smallest cluster, default 4% of the items and at least 5; auto_k=stability: "
+                "default 1% of the items, at least 2 and at most 10."})
     max_cluster_fraction: float | None = field(default=DEFAULT_MAX_CLUSTER_FRACTION, metadata={
-        "help": "auto_k=stability: largest cluster, as a share of the items (null: no limit); keeps the cut from "
-                "stopping at two halves of the items."})
+        "help": "auto_k=hdbscan or stability: largest cluster, as a share of the items (null: no limit); keeps the "
+                "clustering from stopping at two halves of the items."})
     top_k_per_prompt: int | None = field(default=None, metadata={
         "help": "Keep the union of each prompt's top-K pairs as columns; default: all pairs (see max_columns)."})
     max_columns: int = field(default=5000, metadata={

@@ -253,12 +253,12 @@ def discover(
     linkage: str = typer.Option("ward", help="ward (on L2-normalised profiles) | average (cosine distance)."),
     n_clusters: int = typer.Option(None, help="Fixed number of pair clusters (default: automatic)."),
     top_k_per_prompt: int = typer.Option(None, help="Score only the union of each prompt's top-K pairs."),
-    auto_k: str = typer.Option("stability", help="Automatic cut: stability (a height per branch) | gap | "
-                                                 "calinski_harabasz | silhouette."),
-    min_cluster_size: int = typer.Option(None, help="Stability cut: smallest cluster (default: 1% of the items, "
-                                                    "2 to 10)."),
-    max_cluster_fraction: float = typer.Option(None, help="Stability cut: largest cluster as a share of the items "
-                                                          "(default 0.5; 1 = no limit)."),
+    auto_k: str = typer.Option("hdbscan", help="Automatic clustering: hdbscan (dense groups) | stability (a "
+                                               "height per branch) | gap | calinski_harabasz | silhouette."),
+    min_cluster_size: int = typer.Option(None, help="Smallest cluster (default: hdbscan 4% of the items, at least "
+                                                    "5; stability 1%, 2 to 10)."),
+    max_cluster_fraction: float = typer.Option(None, help="hdbscan and stability: largest cluster as a share of the "
+                                                          "items (default 0.5; 1 = no limit)."),
     also_response_tokens: list[str] = typer.Option(
         None, help="A further view per value: response means over the first N tokens ('all': every token)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
