@@ -7,11 +7,13 @@
 2. **Similarity.** S[p, d] = cos(v_p, v_d) for every pair d, or for the union of each prompt's top-K pairs.
 3. **Co-clustering.** Rows (behaviour vectors) are clustered on the vectors themselves; columns (pairs) on their
    *similarity profiles* S[:, d] across behaviour vectors (the default; ``cluster_pairs_on="vector"`` clusters
-   the datapoint vectors instead). Both use SciPy hierarchical clustering: Ward on L2-normalised features (the
-   default) or average linkage on cosine distance. By default each tree is cut by the stability cut
-   (:mod:`pairtrace.tree_cut`: every branch at its own height); the number of clusters can instead be fixed, cut
-   at a distance threshold, or chosen in ``2..max_clusters`` at the largest relative jump between merge heights
-   (or by the Calinski–Harabasz index or the silhouette).
+   the datapoint vectors instead). By default the clusters are the dense groups scikit-learn's HDBSCAN finds in the
+   L2-normalised features, its noise cut into clusters of its own (:func:`pairtrace.clustering.cluster_noise`).
+   Both also get a SciPy tree (Ward on L2-normalised features, the default, or average linkage on cosine
+   distance), which orders the labels and can be cut instead: by the stability cut (:mod:`pairtrace.tree_cut`:
+   every branch at its own height), at a fixed number of clusters, at a distance threshold, or at a k in
+   ``2..max_clusters`` chosen by the largest relative jump between merge heights (or by the Calinski–Harabasz
+   index or the silhouette).
 4. **Summaries.** For each pair cluster and behaviour cluster: size, mean within-cluster cosine, the prompts it
    is linked to (with M0 vs M1 responses), its top pairs with their sources and models, and its distinctive
    words (log-odds with an informative Dirichlet prior, chosen texts of the cluster vs all chosen texts).
