@@ -2,7 +2,8 @@
 
 Reads the behaviour × pair cosine matrix that ``pairtrace run`` (or ``pairtrace discover``) saved, and the
 organism's ground-truth labels, and prints, for Ward clusterings of the pairs at several cluster counts and on
-three feature choices (and, in the row marked ``stab``, the stability cut that discovery uses by default), the
+three feature choices (and, in the rows marked ``hdbscan`` and ``stab``, discovery's default clustering and the
+stability cut), the
 cluster holding most of each planted behaviour: its purity (share of its members that
 carry the behaviour) and recall (share of the behaviour's pairs inside it). The acceptance of discovery asks for
 ≥ 80% / ≥ 80% on the contaminated slice. The last line is an upper bound that no unsupervised method can beat: a
@@ -75,8 +76,9 @@ def main() -> None:
     for name, x in features(matrix.to_numpy()).items():
         tree = linkage(x, "ward")
         cuts = [(str(k), fcluster(tree, k, "maxclust")) for k in args.clusters]
-        stability = cluster_features(x, auto_k="stability")
-        cuts.append((f"stab ({stability.n_clusters})", stability.labels))
+        for rule, short in (("hdbscan", "hdbscan"), ("stability", "stab")):
+            found = cluster_features(x, auto_k=rule)
+            cuts.append((f"{short} ({found.n_clusters})", found.labels))
         for label, clusters in cuts:
             cells = []
             for b in planted:
