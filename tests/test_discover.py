@@ -195,7 +195,9 @@ def test_hdbscan_noise_gets_clusters_of_its_own_not_the_nearest_dense_one():
     result = cluster_features(x)  # the default: HDBSCAN
     assert result.criterion == "hdbscan" and adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
     assert result.scores == {3: 0.0}  # no item was noise here
-    # too few items for the smallest cluster: one cluster, not an error
+    # every item noise: the stability cut of all of them; too few items for the smallest cluster: one cluster
+    assert adjusted_rand_score(truth, cluster_noise(units, np.zeros(60, dtype=np.int64), 5)) == pytest.approx(1.0)
+    assert (cluster_noise(units[:4], np.zeros(4, dtype=np.int64), 5) == 0).all()
     assert default_density_min_cluster_size(20) == 5 and default_density_min_cluster_size(1000) == 40
     assert density_labels(units[:4], 5)[0].max() == 0
     assert cluster_features(x[:4]).n_clusters == 1 and cluster_features(x[:4]).criterion == "trivial"

@@ -38,7 +38,7 @@ class Clustering:
             ``"calinski_harabasz"``, ``"silhouette"`` or ``"trivial"``.
         silhouette: Silhouette score of the chosen cut (``None`` for a single cluster), reported in every case.
         scores: Score of each candidate k (automatic choice only; for the stability cut, the chosen k's total
-            stability; for HDBSCAN, the share of items it called noise before they joined the nearest cluster).
+            stability; for HDBSCAN, the share of items it called noise, before :func:`cluster_noise` placed them).
     """
 
     linkage: np.ndarray | None
@@ -131,10 +131,11 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         size = default_density_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
         largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
         labels, noise = density_labels(units, size, largest)
+        labels = cluster_noise(units, labels, size, max_cluster_fraction)
         if labels.max() < 1:
             labels, criterion = np.ones(n, dtype=np.int64), "trivial"
         else:
-            labels, criterion = cluster_noise(units, labels, size, max_cluster_fraction), "hdbscan"
+            criterion = "hdbscan"
             scores[len(np.unique(labels))] = noise
     elif auto_k == "stability":
         size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
@@ -178,7 +179,7 @@ DENSITY_MIN_CLUSTER_FRACTION = 0.04
 
 def default_density_min_cluster_size(n: int) -> int:
     """Smallest cluster of HDBSCAN for ``n`` items: 4% of them, at least 5 (docs/discovery.md: on 28 organism
-    builds 3.5–5% find the planted behaviours about equally often, 3% and 6% less often)."""
+    builds 4–5% find the planted behaviours most often, 3% and 6% less often)."""
     return max(5, math.ceil(DENSITY_MIN_CLUSTER_FRACTION * n))
 
 
@@ -218,23 +219,23 @@ def cluster_noise(units: np.ndarray, labels: np.ndarray, min_cluster_size: int,
 
     Args:
         units: ``[n, f]`` unit features.
-        labels: HDBSCAN's labels, ``1..K`` and 0 for noise (at least one item not noise).
+        labels: HDBSCAN's labels, ``1..K`` and 0 for noise.
         min_cluster_size: Smallest cluster among the noise items.
         max_cluster_fraction: Largest cluster among them, as a share of all items (``None``: no limit).
 
     Returns:
-        Labels ``1..K'`` with no 0: the dense clusters keep their labels, the noise clusters follow.
+        Labels ``1..K'``: the dense clusters keep their labels, the noise clusters follow; all 0 only when there
+        is neither a dense cluster nor a group of noise items of the smallest size.
     """
     noise = np.flatnonzero(labels == 0)
     size = max(min_cluster_size, 2)
-    if len(noise) < size:
-        return _assign_to_nearest_centroid(units, labels)
-    tree = linkage(units[noise], method="ward", metric="euclidean")
-    largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * len(units)))
-    own, _ = compute_stability_cut(tree, size, max_size=largest)  # [len(noise)], 0: in no group of that size
     out = labels.copy()
-    out[noise[own > 0]] = own[own > 0] + labels.max()
-    return _assign_to_nearest_centroid(units, out)
+    if len(noise) >= size:
+        tree = linkage(units[noise], method="ward", metric="euclidean")
+        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * len(units)))
+        own, _ = compute_stability_cut(tree, size, max_size=largest)  # [len(noise)], 0: in no group of that size
+        out[noise[own > 0]] = own[own > 0] + labels.max()
+    return _assign_to_nearest_centroid(units, out) if out.max() > 0 else out
 
 
 def default_min_cluster_size(n: int) -> int:
