@@ -168,6 +168,12 @@ def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):
     assert view["n_columns"] == 6  # the sign-off pairs open alike: no direction over the first 2 tokens
     result = invoke(*common, "--out", tmp_path / "e", "--also-response-tokens", "head")
     assert result.exit_code == 2 and "neither a number of tokens nor 'all'" in result.output
+    result = invoke(*common, "--out", tmp_path / "f", "--auto-k", "stability", "--min-cluster-size", 2)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["config"]["auto_k"] == "stability" and summary["pair_clustering"]["criterion"] == "stability"
+    result = invoke(*common, "--out", tmp_path / "g", "--auto-k", "elbow")
+    assert result.exit_code != 0 and "auto_k" in result.output
 
 
 def test_importing_the_command_line_loads_no_heavy_library():

@@ -87,10 +87,10 @@ class DiscoverConfig:
     max_clusters: int = field(default=10, metadata={
         "help": "auto_k gap, calinski_harabasz, silhouette: the k in 2..max_clusters with the best score."})
     auto_k: str = field(default="hdbscan", metadata={
-        "help": "Automatic clustering: hdbscan (default: the dense groups, scikit-learn's HDBSCAN; noise joins the "
-                "nearest cluster), stability (each branch of the tree cut at its own height, see pairtrace.tree_cut), "
-                "gap (one cut at the largest jump between merge heights), calinski_harabasz or silhouette. See "
-                "docs/discovery.md for when each wins."})
+        "help": "Automatic clustering: hdbscan (default: the dense groups, scikit-learn's HDBSCAN; the items it calls "
+                "noise are cut into clusters of their own by the stability cut), stability (each branch of the tree "
+                "cut at its own height, see pairtrace.tree_cut), gap (one cut at the largest jump between merge "
+                "heights), calinski_harabasz or silhouette. See docs/discovery.md for when each wins."})
     min_cluster_size: int | None = field(default=None, metadata={
         "help": "auto_k=hdbscan: smallest cluster, default 4% of the items and at least 5; auto_k=stability: "
                 "default 1% of the items, at least 2 and at most 10."})

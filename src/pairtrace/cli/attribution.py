@@ -253,8 +253,8 @@ def discover(
     linkage: str = typer.Option("ward", help="ward (on L2-normalised profiles) | average (cosine distance)."),
     n_clusters: int = typer.Option(None, help="Fixed number of pair clusters (default: automatic)."),
     top_k_per_prompt: int = typer.Option(None, help="Score only the union of each prompt's top-K pairs."),
-    auto_k: str = typer.Option("hdbscan", help="Automatic clustering: hdbscan (dense groups) | stability (a "
-                                               "height per branch) | gap | calinski_harabasz | silhouette."),
+    auto_k: str = typer.Option(None, help="Automatic clustering: hdbscan (dense groups; the default) | stability "
+                                          "(a height per branch) | gap | calinski_harabasz | silhouette."),
     min_cluster_size: int = typer.Option(None, help="Smallest cluster (default: hdbscan 4% of the items, at least "
                                                     "5; stability 1%, 2 to 10)."),
     max_cluster_fraction: float = typer.Option(None, help="hdbscan and stability: largest cluster as a share of the "
@@ -270,9 +270,10 @@ def discover(
     check_out_dir(out)
     from pairtrace.discover import DiscoverConfig, run_discover
 
-    largest = {} if max_cluster_fraction is None else {"max_cluster_fraction": max_cluster_fraction}
+    given = {name: value for name, value in (("max_cluster_fraction", max_cluster_fraction), ("auto_k", auto_k))
+             if value is not None}  # the rest: DiscoverConfig's defaults
     settings = DiscoverConfig(linkage=linkage, n_clusters=n_clusters, top_k_per_prompt=top_k_per_prompt,
-                              auto_k=auto_k, min_cluster_size=min_cluster_size, **largest,
+                              min_cluster_size=min_cluster_size, **given,
                               also_response_tokens=parse_response_token_views(also_response_tokens or []))
     summary = run_discover(model, vectors_dir, generations_m0, generations_m1, pairs, out, settings,
                            labels_path=labels)
