@@ -194,7 +194,8 @@ def test_hdbscan_noise_gets_clusters_of_its_own_not_the_nearest_dense_one():
     assert (cluster_noise(units, np.where(np.arange(60) < 58, found.clip(1), 0), 5) > 0).all()
     result = cluster_features(x)  # the default: HDBSCAN
     assert result.criterion == "hdbscan" and adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
-    assert result.scores == {3: 0.0}  # no item was noise here
+    assert result.noise_share == 0.0 and result.scores == {}  # no item was noise here
+    assert cluster_features(x, auto_k="stability").noise_share is None
     # every item noise: the stability cut of all of them; too few items for the smallest cluster: one cluster
     assert adjusted_rand_score(truth, cluster_noise(units, np.zeros(60, dtype=np.int64), 5)) == pytest.approx(1.0)
     assert (cluster_noise(units[:4], np.zeros(4, dtype=np.int64), 5) == 0).all()

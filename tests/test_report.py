@@ -92,6 +92,7 @@ def results_json() -> dict:
 def planted_discovery(out: Path) -> None:
     """A real (model-free) discovery of planted vectors, written where the report looks for it, with one view."""
     summary = planted_view(out, seed=0)
+    summary["pair_clustering"] = {**summary["pair_clustering"], "criterion": "hdbscan", "noise_share": 0.125}
     summary["views"] = [{**planted_view(out / "views" / "first-2-tokens", seed=1), "name": "first-2-tokens",
                          "dir": "views/first-2-tokens", "response_tokens": 2}]
     (out / "summary.json").write_text(json.dumps(summary))
@@ -155,6 +156,8 @@ def test_full_run_renders_every_section_self_contained(full_run):
     assert len(images) == 7  # headline, sweep, ROC, two heatmaps, sources, steering (redrawn from steer.json)
     assert "View: response means over every token" in html
     assert "View: response means over the first 2 tokens" in html
+    assert "(hdbscan, silhouette 0.400; HDBSCAN left 12.5% of them as noise, clustered apart)" in html
+    assert html.count("as noise") == 1  # the view clustered otherwise says nothing of noise
     from pairtrace.report import build_discovery_section
 
     section = build_discovery_section(full_run)

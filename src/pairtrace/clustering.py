@@ -38,7 +38,9 @@ class Clustering:
             ``"calinski_harabasz"``, ``"silhouette"`` or ``"trivial"``.
         silhouette: Silhouette score of the chosen cut (``None`` for a single cluster), reported in every case.
         scores: Score of each candidate k (automatic choice only; for the stability cut, the chosen k's total
-            stability; for HDBSCAN, the share of items it called noise, before :func:`cluster_noise` placed them).
+            stability).
+        noise_share: HDBSCAN only: the share of items it called noise, before :func:`cluster_noise` placed them
+            (much noise: the features hold few dense groups; compare ``auto_k="stability"``).
     """
 
     linkage: np.ndarray | None
@@ -47,6 +49,7 @@ class Clustering:
     criterion: str
     silhouette: float | None = None
     scores: dict[int, float] = field(default_factory=dict)
+    noise_share: float | None = None
 
 
 def unit_features(x: np.ndarray) -> np.ndarray:
@@ -121,6 +124,7 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         dist = _cosine_distance(units)
         z = linkage(squareform(dist, checks=False), method="average")
     scores: dict[int, float] = {}
+    noise_share = None
     if n_clusters is not None:
         labels, criterion = fcluster(z, t=min(n_clusters, n), criterion="maxclust"), "fixed"
     elif distance_threshold is not None:
@@ -130,13 +134,12 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
     elif auto_k == "hdbscan":
         size = default_density_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
         largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
-        labels, noise = density_labels(units, size, largest)
+        labels, noise_share = density_labels(units, size, largest)
         labels = cluster_noise(units, labels, size, max_cluster_fraction)
         if labels.max() < 1:
             labels, criterion = np.ones(n, dtype=np.int64), "trivial"
         else:
             criterion = "hdbscan"
-            scores[len(np.unique(labels))] = noise
     elif auto_k == "stability":
         size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
         largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
@@ -166,7 +169,7 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
     labels = _relabel_in_leaf_order(np.asarray(labels), z)
     k = len(np.unique(labels))
     sil = _silhouette(units, dist, labels, silhouette_sample, seed) if 1 < k < n else None
-    return Clustering(z, labels, k, criterion, sil, scores)
+    return Clustering(z, labels, k, criterion, sil, scores, noise_share)
 
 
 HDBSCAN_MIN_SAMPLES = 3
@@ -282,9 +285,11 @@ def _relabel_in_leaf_order(labels: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def clustering_info(c: Clustering) -> dict[str, Any]:
-    """A clustering as summary.json reports it: cluster count, criterion, silhouette, scores by k, sizes."""
+    """A clustering as summary.json reports it: cluster count, criterion, silhouette, scores by k, HDBSCAN's noise
+    share, sizes."""
     return {"n_clusters": c.n_clusters, "criterion": c.criterion, "silhouette": c.silhouette,
             "score_by_k": {str(k): round(v, 4) for k, v in c.scores.items()},
+            "noise_share": None if c.noise_share is None else round(c.noise_share, 4),
             "sizes": [int((c.labels == i).sum()) for i in range(1, c.n_clusters + 1)]}
 
 

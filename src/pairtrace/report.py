@@ -521,11 +521,15 @@ def _discovery_view(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
     prompts = summary.get("prompts") if isinstance(summary.get("prompts"), dict) else {}
     pair_info = summary.get("pair_clustering") if isinstance(summary.get("pair_clustering"), dict) else {}
     zero = prompts.get("n_zero_behaviour")
+    noise = pair_info.get("noise_share")
+    noise_text = (f"; HDBSCAN left {format_num(100 * noise, 1)}% of them as noise, clustered apart"
+                  if isinstance(noise, int | float) else "")
     lead = (f"{prompts.get('n_kept', '?')} of {prompts.get('n_prompts', '?')} prompts were answered differently by "
             f"M0 and M1 and give one behaviour vector each{f' ({zero} without a direction, dropped)' if zero else ''}"
             f"; {summary.get('n_columns', '?')} of {summary.get('n_pairs_total', '?')} pairs are columns; pairs "
             f"were clustered on their {pair_info.get('features', '?')} into {pair_info.get('n_clusters', '?')} "
-            f"clusters ({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}).")
+            f"clusters ({pair_info.get('criterion', '?')}, silhouette {format_num(pair_info.get('silhouette'), 3)}"
+            f"{noise_text}).")
     from pairtrace.models import describe_response_pooling
 
     return {"title": f"response means over {describe_response_pooling(summary.get('response_tokens'))}", "lead": lead,
