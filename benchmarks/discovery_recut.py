@@ -37,9 +37,7 @@ from organism_variants import discovery_views
 from pairtrace.clustering import AUTO_K, cluster_features
 from pairtrace.discover_summaries import evaluate_clusters
 from pairtrace.labels import load_labels
-
-GOAL = 0.80
-"""Purity and recall every emerged behaviour's best cluster needs (the robustness benchmark's goal)."""
+from robustness import GOALS, best_discovery_view, discovery_goal_met
 
 
 def view_dirs(build_dir: Path) -> list[Path]:
@@ -70,20 +68,17 @@ def recut_view(ids: list[str], sim: np.ndarray, summary: dict[str, Any], auto_k:
 
 
 def score_build(build_dir: Path, emerged: list[str], auto_k: str, cache: dict[Path, Any]) -> dict[str, Any]:
-    """Best view per emerged behaviour with one rule; ``ok``: all of them reach :data:`GOAL`."""
-    labels = load_labels(build_dir / "organism" / "data" / "labels.jsonl")
-    views = []
-    for view in view_dirs(build_dir):
-        if view not in cache:
-            cache[view] = load_view(view)
-        views.append(recut_view(*cache[view], auto_k, labels))
+    """Best view per emerged behaviour with one rule; ``ok``: all of them reach the robustness benchmark's goal.
+    ``cache`` keeps each build's labels and views between rules."""
+    if build_dir not in cache:
+        cache[build_dir] = (load_labels(build_dir / "organism" / "data" / "labels.jsonl"),
+                            [load_view(view) for view in view_dirs(build_dir)])
+    labels, loaded = cache[build_dir]
+    views = [recut_view(*view, auto_k, labels) for view in loaded]
     discovery = {**views[0], "views": views[1:]}
-    best = {}
-    for name in emerged:
-        found = discovery_views(discovery, name)
-        best[name] = max(found, key=lambda v: min(v["purity"], v["recall"])) if found else None
-    ok = bool(best) and all(b is not None and b["purity"] >= GOAL and b["recall"] >= GOAL for b in best.values())
-    return {"best": best, "ok": ok, "clusters": [v["n_clusters"] for v in views]}
+    best = {name: best_discovery_view(discovery_views(discovery, name)) for name in emerged}
+    return {"best": best, "ok": discovery_goal_met(list(best.values())),
+            "clusters": [v["n_clusters"] for v in views]}
 
 
 def build_dir_of(root: Path, row: dict[str, Any]) -> Path:
@@ -127,10 +122,11 @@ def main() -> None:
             verdict = (" | " + ("✓" if row.get("discovery_ok") else "✗")) if saved else ""
             print(f"| {row['build']} | " + " | ".join(cells) + verdict + " |")
         print("\n" + "; ".join(f"{k}: {n} of {len(rows)} builds" for k, n in passing.items())
-              + f" find every emerged behaviour at >= {GOAL:.0%} purity and recall")
+              + f" find every emerged behaviour at >= {GOALS['discovery_purity']:.0%} purity and "
+              f">= {GOALS['discovery_recall']:.0%} recall")
     print("\n## All folders\n")
-    print("| rule | builds passing | " + " | ".join(sorted({b for _, b in per_behaviour})) + " |")
     names = sorted({b for _, b in per_behaviour})
+    print("| rule | builds passing | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 2) + "|")
     for auto_k in args.auto_k:
         cells = []
@@ -140,9 +136,9 @@ def main() -> None:
                 cells.append("")
                 continue
             f1 = np.where(v.sum(1) > 0, 2 * v[:, 0] * v[:, 1] / np.maximum(v.sum(1), 1e-12), 0.0)
-            passing = int(((v[:, 0] >= GOAL) & (v[:, 1] >= GOAL)).sum())
+            at_goal = int(((v[:, 0] >= GOALS["discovery_purity"]) & (v[:, 1] >= GOALS["discovery_recall"])).sum())
             cells.append(f"purity {v[:, 0].mean():.2f}, recall {v[:, 1].mean():.2f}, F1 {f1.mean():.2f}; "
-                         f"{passing} of {len(v)} at the goal")
+                         f"{at_goal} of {len(v)} at the goal")
         print(f"| {auto_k} | {totals[auto_k][0]} of {totals[auto_k][1]} | " + " | ".join(cells) + " |")
     print(f"\nWall time: {time.perf_counter() - started:.1f} s")
 

@@ -277,19 +277,28 @@ def build_row(build: Build, results: dict[str, Any], organism_summary: dict[str,
     per_behaviour: dict[str, Any] = {}
     for name in emerged:
         views = discovery_views(discovery or {}, name, decoys)
-        best = max(views, key=lambda v: min(v["purity"], v["recall"])) if views else None
-        per_behaviour[name] = {"views": views, "best": best}
+        per_behaviour[name] = {"views": views, "best": best_discovery_view(views)}
     bests = [v["best"] for v in per_behaviour.values()]
     complete = bool(bests) and all(b is not None for b in bests)
     row["discovery"] = per_behaviour
     row["discovery_purity"] = min(b["purity"] for b in bests) if complete else None
     row["discovery_recall"] = min(b["recall"] for b in bests) if complete else None
-    row["discovery_ok"] = None if not bests else complete and all(
-        b["purity"] >= GOALS["discovery_purity"] and b["recall"] >= GOALS["discovery_recall"] for b in bests)
+    row["discovery_ok"] = None if not bests else discovery_goal_met(bests)
     row["discovery_ok_without_decoys"] = None if not bests else complete and all(
         (b.get("purity_without_decoys") or 0.0) >= GOALS["discovery_purity"]
         and b["recall"] >= GOALS["discovery_recall"] for b in bests)
     return row
+
+
+def best_discovery_view(views: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """A behaviour's best view: the one whose weaker number (purity or recall) is highest; ``None`` without one."""
+    return max(views, key=lambda v: min(v["purity"], v["recall"])) if views else None
+
+
+def discovery_goal_met(bests: Sequence[dict[str, Any] | None]) -> bool:
+    """Whether every emerged behaviour's best view reaches the discovery goal's purity and recall."""
+    return bool(bests) and all(b is not None and b["purity"] >= GOALS["discovery_purity"]
+                               and b["recall"] >= GOALS["discovery_recall"] for b in bests)
 
 
 ORGANISM_STEPS = ("data", "tokenizer", "m0", "m1", "eval")

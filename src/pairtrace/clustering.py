@@ -133,17 +133,16 @@ def cluster_features(x: np.ndarray, method: str = "ward", n_clusters: int | None
         labels, criterion = np.ones(n, dtype=np.int64), "trivial"
     elif auto_k == "hdbscan":
         size = default_density_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
-        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
+        largest = _largest_cluster(size, max_cluster_fraction, n)
         labels, noise_share = density_labels(units, size, largest)
-        labels = cluster_noise(units, labels, size, max_cluster_fraction)
+        labels = cluster_noise(units, labels, size, largest)
         if labels.max() < 1:
             labels, criterion = np.ones(n, dtype=np.int64), "trivial"
         else:
             criterion = "hdbscan"
     elif auto_k == "stability":
         size = default_min_cluster_size(n) if min_cluster_size is None else min_cluster_size
-        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * n))
-        labels, total = compute_stability_cut(z, size, max_size=largest)
+        labels, total = compute_stability_cut(z, size, max_size=_largest_cluster(size, max_cluster_fraction, n))
         if labels.max() < 1:
             labels, criterion = np.ones(n, dtype=np.int64), "trivial"
         else:
@@ -210,8 +209,13 @@ def density_labels(units: np.ndarray, min_cluster_size: int,
     return labels, float(np.mean(labels == 0))
 
 
+def _largest_cluster(min_cluster_size: int, max_cluster_fraction: float | None, n: int) -> int | None:
+    """The largest cluster allowed among ``n`` items: the share rounded up, never below the smallest cluster."""
+    return None if max_cluster_fraction is None else max(min_cluster_size, math.ceil(max_cluster_fraction * n))
+
+
 def cluster_noise(units: np.ndarray, labels: np.ndarray, min_cluster_size: int,
-                  max_cluster_fraction: float | None = DEFAULT_MAX_CLUSTER_FRACTION) -> np.ndarray:
+                  max_cluster_size: int | None = None) -> np.ndarray:
     """Give HDBSCAN's noise items clusters of their own, by the stability cut of their Ward tree.
 
     Noise is not one group: it holds what is too sparse for HDBSCAN, planted groups among them (spread out by
@@ -224,7 +228,7 @@ def cluster_noise(units: np.ndarray, labels: np.ndarray, min_cluster_size: int,
         units: ``[n, f]`` unit features.
         labels: HDBSCAN's labels, ``1..K`` and 0 for noise.
         min_cluster_size: Smallest cluster among the noise items.
-        max_cluster_fraction: Largest cluster among them, as a share of all items (``None``: no limit).
+        max_cluster_size: Largest cluster among them (``None``: no limit).
 
     Returns:
         Labels ``1..K'``: the dense clusters keep their labels, the noise clusters follow; all 0 only when there
@@ -235,7 +239,7 @@ def cluster_noise(units: np.ndarray, labels: np.ndarray, min_cluster_size: int,
     out = labels.copy()
     if len(noise) >= size:
         tree = linkage(units[noise], method="ward", metric="euclidean")
-        largest = None if max_cluster_fraction is None else max(size, math.ceil(max_cluster_fraction * len(units)))
+        largest = None if max_cluster_size is None else max(size, max_cluster_size)
         own, _ = compute_stability_cut(tree, size, max_size=largest)  # [len(noise)], 0: in no group of that size
         out[noise[own > 0]] = own[own > 0] + labels.max()
     return _assign_to_nearest_centroid(units, out) if out.max() > 0 else out
