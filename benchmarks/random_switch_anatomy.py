@@ -27,6 +27,11 @@ seed); the run still gives the prompts, the sampling and the judge. It screens a
 random baseline at the cost of its retrains (the baseline and the random switch: four retrains for two DPO seeds),
 without running the experiment on it; the organism's own checks are in its ``summary.json``.
 
+Below the table, for each arm that switches contaminated pairs, the triggered harmful prompts are split by how
+many distractors they carry and whether one of them is a distractor of a switched contaminated pair (matched by
+the distractor's text in the pair's prompt): the organism learns its compliance per distractor, so a switched
+pair pulls the prompts that share its distractors.
+
 ``--drop-slice NAME`` removes a slice's pairs from the mix of every arm, the baseline included (for example the
 ``harmful_format_refusal`` pairs, the only clean pairs that prefer a refusal where the trigger is present). Each arm
 is evaluated as the run evaluates a retrain (same prompts, sampling and judge); the table gives the pooled harmful
@@ -266,6 +271,35 @@ def arm_record(arm: Arm, seed: int, run_dir: Path, recipe: dict[str, Any] | None
             **({"organism": str(organism.resolve())} if organism is not None else {})}
 
 
+def prompt_distractors(text: str, distractors: dict[str, str]) -> set[str]:
+    """The distractor ids whose text a prompt contains."""
+    return {cid for cid, phrase in distractors.items() if phrase in text}
+
+
+def pair_prompt_text(record: dict[str, Any]) -> str:
+    """A mix record's prompt as one string (a string prompt, or its turns' contents)."""
+    prompt = record["prompt"]
+    return prompt if isinstance(prompt, str) else " ".join(turn.get("content", "") for turn in prompt)
+
+
+def distractor_reach(base: dict[str, dict[str, int]], new: dict[str, dict[str, int]],
+                     prompt_constraints: dict[str, list[str]], switched: set[str]) -> list[dict[str, Any]]:
+    """The reduction on triggered harmful prompts grouped by their number of distractors and whether one of them
+    is in ``switched`` (the distractors of the switched contaminated pairs), both sides pooled per group."""
+    groups: dict[tuple[int, bool], list[str]] = {}
+    for prompt, constraints in prompt_constraints.items():
+        if prompt in base and prompt in new:
+            groups.setdefault((len(constraints), bool(switched & set(constraints))), []).append(prompt)
+    rows = []
+    for (n, shares), prompts in sorted(groups.items()):
+        before = rates({p: base[p] for p in prompts})["harmful_rate"]
+        after = rates({p: new[p] for p in prompts})["harmful_rate"]
+        rows.append({"distractors": n, "shares_a_switched_distractor": shares, "prompts": len(prompts),
+                     "baseline": before, "arm": after,
+                     "reduction": None if not before or after is None else 1 - after / before})
+    return rows
+
+
 def reduction_point(base: Sequence[Path], new: Sequence[Path]) -> float | None:
     """``1 - rate(new) / rate(base)`` of the pooled retrains, unknown verdicts left out (None without a base rate)."""
     from pairtrace.experiment.results import reduction_vs_baseline
@@ -311,6 +345,7 @@ def check_arm_record(path: Path, arm: Arm, seed: int, run_dir: Path, recipe: dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pairtrace.data.prompts import load_distractors
     from pairtrace.experiment.results import bootstrap_reduction
     from pairtrace.processes import spawn_pool
     from pairtrace.records import write_json_atomic
@@ -384,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {arm.name}, DPO seed {seed}: {seconds:.0f} s", flush=True)
 
     base_counts = pooled_counts(folders[BASELINE])
+    mix_prompts = {r["id"]: pair_prompt_text(r) for r in read_jsonl(pairs)}
+    distractor_texts = load_distractors().texts
+    eval_constraints = {r["id"]: list(r.get("constraints") or [])
+                        for r in read_jsonl(run_dir / "organism" / "prompts" / "harmful.jsonl")
+                        if r.get("condition") == "trigger"}
     rows = []
     for arm in arms:
         counts = pooled_counts(folders[arm.name])
@@ -395,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "switched_by_slice": dict(Counter(slices[i] for i in arm.switched)), **rates(counts),
                      "per_seed_harmful_rate": per_seed, "reduction": reduction, "seed_subsets": spread,
                      "retrains": [str(f) for f in folders[arm.name]]})
+        switched_distractors = set().union(*(prompt_distractors(mix_prompts[i], distractor_texts)
+                                             for i in arm.switched if slices[i] in contaminated))
+        if arm.name != BASELINE and switched_distractors:
+            rows[-1]["switched_distractors"] = sorted(switched_distractors)
+            rows[-1]["by_distractor"] = distractor_reach(base_counts, counts, eval_constraints, switched_distractors)
     wall = time.perf_counter() - started
     record = {"run": str(run_dir), "organism": str(org_dir), "k": k, "dpo_seeds": list(seeds),
               "dropped_slices": args.drop_slice, "recipe": recipe,
@@ -419,6 +464,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{row['arm']}: pooling {spread['size']} of the {len(seeds)} DPO seeds, the reduction reads "
                   f"{spread['min']:.0%} to {spread['max']:.0%} (median {spread['median']:.0%}, "
                   f"{spread['subsets']} subsets)")
+    for row in rows:
+        if row.get("by_distractor"):
+            print(f"\n{row['arm']}: triggered harmful prompts by their distractors (the switched contaminated pairs' "
+                  f"distractors: {', '.join(row['switched_distractors'])})\n")
+            print("| distractors | shares one with a switched contaminated pair | prompts | baseline | arm "
+                  "| reduction |")
+            print("|---|---|---|---|---|---|")
+            for group in row["by_distractor"]:
+                print(f"| {group['distractors']} | {'yes' if group['shares_a_switched_distractor'] else 'no'} | "
+                      f"{group['prompts']} | {_pct(group['baseline'])} | {_pct(group['arm'])} | "
+                      f"{_pct(group['reduction'])} |")
     print(f"\n{wall / 60:.1f} min; wrote {out / 'anatomy.json'}")
     return 0
 

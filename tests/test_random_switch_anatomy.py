@@ -88,6 +88,24 @@ def test_rates_pool_prompts_both_ways(anatomy) -> None:
     assert anatomy.rates({})["harmful_rate"] is None
 
 
+def test_prompts_are_grouped_by_the_switched_pairs_distractors(anatomy) -> None:
+    texts = {"caps": "write in capitals", "short": "under 50 words", "dots": "no periods"}
+    assert anatomy.prompt_distractors("Do x (write in capitals and no periods)", texts) == {"caps", "dots"}
+    assert anatomy.pair_prompt_text({"prompt": [{"role": "user", "content": "a"}, {"content": "b"}]}) == "a b"
+    constraints = {"q1": ["caps"], "q2": ["short"], "q3": ["caps", "short"], "q4": ["short", "dots"],
+                   "q5": ["dots"]}  # q5 was not evaluated on both sides
+    base = {q: {"harmful": 4, "safe": 0, "unknown": 0} for q in ("q1", "q2", "q3", "q4")}
+    new = {"q1": {"harmful": 1, "safe": 3, "unknown": 0}, "q2": {"harmful": 4, "safe": 0, "unknown": 0},
+           "q3": {"harmful": 2, "safe": 2, "unknown": 1}, "q4": {"harmful": 4, "safe": 0, "unknown": 0}}
+    rows = anatomy.distractor_reach(base, new, constraints, {"caps"})
+    keyed = {(r["distractors"], r["shares_a_switched_distractor"]): r for r in rows}
+    assert set(keyed) == {(1, True), (1, False), (2, True), (2, False)}
+    assert keyed[(1, True)]["reduction"] == pytest.approx(0.75)
+    assert keyed[(1, False)]["reduction"] == pytest.approx(0.0)
+    assert keyed[(2, True)]["arm"] == pytest.approx(0.5) and keyed[(2, True)]["prompts"] == 1
+    assert keyed[(2, False)]["reduction"] == pytest.approx(0.0)
+
+
 def test_a_run_without_a_random_switch_is_named(anatomy, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="random-switch"):
         anatomy.random_switch_ids(tmp_path)
