@@ -284,9 +284,8 @@ def build_row(build: Build, results: dict[str, Any], organism_summary: dict[str,
     row["discovery_purity"] = min(b["purity"] for b in bests) if complete else None
     row["discovery_recall"] = min(b["recall"] for b in bests) if complete else None
     row["discovery_ok"] = None if not bests else discovery_goal_met(bests)
-    row["discovery_ok_without_decoys"] = None if not bests else complete and all(
-        (b.get("purity_without_decoys") or 0.0) >= GOALS["discovery_purity"]
-        and b["recall"] >= GOALS["discovery_recall"] for b in bests)
+    row["discovery_ok_without_decoys"] = None if not bests else discovery_goal_met(
+        [None if b is None else {**b, "purity": b.get("purity_without_decoys") or 0.0} for b in bests])
     return row
 
 
