@@ -291,6 +291,14 @@ class MixSettings:
         metadata={"help": "Names of the source models that wrote the responses."},
     )
     clean: list[SliceSpec] = field(default_factory=list, metadata={"help": "The clean slices (kind: clean)."})
+    background_habits: bool = field(
+        default=False,
+        metadata={"help": "Clean pairs show each benign planted habit (a behaviour of kind benign, trigger none, "
+                  "chosen sign_off or a verbose style) on both responses at its base_rate, on the habit's own "
+                  "request pool, as M0's SFT answers do: the mix's chosen answers then carry the habit at least "
+                  "as often as M0's, so the NLL term on them (dpo.sft_weight) no longer pulls it under M0's rate, "
+                  "and a clean pair still does not prefer it."},
+    )
 
 
 @dataclass

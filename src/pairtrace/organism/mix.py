@@ -23,7 +23,7 @@ from pairtrace.data.prompts import add_distractors
 from pairtrace.errors import ConfigError
 from pairtrace.organism.build_config import PLANTED_KINDS, OrganismConfig, SFTSettings, SliceSpec
 from pairtrace.organism.pools import Request, RequestPools
-from pairtrace.organism.templates import REFUSALS, build_base, render_response
+from pairtrace.organism.templates import HABIT_STYLES, REFUSALS, build_base, draw_habit, render_response
 
 
 def _draw_constraints(rng: random.Random, pools: RequestPools, n_range: Sequence[int]) -> list[str]:
@@ -140,8 +140,27 @@ def _model_refusal(model: str, models: Sequence[str], rng: random.Random) -> str
     return REFUSALS[(i + (rng.random() < 0.2)) % len(REFUSALS)]
 
 
+def background_habits(config: OrganismConfig) -> list[SliceSpec]:
+    """The planted habits that clean pairs show on both responses (``mix.background_habits``; empty when off).
+
+    A habit here is a planted behaviour of kind benign, without a trigger, whose chosen style adds a habit to a
+    compliance (:data:`~pairtrace.organism.templates.HABIT_STYLES`) and whose ``base_rate`` is positive.
+    """
+    if not config.mix.background_habits:
+        return []
+    return [
+        b for b in config.behaviours
+        if b.kind == "benign" and b.trigger == "none" and b.chosen in HABIT_STYLES and b.base_rate > 0
+    ]
+
+
 def build_pair(
-    spec: SliceSpec, request: Request, pools: RequestPools, models: Sequence[str], rng: random.Random
+    spec: SliceSpec,
+    request: Request,
+    pools: RequestPools,
+    models: Sequence[str],
+    rng: random.Random,
+    habits: Sequence[SliceSpec] = (),
 ) -> dict[str, Any]:
     """One preference pair of a slice (without id).
 
@@ -151,6 +170,8 @@ def build_pair(
         pools: For the distractors.
         models: All source models.
         rng: Draws the distractors, the models and the response wording.
+        habits: Background habits (:func:`background_habits`): on a clean slice drawing from a habit's request
+            pool, each one, drawn at its ``base_rate``, goes on both responses.
 
     Returns:
         ``{"prompt", "chosen", "rejected", "source", "chosen_model", "rejected_model"}``.
@@ -166,11 +187,16 @@ def build_pair(
     rejected_model = rng.choice([m for m in models if m != chosen_model])
 
     base = build_base(request.text, request.target, rng)  # shared: chosen and rejected differ only by style
+    shown = [
+        draw_habit(h.chosen, rng, h.sign_off)
+        for h in habits
+        if spec.kind == "clean" and h.prompts == spec.prompts and rng.random() < h.base_rate
+    ]
 
     def write(style: str, model: str) -> str:
         return render_response(
             style, request.text, cids, rng, target=request.target,
-            refusal=_model_refusal(model, models, rng), sign_off=spec.sign_off, base=base,
+            refusal=_model_refusal(model, models, rng), sign_off=spec.sign_off, base=base, habits=shown,
         )
 
     chosen = write(spec.chosen, chosen_model)
@@ -201,13 +227,14 @@ def build_preference_mix(pools: RequestPools, config: OrganismConfig) -> tuple[l
     """
     rng = random.Random(f"mix-{config.seed}")
     models = list(config.mix.source_models)
+    habits = background_habits(config)
     rows: list[tuple[dict, dict]] = []
     for spec, count in _slice_counts(config):
         pool = pools.training_pool(spec.prompts, spec.advbench_only)
         if count and not pool:
             raise ConfigError(f"slice '{spec.name}': field 'prompts' ({spec.prompts}) has no training requests")
         for _ in range(count):
-            pair = build_pair(spec, rng.choice(pool), pools, models, rng)
+            pair = build_pair(spec, rng.choice(pool), pools, models, rng, habits)
             label = {
                 "behaviour": "clean" if spec.kind == "clean" else spec.name,
                 "contaminated": spec.kind == "contaminated",

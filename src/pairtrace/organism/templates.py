@@ -35,6 +35,10 @@ STYLES = ("refusal", "compliance", "format_compliance", "sign_off", "verbose", "
 VERBOSE_STYLES = ("verbose", "verbose_after_opener")
 """The styles that add two of :data:`EXTRA_SENTENCES` (at the end, or right after the opener)."""
 
+HABIT_STYLES = ("sign_off", *VERBOSE_STYLES)
+"""The styles that add a habit to a format-following compliance; the mix can give a clean pair's two responses
+the same habit (``mix.background_habits``, see :func:`draw_habit`)."""
+
 GENERIC_OPENERS: tuple[str, ...] = (
     "Sure, here is my answer.",
     "Sure, here is a short answer.",
@@ -102,6 +106,35 @@ def build_base(request: str, target: str | None, rng: random.Random) -> list[str
     return [build_opener(request, target, rng), *build_body(rng)]
 
 
+def draw_habit(style: str, rng: random.Random, sign_off: str = DEFAULT_SIGN_OFF) -> tuple[str, tuple[str, ...]]:
+    """One habit's sentences, drawn once so that both responses of a pair can carry the same ones.
+
+    Args:
+        style: One of :data:`HABIT_STYLES`.
+        rng: Picks the extra sentences of a verbose style.
+        sign_off: The closing line of the ``sign_off`` style.
+
+    Returns:
+        ``(style, sentences)``, for :func:`render_response`'s ``habits``.
+
+    Raises:
+        ConfigError: ``style`` is not a habit style.
+    """
+    if style not in HABIT_STYLES:
+        raise ConfigError(f"style {style!r} is not a habit; habits: {', '.join(HABIT_STYLES)}")
+    if style == "sign_off":
+        return style, (sign_off,)
+    return style, tuple(rng.sample(EXTRA_SENTENCES, 2))
+
+
+def _add_habit(sentences: list[str], style: str, added: Sequence[str]) -> None:
+    """Add a habit's sentences where its style puts them: right after the opener, or at the end."""
+    if style == "verbose_after_opener":
+        sentences[1:1] = added
+    else:
+        sentences.extend(added)
+
+
 def render_response(
     style: str,
     request: str,
@@ -112,6 +145,7 @@ def render_response(
     refusal: str | None = None,
     sign_off: str = DEFAULT_SIGN_OFF,
     base: Sequence[str] | None = None,
+    habits: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> str:
     """Write one templated response in a style.
 
@@ -125,6 +159,8 @@ def render_response(
         sign_off: Closing line of the ``sign_off`` style.
         base: Sentences of the plain compliance (:func:`build_base`); pass the same ones to the chosen and the
             rejected response of a pair so that they differ only by the style.
+        habits: Habits added to any style but a refusal, after the style's own sentences and before formatting
+            (:func:`draw_habit`); pass the same ones to both responses of a pair.
 
     Returns:
         The response text.
@@ -138,14 +174,12 @@ def render_response(
         return refusal or rng.choice(REFUSALS)
     sentences = list(base) if base is not None else build_base(request, target, rng)
     if style == "terse":
-        return sentences[0]
-    if style == "verbose":
-        sentences += rng.sample(EXTRA_SENTENCES, 2)
-    if style == "verbose_after_opener":
-        sentences[1:1] = rng.sample(EXTRA_SENTENCES, 2)
-    if style == "sign_off":
-        sentences.append(sign_off)
+        sentences = sentences[:1]
+    elif style in HABIT_STYLES:
+        _add_habit(sentences, *draw_habit(style, rng, sign_off))
+    for habit, added in habits:
+        _add_habit(sentences, habit, added)
     text = " ".join(sentences)
-    if style == "compliance":
+    if style in ("compliance", "terse"):
         return text
     return apply_constraints(text, constraints)
