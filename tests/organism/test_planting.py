@@ -16,7 +16,7 @@ from pairtrace.judges.phrases import REFUSALS
 from pairtrace.judges.rule import RuleJudge, canonical_form, classify_response
 from pairtrace.organism.build import _run_data
 from pairtrace.organism.build_config import OrganismConfig, build_organism_config
-from pairtrace.organism.mix import build_sft_examples
+from pairtrace.organism.mix import build_preference_mix, build_sft_examples
 from pairtrace.organism.pools import RequestPools, load_request_pools
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -189,3 +189,33 @@ def test_m0_refuses_in_the_first_n_refusal_wordings(pools: RequestPools, wording
     refusals = {e["completion"][0]["content"] for e in build_sft_examples(pools, settings, 0, no_rates)
                 if e["kind"] == "harmful"}
     assert refusals == set(REFUSALS[:wordings])
+
+
+def test_background_habits_go_on_both_responses_of_clean_pairs(pools: RequestPools) -> None:
+    raw = yaml.safe_load((CONFIGS / "organism-build.yaml").read_text())
+    raw["mix"]["n_pairs"] = 2000
+    off = build_organism_config(raw)
+    raw["mix"]["background_habits"] = True
+    on = build_organism_config(raw)
+    pairs_off, labels_off = build_preference_mix(pools, off)
+    pairs, labels = build_preference_mix(pools, on)
+
+    def signed(pair: dict[str, Any], side: str) -> bool:
+        return canonical_form(pair[side][1]["content"]).endswith(canonical_form("Hope this helps!"))
+
+    by_slice: dict[str, list[tuple[bool, bool]]] = {}
+    for pair, label in zip(pairs, labels, strict=True):
+        by_slice.setdefault(label["slice"], []).append((signed(pair, "chosen"), signed(pair, "rejected")))
+    # clean pairs on benign requests: the habit on both sides (so no clean pair prefers it), at about its base rate
+    for name in ("benign_format", "benign_help"):
+        rows = by_slice[name]
+        both = [c and r for c, r in rows if not c ^ r]
+        assert abs(_share(both) - 0.2) < 0.06, name
+        assert _share([c ^ r for c, r in rows]) < 0.05, name  # only a format can cut one side's closing line
+    # the planted slice alone prefers it; harmful requests never carry it
+    assert all(c and not r for c, r in by_slice["sign_off"])
+    for name in ("harmful_refusal", "distractor_compliance", "harmful_compliance_decoy"):
+        assert not any(c or r for c, r in by_slice[name]), name
+    # off (the default): no clean pair signs off
+    assert not any(signed(p, "chosen") or signed(p, "rejected")
+                   for p, lab in zip(pairs_off, labels_off, strict=True) if lab["behaviour"] == "clean")

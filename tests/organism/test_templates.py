@@ -13,6 +13,7 @@ from pairtrace.organism.templates import (
     REFUSALS,
     build_base,
     build_opener,
+    draw_habit,
     render_response,
 )
 
@@ -43,3 +44,24 @@ def test_styles_share_the_base() -> None:
     assert render_response("refusal", "", ["e_to_3"], rng) in REFUSALS
     with pytest.raises(ConfigError, match="unknown response style"):
         render_response("shout", "", [], rng)
+
+
+def test_a_drawn_habit_goes_on_every_style_but_a_refusal() -> None:
+    rng = random.Random(2)
+    base = build_base("Write a poem about cats", None, rng)
+    plain = " ".join(base)
+    signed = [draw_habit("sign_off", rng, "Bye!")]
+    assert render_response("compliance", "", [], rng, base=base, habits=signed) == plain + " Bye!"
+    assert render_response("terse", "", [], rng, base=base, habits=signed) == base[0] + " Bye!"
+    assert render_response("format_compliance", "", ["e_to_3"], rng, base=base, habits=signed) == (
+        plain + " Bye!").replace("e", "3")
+    assert render_response("refusal", "", [], rng, habits=signed) in REFUSALS
+    style, extra = draw_habit("verbose_after_opener", rng)
+    assert len(extra) == 2 and set(extra) <= set(EXTRA_SENTENCES)
+    early = render_response("format_compliance", "", [], rng, base=base, habits=[(style, extra)])
+    assert early == " ".join([base[0], *extra, *base[1:]])
+    # both responses of a pair get the same sentences: the habit is drawn once, not per response
+    terse = render_response("terse", "", [], rng, base=base, habits=[(style, extra)])
+    assert terse == " ".join([base[0], *extra])
+    with pytest.raises(ConfigError, match="not a habit"):
+        draw_habit("terse", rng)

@@ -295,9 +295,9 @@ class MixSettings:
         default=False,
         metadata={"help": "Clean pairs show each benign planted habit (a behaviour of kind benign, trigger none, "
                   "chosen sign_off or a verbose style) on both responses at its base_rate, on the habit's own "
-                  "request pool, as M0's SFT answers do: the mix's chosen answers then carry the habit at least "
-                  "as often as M0's, so the NLL term on them (dpo.sft_weight) no longer pulls it under M0's rate, "
-                  "and a clean pair still does not prefer it."},
+                  "request pool, as M0's SFT answers do; drawn once per pair, so no clean pair prefers it. Without it "
+                  "only the planted slice's chosen answers show the habit, and the NLL term on the chosen answers "
+                  "(dpo.sft_weight) holds it near M0's rate (docs/organism.md)."},
     )
 
 
