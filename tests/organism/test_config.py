@@ -77,7 +77,7 @@ def _raw() -> dict:
         (lambda r: r["sft"].update(refusal_wordings=5), "sft.refusal_wordings"),
         (lambda r: r["behaviours"][0].update(n_distractors=[3, 1]), "n_distractors"),
         (lambda r: r.update(behaviours=[r["behaviours"][1]]), "contaminated"),
-        (lambda r: r["dpo"].update(loss_type="hinge"), "loss_type"),
+        (lambda r: r["dpo"].update(loss_type="kto"), "loss_type"),
         (lambda r: r["mix"].update(clean=[]), "clean slice"),
         (lambda r: r["dpo"].update(learning_rate="fast"), r"organism config\.dpo\.learning_rate: expected a number"),
         (lambda r: r["mix"].update(n_pairs=1200.5), r"organism config\.mix\.n_pairs: expected an integer"),

@@ -53,7 +53,8 @@ def test_bad_records_name_line_and_field(tmp_path: Path, record: dict, message: 
 def test_recipe_validation() -> None:
     assert DPORecipe(loss_type="dpo_norm").loss_type == "dpo_norm" and DPORecipe(loss_type="ipo").loss_type == "ipo"
     assert DPORecipe(loss_type="robust", label_smoothing=0.15).label_smoothing == 0.15
-    for bad in ({"loss_type": "hinge"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}, {"label_smoothing": 0.5},
+    assert DPORecipe(loss_type="hinge").loss_type == "hinge"
+    for bad in ({"loss_type": "kto"}, {"beta": 0}, {"batch_size": 0}, {"sft_weight": -1}, {"label_smoothing": 0.5},
                 {"label_smoothing": -0.1}, {"label_smoothing": 0.1}):
         with pytest.raises(ConfigError):
             DPORecipe(**bad)
@@ -86,8 +87,12 @@ def test_retrain_is_deterministic_for_a_seed(small_organism, tmp_path: Path) -> 
     train_dpo(out / "m0", pairs, tmp_path / "s", DPORecipe(batch_size=16, beta=2.0), progress=False)
     train_dpo(out / "m0", pairs, tmp_path / "r", DPORecipe(loss_type="robust", label_smoothing=0.2, batch_size=16,
                                                            beta=2.0), progress=False)
-    n, i, sig, rob = (load_file(tmp_path / d / "model.safetensors") for d in "nisr")
+    hinge = train_dpo(out / "m0", pairs, tmp_path / "h", DPORecipe(loss_type="hinge", batch_size=16, beta=2.0),
+                      progress=False)
+    assert hinge["recipe"]["loss_type"] == "hinge" and hinge["steps"] == 3
+    n, i, sig, rob, hin = (load_file(tmp_path / d / "model.safetensors") for d in "nisrh")
     assert any(not (n[k] == i[k]).all() for k in n)  # another loss, another model
+    assert any(not (sig[k] == hin[k]).all() for k in sig)
     assert any(not (sig[k] == rob[k]).all() for k in sig)  # label smoothing reaches the loss
 
 

@@ -34,7 +34,7 @@ COMMAND_PLACEHOLDERS = {
     "batch_size": "pairs per optimisation step (the global batch)",
     "epochs": "passes over the pairs",
     "max_length": "longest prompt + response, in tokens",
-    "loss_type": "the recipe's loss: sigmoid, dpo_norm, ipo or robust",
+    "loss_type": "the recipe's loss: sigmoid, dpo_norm, ipo, robust or hinge",
     "label_smoothing": "the robust loss's share of flipped labels",
     "sft_weight": "weight of the added NLL loss on chosen responses",
     "num_processes": "the num_processes option (1 when unset)",

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 from pairtrace.options import OptionError
 
-LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo", "robust": "robust"}
+LOSS_TYPES = {"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo", "robust": "robust", "hinge": "hinge"}
 """Recipe loss name -> TRL loss type. ``dpo_norm`` is TRL's ``sigmoid_norm``: the DPO loss on the *average*
 per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3's ``dpo_norm``). ``ipo`` is IPO
 (Azar et al.): the squared distance of the per-token log-ratio margin from ``1 / (2 beta)``. ``robust`` is rDPO
-(Chowdhury et al.): the DPO loss made unbiased for labels flipped at the rate ``label_smoothing``."""
+(Chowdhury et al.): the DPO loss made unbiased for labels flipped at the rate ``label_smoothing``. ``hinge`` is
+SLiC's hinge loss (Zhao et al.): ``max(0, 1 - beta * margin)``, so a pair stops teaching once ``beta`` times its
+log-ratio margin reaches 1, while a pair the model gets wrong pulls with the same constant weight."""
 
 
 @dataclass
@@ -20,7 +22,7 @@ class DPORecipe:
     loss_type: str = field(
         default="sigmoid",
         metadata={"help": "sigmoid (standard DPO), dpo_norm (length-normalised log-ratios, TRL sigmoid_norm), ipo "
-                  "(IPO) or robust (rDPO, with label_smoothing)."},
+                  "(IPO), robust (rDPO, with label_smoothing) or hinge (SLiC: max(0, 1 - beta * margin))."},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta (deviation penalty from the reference)."})
     label_smoothing: float = field(
