@@ -170,8 +170,8 @@ def build_pair(
         pools: For the distractors.
         models: All source models.
         rng: Draws the distractors, the models and the response wording.
-        habits: Background habits (:func:`background_habits`): on a clean slice drawing from a habit's request
-            pool, each one, drawn at its ``base_rate``, goes on both responses.
+        habits: Background habits (:func:`background_habits`; pass them for clean slices only): each one whose
+            request pool is the slice's goes, drawn at its ``base_rate``, on both responses.
 
     Returns:
         ``{"prompt", "chosen", "rejected", "source", "chosen_model", "rejected_model"}``.
@@ -190,7 +190,7 @@ def build_pair(
     shown = [
         draw_habit(h.chosen, rng, h.sign_off)
         for h in habits
-        if spec.kind == "clean" and h.prompts == spec.prompts and rng.random() < h.base_rate
+        if h.prompts == spec.prompts and rng.random() < h.base_rate
     ]
 
     def write(style: str, model: str) -> str:
@@ -234,7 +234,7 @@ def build_preference_mix(pools: RequestPools, config: OrganismConfig) -> tuple[l
         if count and not pool:
             raise ConfigError(f"slice '{spec.name}': field 'prompts' ({spec.prompts}) has no training requests")
         for _ in range(count):
-            pair = build_pair(spec, rng.choice(pool), pools, models, rng, habits)
+            pair = build_pair(spec, rng.choice(pool), pools, models, rng, habits if spec.kind == "clean" else ())
             label = {
                 "behaviour": "clean" if spec.kind == "clean" else spec.name,
                 "contaminated": spec.kind == "contaminated",
