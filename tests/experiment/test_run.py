@@ -53,6 +53,34 @@ def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
     assert not any(e.method == "sources" for e in build_plan(load_run_config(path), 1200, ()).experiments)
 
 
+def test_seeded_methods_repeat_only_their_headline_retrains_over_the_seeds(tmp_path):
+    import pytest
+    import yaml
+
+    from pairtrace.errors import ConfigError
+    from pairtrace.experiment.plan import build_plan
+    from pairtrace.experiment.run_config import load_run_config
+
+    config = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
+    config["organism"] = str(CONFIGS / "organism-build.yaml")
+    config["validation"].update(headline_methods=["probe", "gradient", "random"], sweep_methods=["probe"],
+                                sweep_fractions=[0.02, 0.08], seeded_methods=["probe", "random"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    names = [u.name for u in build_plan(load_run_config(path), n_pairs=1200, source_models=("m",)).units]
+    # baseline and probe / random at k = 96 on seeds 0-2; gradient at k = 96, the sweep and the ablation on seed 0
+    assert len(names) == 3 + 2 * 2 * 3 + 2 + 2 + 1
+    assert {"probe-switch-k96-seed2", "random-filter-k96-seed1", "gradient-switch-k96"} <= set(names)
+    assert not any(n.startswith("gradient-") and "-seed" in n for n in names)
+    config["validation"]["seed_scope"] = "all"  # 'all' repeats every retrain, whatever the list says
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert len(build_plan(load_run_config(path), n_pairs=1200, source_models=("m",)).units) == 3 * 10
+    config["validation"].update(seed_scope="headline", seeded_methods=["probe", "lesss"])
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"seeded_methods.*lesss"):
+        build_plan(load_run_config(path), n_pairs=1200)
+
+
 def test_render_tables_marks_missing_numbers_and_reductions():
     base = {"harmful": {"rate": 0.5, "ci": [0.4, 0.6]}, "harmful_no_trigger": None, "benign_helpfulness": None,
             "format_following": None, "over_refusal": None}

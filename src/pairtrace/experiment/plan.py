@@ -103,8 +103,8 @@ def check_method_names(config: RunConfig) -> None:
     from pairtrace.experiment.rankers import RANKERS
 
     for section, key in (("attribution", "methods"), ("validation", "headline_methods"),
-                         ("validation", "sweep_methods")):
-        bad = sorted(set(getattr(getattr(config, section), key)) - set(RANKERS))
+                         ("validation", "sweep_methods"), ("validation", "seeded_methods")):
+        bad = sorted(set(getattr(getattr(config, section), key) or ()) - set(RANKERS))
         if bad:
             raise ConfigError(f"run config: {section}.{key} has unknown method(s) {bad}; known: {sorted(RANKERS)}")
     bad = sorted(set(config.validation.actions) - set(ACTIONS))
@@ -165,7 +165,9 @@ def build_plan(config: RunConfig, n_pairs: int | None = None,
         raise ConfigError(f"run config: validation.retrain_seeds: {exc}") from exc
     units = []
     for exp in experiments:
-        repeated = v.seed_scope == "all" or exp.is_baseline or (exp.k == headline and exp.method != "sources")
+        seeded = exp.k == headline and exp.method != "sources" and (
+            v.seeded_methods is None or exp.method in v.seeded_methods)
+        repeated = v.seed_scope == "all" or exp.is_baseline or seeded
         own = seeds if repeated else seeds[:1]
         units += [RetrainUnit(exp, seed, own) for seed in own]
     return Plan(headline_k=headline, k_values=tuple(k_values), experiments=tuple(experiments), units=tuple(units),

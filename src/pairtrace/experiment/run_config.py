@@ -189,6 +189,11 @@ class ValidationSection:
         metadata={"help": "Which retrains run on every seed of retrain_seeds: 'headline' (the baseline and the "
                   "headline k) or 'all' (also the rest of the k sweep and the source ablation)."},
     )
+    seeded_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "With seed_scope 'headline': the methods whose headline-k retrains run on every seed of "
+                  "retrain_seeds (None: every headline method); the other methods' run once, on the first seed."},
+    )
     parallel_retrains: int | None = field(
         default=None,
         metadata={"help": "Retrains run at once in worker processes (default: one per CPU core without a GPU, "
