@@ -139,8 +139,11 @@ def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_b
     recipe's batch size); by default it is this process's batch x gradient accumulation (one process).
     """
     import torch
+    from accelerate.utils import is_peft_model
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
+
+    from pairtrace.retrain.dense_head import add_dense_lm_head, use_dense_lm_head
 
     missing = [hook for hook in TRAINER_HOOKS if not callable(getattr(DPOTrainer, hook, None))]
     if missing:
@@ -150,6 +153,14 @@ def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_b
                           f"and reference cache need trl {TESTED_TRL} (pip install 'trl~={TESTED_TRL}')")
 
     class PairtraceDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # On a CPU, a dense LM head instead of TRL's tiled one (pairtrace.retrain.dense_head)
+            metrics = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
+            for model, outputs in ((self.model, metrics), (self.ref_model, ())):
+                if model is not None and not is_peft_model(model) and use_dense_lm_head(model):
+                    add_dense_lm_head(model, outputs)
+
         def _get_train_sampler(self, train_dataset=None):
             if not group_by_length:
                 return super()._get_train_sampler(train_dataset)
