@@ -3,7 +3,8 @@
 TRL's ``DPOTrainer`` scores tokens through a fused LM head that projects in tiles and folds them into running
 log-sum-exp statistics (built for a GPU with Triton and a large vocabulary); on a CPU pairtrace swaps in a dense head
 (``src/pairtrace/retrain/dense_head.py``): one matrix product and one ``log_softmax`` over the labelled positions.
-This script trains the same DPO recipe from the same M0 on the same pairs with each head, alternating them
+This script trains the same DPO recipe from the same M0 on the same pairs with each head (``dpo.lm_head`` dense and
+fused), alternating them
 ``--repeats`` times, and prints the training seconds of each (the median), their ratio, and how far the two runs end
 apart (training loss, largest weight difference). Run::
 
@@ -26,18 +27,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def train_once(organism: Path, pairs: Path, out: Path, dense: bool) -> tuple[float, dict]:
     """One DPO run with the organism's recipe; returns (seconds, summary). ``dense`` picks the LM head."""
-    from pairtrace.organism.build_config import load_organism_config
-    from pairtrace.retrain import dense_head, trl_dpo
+    from dataclasses import replace
 
-    recipe = load_organism_config(organism / "config.resolved.yaml").dpo
-    original = dense_head.use_dense_lm_head
-    dense_head.use_dense_lm_head = original if dense else (lambda model: False)
-    try:
-        start = time.perf_counter()
-        summary = trl_dpo.train_dpo(organism / "m0", pairs, out, recipe, progress=False)
-        return time.perf_counter() - start, summary
-    finally:
-        dense_head.use_dense_lm_head = original
+    from pairtrace.organism.build_config import load_organism_config
+    from pairtrace.retrain.trl_dpo import train_dpo
+
+    recipe = replace(load_organism_config(organism / "config.resolved.yaml").dpo, lm_head="dense" if dense else "fused")
+    start = time.perf_counter()
+    summary = train_dpo(organism / "m0", pairs, out, recipe, progress=False)
+    return time.perf_counter() - start, summary
 
 
 def max_weight_difference(a: Path, b: Path) -> float:

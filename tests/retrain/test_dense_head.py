@@ -51,10 +51,15 @@ def test_dense_head_gives_the_fused_heads_outputs_and_gradient(tmp_path: Path) -
 
 
 def test_dense_head_only_where_it_applies(tmp_path: Path) -> None:
+    from pairtrace.errors import ConfigError
+
     model = build_tiny_olmo2(tmp_path / "m", n_layers=1, hidden=32, vocab_size=300)
-    assert use_dense_lm_head(model)  # CPU, small vocabulary, plain logits
+    assert use_dense_lm_head(model) and use_dense_lm_head(model, "dense")  # CPU, small vocabulary, plain logits
+    assert not use_dense_lm_head(model, "fused")
     model.config.final_logit_softcapping = 30.0
     assert not use_dense_lm_head(model)
+    with pytest.raises(ConfigError, match="lm_head: dense"):
+        use_dense_lm_head(model, "dense")
     model.config.final_logit_softcapping = None
     model.config.logit_scale = 0.5
     assert not use_dense_lm_head(model)
@@ -62,7 +67,7 @@ def test_dense_head_only_where_it_applies(tmp_path: Path) -> None:
     original = dense_head.DENSE_MAX_VOCAB
     try:
         dense_head.DENSE_MAX_VOCAB = 299
-        assert not use_dense_lm_head(model)
+        assert not use_dense_lm_head(model) and use_dense_lm_head(model, "dense")
     finally:
         dense_head.DENSE_MAX_VOCAB = original
 
@@ -72,6 +77,7 @@ def test_dpo_through_either_head_ends_at_the_same_loss(tmp_path: Path, monkeypat
 
     from tests.testing_utils import build_tiny_model_dir
 
+    from pairtrace.options import OptionError
     from pairtrace.retrain.recipe import DPORecipe
     from pairtrace.retrain.trl_dpo import train_dpo
 
@@ -79,14 +85,15 @@ def test_dpo_through_either_head_ends_at_the_same_loss(tmp_path: Path, monkeypat
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i} is yes.",
                                          "rejected": "No."}) + "\n" for i in range(12)))
-    recipe = DPORecipe(batch_size=4, epochs=1, seed=0)
     patched = []
     real = dense_head.add_dense_lm_head
     monkeypatch.setattr(dense_head, "add_dense_lm_head", lambda *a, **k: (patched.append(1), real(*a, **k)))
-    dense = train_dpo(m0, pairs, tmp_path / "dense", recipe, progress=False)
-    assert patched  # the CPU run took the dense head
-    monkeypatch.setattr(dense_head, "use_dense_lm_head", lambda model: False)
+    dense = train_dpo(m0, pairs, tmp_path / "dense", DPORecipe(batch_size=4, epochs=1, seed=0), progress=False)
+    assert patched  # on a CPU, auto takes the dense head
     patched.clear()
+    recipe = DPORecipe(batch_size=4, epochs=1, seed=0, lm_head="fused")
     fused = train_dpo(m0, pairs, tmp_path / "fused", recipe, progress=False)
     assert not patched and fused["steps"] == dense["steps"] == 3
     assert dense["train_loss"] == pytest.approx(fused["train_loss"], rel=1e-5)
+    with pytest.raises(OptionError, match="lm_head"):
+        DPORecipe(lm_head="tiled")

@@ -142,7 +142,8 @@ def run_worker(request: dict[str, Any]) -> dict[str, Any] | None:
         model = AutoModelForCausalLM.from_pretrained(str(m0_dir), dtype=torch.float32)
         ref_cache_dir = request.get("ref_cache_dir")
         cache = _reference_cache(m0_dir, tokenizer, recipe, ref_cache_dir, writable=rank == 0)
-        trainer = _trainer_class(recipe.group_by_length, cache, global_batch=recipe.batch_size)(
+        trainer = _trainer_class(recipe.group_by_length, cache, global_batch=recipe.batch_size,
+                                 lm_head=recipe.lm_head)(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         )
         result = trainer.train()

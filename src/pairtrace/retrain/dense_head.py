@@ -7,7 +7,8 @@ Triton that saves memory at a large vocabulary. Without Triton it runs the same 
 every position, prompt tokens included; for the organism's 2,048-token vocabulary that made up most of a DPO step
 on the CPU (``benchmarks/dpo_lm_head.py``). The dense head below scores only the positions with a label, in one
 matrix product and one ``log_softmax``, and returns the same ``FusedCausalLMOutput`` fields, so the trainer's loss and
-metrics read it unchanged. :func:`use_dense_lm_head` decides where it applies; everywhere else TRL's head stays.
+metrics read it unchanged. The recipe's ``lm_head`` picks the head (:func:`use_dense_lm_head`); by default the dense
+one where it applies and TRL's everywhere else.
 """
 
 from __future__ import annotations
@@ -15,22 +16,43 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from pairtrace.errors import ConfigError
+
 DENSE_MAX_VOCAB = 65_536
 """Largest vocabulary the dense head takes: its logits are ``[tokens with a label, vocab]`` float32 values."""
 
 
-def use_dense_lm_head(model: Any) -> bool:
-    """Whether ``model`` trains with the dense head: on a device TRL's fused head serves without Triton (the CPU),
-    with a vocabulary of at most :data:`DENSE_MAX_VOCAB` and plain logits (no soft-capping, scaling or bias)."""
-    from trl.kernels.chunked_logprob import _use_triton
-
+def has_plain_logits(model: Any) -> bool:
+    """Whether ``model``'s logits are its last hidden state times the output embedding: no bias, soft-capping or
+    scaling (the only logits the dense head computes)."""
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
     scaled = any(getattr(config, name, None) not in (None, 1.0)
                  for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    return (head is not None and not _use_triton(head.weight.device) and head.bias is None
-            and head.weight.shape[0] <= DENSE_MAX_VOCAB and not scaled
+    return (head is not None and head.bias is None and not scaled
             and getattr(config, "final_logit_softcapping", None) is None)
+
+
+def use_dense_lm_head(model: Any, lm_head: str = "auto") -> bool:
+    """Whether ``model`` trains with the dense head under the recipe's ``lm_head``: ``dense`` always (plain logits
+    required), ``fused`` never, ``auto`` on a device TRL's fused head serves without Triton (the CPU), with a
+    vocabulary of at most :data:`DENSE_MAX_VOCAB` and plain logits.
+
+    Raises:
+        ConfigError: ``dense`` asked for a model whose logits are biased, soft-capped or scaled.
+    """
+    from trl.kernels.chunked_logprob import _use_triton
+
+    if lm_head == "fused":
+        return False
+    plain = has_plain_logits(model)
+    if lm_head == "dense":
+        if not plain:
+            raise ConfigError("dpo.lm_head: dense computes plain logits only; this model's are biased, soft-capped "
+                              "or scaled (use lm_head: fused or auto)")
+        return True
+    head = model.get_output_embeddings()
+    return plain and not _use_triton(head.weight.device) and head.weight.shape[0] <= DENSE_MAX_VOCAB
 
 
 def add_dense_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> None:

@@ -14,6 +14,10 @@ per-token log-ratio of each response (length-normalised, as in OLMo 2 / Tülu 3'
 SLiC's hinge loss (Zhao et al.): ``max(0, 1 - beta * margin)``, so a pair stops teaching once ``beta`` times its
 log-ratio margin reaches 1, while a pair the model gets wrong pulls with the same constant weight."""
 
+LM_HEADS = ("auto", "dense", "fused")
+"""How DPO scores tokens: pairtrace's dense LM head, TRL's fused one, or the dense one where it applies
+(:mod:`pairtrace.retrain.dense_head`)."""
+
 
 @dataclass
 class DPORecipe:
@@ -53,6 +57,13 @@ class DPORecipe:
         metadata={"help": "CPU threads for torch during training (None keeps the process setting; 1 is fastest on "
                   "a busy shared CPU)."},
     )
+    lm_head: str = field(
+        default="auto",
+        metadata={"help": "How training scores tokens: dense (one log_softmax over the labelled positions, fastest "
+                  "on a CPU), fused (TRL's tiled head, which never holds the [tokens, vocabulary] logits: for a GPU "
+                  "and large vocabularies) or auto (dense on a CPU for vocabularies up to 65,536 tokens and plain "
+                  "logits, else fused)."},
+    )
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -63,6 +74,8 @@ class DPORecipe:
         if self.label_smoothing and self.loss_type != "robust":
             raise OptionError(f"{{label_smoothing}} is an option of loss_type robust; the {self.loss_type} loss would "
                               "ignore it", "label_smoothing")
+        if self.lm_head not in LM_HEADS:
+            raise OptionError(f"{{lm_head}}: {self.lm_head!r} is not one of {list(LM_HEADS)}", "lm_head")
         if self.sft_weight < 0:
             raise OptionError(f"{{sft_weight}} must be >= 0, got {self.sft_weight}", "sft_weight")
         for name in ("batch_size", "epochs", "learning_rate", "beta"):

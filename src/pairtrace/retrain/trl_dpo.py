@@ -132,8 +132,10 @@ TRAINER_HOOKS = ("_get_train_sampler", "_precompute_ref_logps")
 """``DPOTrainer`` methods overridden below: private to trl, so checked before use."""
 
 
-def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_batch: int | None = None):
-    """``DPOTrainer`` with a length-grouped training sampler and a reference log-probability cache (each optional).
+def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_batch: int | None = None,
+                   lm_head: str = "auto"):
+    """``DPOTrainer`` with a length-grouped training sampler and a reference log-probability cache (each optional),
+    scoring tokens through the LM head the recipe's ``lm_head`` picks.
 
     ``global_batch`` is the sampler's group size when several processes share each optimisation step (the
     recipe's batch size); by default it is this process's batch x gradient accumulation (one process).
@@ -158,7 +160,7 @@ def _trainer_class(group_by_length: bool, cache: ReferenceCache | None, global_b
             # On a CPU, a dense LM head instead of TRL's tiled one (pairtrace.retrain.dense_head)
             metrics = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
             for model, outputs in ((self.model, metrics), (self.ref_model, ())):
-                if model is not None and not is_peft_model(model) and use_dense_lm_head(model):
+                if model is not None and not is_peft_model(model) and use_dense_lm_head(model, lm_head):
                     add_dense_lm_head(model, outputs)
 
         def _get_train_sampler(self, train_dataset=None):
@@ -328,7 +330,7 @@ def _run_dpo(
     if recipe.group_by_length:
         examples = sort_by_length(examples)
     with tempfile.TemporaryDirectory(prefix="pairtrace-dpo-") as tmp:
-        trainer = _trainer_class(recipe.group_by_length, cache)(
+        trainer = _trainer_class(recipe.group_by_length, cache, lm_head=recipe.lm_head)(
             model=model, args=_dpo_config(recipe, tmp, progress), train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
         )  # the reference pass runs here
