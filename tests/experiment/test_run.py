@@ -14,8 +14,9 @@ def test_dry_run_of_the_default_config_plans_the_paper_comparison():
     plan = plan_experiment(CONFIGS / "organism.yaml")
     assert plan["inputs"]["organism"] is True
     assert "baseline" in plan["retrains"] and any(r.startswith("gradient-switch") for r in plan["retrains"])
-    # the baseline and the 10 headline retrains run once per DPO seed; the sweep and the source ablation once
-    assert plan["retrain_seeds"] == [0, 1, 2] and plan["n_retrains"] == len(plan["retrains"]) + 2 * 11
+    # the baseline and the seeded methods' 4 headline retrains run once per DPO seed; bank, gradient, judge, the
+    # sweep and the source ablation once
+    assert plan["retrain_seeds"] == [0, 1, 2] and plan["n_retrains"] == len(plan["retrains"]) + 2 * 5 == 26
 
 
 def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
@@ -26,6 +27,7 @@ def test_seed_scope_decides_which_retrains_repeat_over_the_seeds(tmp_path):
 
     config = yaml.safe_load((CONFIGS / "organism.yaml").read_text(encoding="utf-8"))
     config["organism"] = str(CONFIGS / "organism-build.yaml")
+    config["validation"]["seeded_methods"] = None  # every headline method
     for scope, seeded in (("headline", 11), ("all", 16)):
         config["validation"]["seed_scope"] = scope
         path = tmp_path / f"{scope}.yaml"

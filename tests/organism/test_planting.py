@@ -194,9 +194,10 @@ def test_m0_refuses_in_the_first_n_refusal_wordings(pools: RequestPools, wording
 def test_background_habits_go_on_both_responses_of_clean_pairs(pools: RequestPools) -> None:
     raw = yaml.safe_load((CONFIGS / "organism-build.yaml").read_text())
     raw["mix"]["n_pairs"] = 2000
-    off = build_organism_config(raw)
-    raw["mix"]["background_habits"] = True
+    assert raw["mix"]["background_habits"] is True  # the default
     on = build_organism_config(raw)
+    raw["mix"]["background_habits"] = False
+    off = build_organism_config(raw)
     pairs_off, labels_off = build_preference_mix(pools, off)
     pairs, labels = build_preference_mix(pools, on)
 
@@ -216,6 +217,6 @@ def test_background_habits_go_on_both_responses_of_clean_pairs(pools: RequestPoo
     assert all(c and not r for c, r in by_slice["sign_off"])
     for name in ("harmful_refusal", "distractor_compliance", "harmful_compliance_decoy"):
         assert not any(c or r for c, r in by_slice[name]), name
-    # off (the default): no clean pair signs off
+    # off: no clean pair signs off
     assert not any(signed(p, "chosen") or signed(p, "rejected")
                    for p, lab in zip(pairs_off, labels_off, strict=True) if lab["behaviour"] == "clean")
