@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.testing_utils import build_tiny_olmo2
 from trl.trainer.utils import add_fused_lm_head
 
 from pairtrace.retrain import dense_head
 from pairtrace.retrain.dense_head import add_dense_lm_head, use_dense_lm_head
+from testing_utils import build_tiny_olmo2
 
 OUTPUTS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
@@ -75,11 +75,10 @@ def test_dense_head_only_where_it_applies(tmp_path: Path) -> None:
 def test_dpo_through_either_head_ends_at_the_same_loss(tmp_path: Path, monkeypatch) -> None:
     import json
 
-    from tests.testing_utils import build_tiny_model_dir
-
     from pairtrace.options import OptionError
     from pairtrace.retrain.recipe import DPORecipe
     from pairtrace.retrain.trl_dpo import train_dpo
+    from testing_utils import build_tiny_model_dir
 
     m0 = build_tiny_model_dir(tmp_path / "m0", n_layers=1, hidden=32)
     pairs = tmp_path / "pairs.jsonl"
