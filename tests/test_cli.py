@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pairtrace.cli import app
 from pairtrace.data.paths import shared_data_dir
+from pairtrace.errors import ConfigError
 
 runner = CliRunner()
 N_PAIRS = 40
@@ -135,6 +136,16 @@ def test_sharded_and_streamed_extraction_merge_to_the_same_vectors(vectors_dir, 
     assert back.ids == full.ids
     for layer in (2, 3):
         torch.testing.assert_close(back.load(layer), full.load(layer), rtol=1e-5, atol=1e-6)
+
+
+def test_discovery_views_are_given_by_repeated_flags_or_commas():
+    from pairtrace.cli.attribution import parse_response_token_views
+
+    assert parse_response_token_views(["8", "all"]) == [8, None]
+    assert parse_response_token_views(["8, all", "16"]) == [8, None, 16]
+    assert parse_response_token_views([4, None]) == [4, None]  # from a YAML config
+    with pytest.raises(ConfigError, match="'head' is neither"):
+        parse_response_token_views(["8,head"])
 
 
 def test_discover_with_a_head_pooled_view(tiny_model_dir, tmp_path):

@@ -260,7 +260,8 @@ def discover(
     max_cluster_fraction: float = typer.Option(None, help="hdbscan and stability: largest cluster as a share of the "
                                                           "items (default 0.5; 1 = no limit)."),
     also_response_tokens: list[str] = typer.Option(
-        None, help="A further view per value: response means over the first N tokens ('all': every token)."),
+        None, help="A further view per value: response means over the first N tokens ('all': every token); "
+                   "repeat the flag or separate values with commas (8,all)."),
     labels: Path = typer.Option(None, help="Optional ground truth, only to report purity/recall."),
     model: ModelSpec = None,
     config: Path = ConfigOpt,
@@ -283,9 +284,11 @@ def discover(
 
 
 def parse_response_token_views(values: list[Any]) -> list[int | None]:
-    """``["all", "4"]`` → ``[None, 4]`` (ints and None pass through, from a YAML config)."""
+    """``["all", "4"]`` or ``["all,4"]`` → ``[None, 4]`` (ints and None pass through, from a YAML config)."""
     out: list[int | None] = []
-    for value in values:
+    split = [part for value in values
+             for part in (value.split(",") if isinstance(value, str) else [value])]
+    for value in split:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("all", "none", "null")):
             out.append(None)
             continue
