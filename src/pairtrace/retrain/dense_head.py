@@ -35,14 +35,12 @@ def has_plain_logits(model: Any) -> bool:
 
 def use_dense_lm_head(model: Any, lm_head: str = "auto") -> bool:
     """Whether ``model`` trains with the dense head under the recipe's ``lm_head``: ``dense`` always (plain logits
-    required), ``fused`` never, ``auto`` on a device TRL's fused head serves without Triton (the CPU), with a
-    vocabulary of at most :data:`DENSE_MAX_VOCAB` and plain logits.
+    required), ``fused`` never, ``auto`` on a CPU (where TRL's fused head runs without Triton), with a vocabulary of
+    at most :data:`DENSE_MAX_VOCAB` and plain logits.
 
     Raises:
         ConfigError: ``dense`` asked for a model whose logits are biased, soft-capped or scaled.
     """
-    from trl.kernels.chunked_logprob import _use_triton
-
     if lm_head == "fused":
         return False
     plain = has_plain_logits(model)
@@ -52,7 +50,7 @@ def use_dense_lm_head(model: Any, lm_head: str = "auto") -> bool:
                               "or scaled (use lm_head: fused or auto)")
         return True
     head = model.get_output_embeddings()
-    return plain and not _use_triton(head.weight.device) and head.weight.shape[0] <= DENSE_MAX_VOCAB
+    return plain and head.weight.device.type == "cpu" and head.weight.shape[0] <= DENSE_MAX_VOCAB
 
 
 def add_dense_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> None:
