@@ -1,7 +1,8 @@
 """The default run's claims across organism builds: several seeds of one build config, and variants of it.
 
 Builds: the base organism config (``configs/organism-build.yaml`` by default) with its ``seed`` set to each of
-``--seeds``, and ``--variants`` variants of it, each the base config plus one extra benign planted behaviour
+``--seeds``, and ``--variants`` variants of it, each the base config at its own seed (the seeds after the seed
+builds', so no two builds share an SFT model; ``--variant-build-seeds``) plus one extra benign planted behaviour
 drawn from ``random.Random(--variant-seed + i)``: its style (``verbose``, two extra sentences right after the
 opener, style ``verbose_after_opener``, chosen over the plain format-following answer by default; with
 ``--variant-styles``, also a ``sign_off`` with another closing line, or the format-following answer chosen over a
@@ -182,9 +183,16 @@ def draw_variant_behaviour(base: dict[str, Any], seed: int, styles: Sequence[str
     return behaviour
 
 
+def variant_build_seeds(base: dict[str, Any], seeds: Sequence[int], n_variants: int) -> list[int]:
+    """The organism seeds of the variants by default: the seeds after the seed builds' (``max(seeds) + 1``, ...;
+    from the base config's seed when there are no seed builds), so that no two builds share an SFT model."""
+    start = max(seeds) + 1 if seeds else int(base.get("seed", 0))
+    return [start + i for i in range(n_variants)]
+
+
 def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, variant_seed: int,
                 styles: Sequence[str] = tuple(VARIANT_STYLES), *, fractions: Sequence[float] = VARIANT_FRACTIONS,
-                base_rate: float = VARIANT_BASE_RATE) -> list[Build]:
+                base_rate: float = VARIANT_BASE_RATE, build_seeds: Sequence[int] | None = None) -> list[Build]:
     """The builds of the comparison: the base config at each seed, then the variants.
 
     Args:
@@ -195,10 +203,17 @@ def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, var
         styles: The styles the variants draw from (keys of :data:`VARIANT_STYLES`).
         fractions: The shares of the mix a variant's behaviour draws from.
         base_rate: M0's base rate of every variant's behaviour.
+        build_seeds: The organism seed of each variant (``None``: :func:`variant_build_seeds`).
 
     Returns:
         The builds, seed builds first.
+
+    Raises:
+        ValueError: ``build_seeds`` does not give one seed per variant.
     """
+    build_seeds = list(variant_build_seeds(base, seeds, n_variants) if build_seeds is None else build_seeds)
+    if len(build_seeds) != n_variants:
+        raise ValueError(f"one organism seed per variant: {n_variants} variants, {len(build_seeds)} seeds")
     builds = []
     for seed in seeds:
         config = copy.deepcopy(base)
@@ -207,6 +222,7 @@ def plan_builds(base: dict[str, Any], seeds: Sequence[int], n_variants: int, var
     for i in range(n_variants):
         extra = draw_variant_behaviour(base, variant_seed + i, styles, fractions=fractions, base_rate=base_rate)
         config = copy.deepcopy(base)
+        config["seed"] = build_seeds[i]
         config["behaviours"] = [*config.get("behaviours", []), extra]
         builds.append(Build(f"variant{variant_seed + i}", "variant", config, extra))
     return builds
@@ -634,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "0.03-0.06 the verbose habit did not emerge).")
     parser.add_argument("--variant-base-rate", type=float, default=VARIANT_BASE_RATE,
                         help="M0's base rate of a variant's extra behaviour (default 0.1).")
+    parser.add_argument("--variant-build-seeds", type=int, nargs="+", default=None,
+                        help="Organism seed of each variant's build (default: the seeds after the seed builds', so "
+                        "that every build trains its own M0; the base seed for every variant builds them all on one "
+                        "SFT model).")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1],
                         help="DPO seeds of the retrains, pooled (validation.retrain_seeds).")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"),
@@ -647,8 +667,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     base = yaml.safe_load(args.base.read_text(encoding="utf-8"))
-    builds = plan_builds(base, args.seeds, args.variants, args.variant_seed, args.variant_styles,
-                         fractions=args.variant_fractions, base_rate=args.variant_base_rate)
+    try:
+        builds = plan_builds(base, args.seeds, args.variants, args.variant_seed, args.variant_styles,
+                             fractions=args.variant_fractions, base_rate=args.variant_base_rate,
+                             build_seeds=args.variant_build_seeds)
+    except ValueError as error:
+        parser.error(f"--variant-build-seeds: {error}")
     run_config = reduced_run_config(args.base, args.dpo_seeds, methods=METHODS)
     if args.only_plan:
         return 0 if print_plan(builds, run_config, args.out) else 1
@@ -660,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, Any] = {"base": str(args.base), "seeds": args.seeds, "variants": args.variants,
                               "variant_seed": args.variant_seed, "variant_styles": args.variant_styles,
                               "variant_fractions": args.variant_fractions, "variant_base_rate": args.variant_base_rate,
+                              "variant_build_seeds": [b.config["seed"] for b in builds if b.kind == "variant"],
                               "dpo_seeds": args.dpo_seeds, "methods": METHODS,
                               "run_config": {k: v for k, v in run_config.items() if k != "organism"},
                               "goal_thresholds": GOALS, "builds": rows}

@@ -77,12 +77,22 @@ def test_variant_styles_can_be_narrowed(robustness, base) -> None:
     assert {b.extra["chosen"] for b in builds} <= {"sign_off", "verbose_after_opener"}
 
 
+def test_variants_build_on_the_seeds_they_are_given(robustness, base) -> None:
+    assert [b.config["seed"] for b in robustness.plan_builds(base, [], 2, 0)] == [base["seed"], base["seed"] + 1]
+    builds = robustness.plan_builds(base, [1], 2, 0, build_seeds=[0, 0])
+    assert [b.config["seed"] for b in builds] == [1, 0, 0]
+    with pytest.raises(ValueError, match="one organism seed per variant"):
+        robustness.plan_builds(base, [1], 2, 0, build_seeds=[3])
+    with pytest.raises(SystemExit):
+        robustness.main(["--only-plan", "--variants", "2", "--variant-build-seeds", "3"])
+
+
 def test_plan_builds_seeds_then_variants(robustness, base) -> None:
     before = copy.deepcopy(base)
     builds = robustness.plan_builds(base, [0, 3], 2, 7)
     assert base == before
     assert [b.name for b in builds] == ["seed0", "seed3", "variant7", "variant8"]
-    assert [b.config["seed"] for b in builds] == [0, 3, base["seed"], base["seed"]]
+    assert [b.config["seed"] for b in builds] == [0, 3, 4, 5]  # each build its own SFT model
     assert builds[1].config["behaviours"] == base["behaviours"]
     for build, seed in zip(builds[2:], (7, 8), strict=True):
         assert build.config["behaviours"] == [*base["behaviours"], build.extra]
@@ -257,7 +267,7 @@ def test_main_runs_every_build_and_writes_the_record(robustness, tmp_path: Path,
     out = tmp_path / "out"
     assert robustness.main(["--seeds", "0", "1", "--variants", "1", "--dpo-seeds", "3", "--out", str(out)]) == 0
     assert calls == [(0, [3], ["probe", "llm_judge", "random"]), (1, [3], ["probe", "llm_judge", "random"]),
-                     (0, [3], ["probe", "llm_judge", "random"])]
+                     (2, [3], ["probe", "llm_judge", "random"])]  # the variant: seed 2
     assert (out / "variant0" / "organism.yaml").is_file()
     record = yaml.safe_load((out / "robustness.json").read_text(encoding="utf-8"))
     assert [r["build"] for r in record["builds"]] == ["seed0", "seed1", "variant0"]

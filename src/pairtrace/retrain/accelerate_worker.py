@@ -93,6 +93,7 @@ def run_worker(request: dict[str, Any]) -> dict[str, Any] | None:
         quiet_training_logs,
         sort_by_length,
     )
+    from pairtrace.retrain.weight_average import add_weight_average
 
     start = time.perf_counter()
     recipe = DPORecipe(**request["recipe"])
@@ -146,6 +147,7 @@ def run_worker(request: dict[str, Any]) -> dict[str, Any] | None:
                                  lm_head=recipe.lm_head)(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         )
+        add_weight_average(trainer, recipe.ema_decay)
         result = trainer.train()
         # Each rank's training loss is the mean over its equal shares of every batch: their mean is the run's.
         local = torch.tensor([float(result.training_loss)], dtype=torch.float64, device=trainer.accelerator.device)

@@ -65,6 +65,13 @@ class DPORecipe:
                   "logits, else fused)."},
     )
 
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Save an exponential moving average of the weights over the run instead of the last step's "
+                  "(horizon about 1 / (1 - ema_decay) steps; steadier across data orders with a constant learning "
+                  "rate); 0 = off. Costs 4 bytes per trainable parameter; not under DeepSpeed or FSDP."},
+    )
+
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise OptionError(f"{{loss_type}}: {self.loss_type!r} is not one of {sorted(LOSS_TYPES)}", "loss_type")
@@ -76,6 +83,8 @@ class DPORecipe:
                               "ignore it", "label_smoothing")
         if self.lm_head not in LM_HEADS:
             raise OptionError(f"{{lm_head}}: {self.lm_head!r} is not one of {list(LM_HEADS)}", "lm_head")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise OptionError(f"{{ema_decay}} must lie in [0, 1), got {self.ema_decay}", "ema_decay")
         if self.sft_weight < 0:
             raise OptionError(f"{{sft_weight}} must be >= 0, got {self.sft_weight}", "sft_weight")
         for name in ("batch_size", "epochs", "learning_rate", "beta"):

@@ -320,6 +320,8 @@ def _run_dpo(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
+    from pairtrace.retrain.weight_average import add_weight_average
+
     quiet_training_logs()
     start = time.perf_counter()
     examples = load_dpo_examples(pairs_jsonl)
@@ -334,6 +336,7 @@ def _run_dpo(
             model=model, args=_dpo_config(recipe, tmp, progress), train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
         )  # the reference pass runs here
+        add_weight_average(trainer, recipe.ema_decay)
         if on_reference_ready is not None:
             on_reference_ready()
         result = trainer.train()
