@@ -20,10 +20,11 @@ every build passes the organism checks; probe AUROC median >= 0.96 and worst >= 
 probe-filter >= 63% on every build; random filter and switch < 25% on every build; discovery >= 80% purity and
 recall for every emerged behaviour on >= 80% of the builds. Everything goes to ``<out>/robustness.json``.
 
-Time, measured on a shared 2-core Intel Xeon (2026-12-06): 43 minutes of wall time for the default 7 builds with
-the organisms built beforehand, two at a time, 121 minutes of stage time (organism steps and run stages, parallel
-retrains adding up). Finished stages in ``--out`` are reused, so a second call only prints; the printout gives both
-the invocation's wall time and the stage time behind the numbers. Run::
+Time, measured on a quiet 2-core AMD EPYC (2026-12-08): 45.5 minutes of wall time for the default 7 builds with
+``--jobs 2`` and five of the seven M0s built beforehand, 172.7 minutes of stage time (organism steps and run stages,
+parallel retrains adding up); about 59 minutes with every M0 built by the run. Finished stages in ``--out`` are
+reused, so a second call only prints; the printout gives both the invocation's wall time and the stage time behind
+the numbers. Run::
 
     .venv/bin/python benchmarks/robustness.py --only-plan          # the builds and their configs, nothing run
     .venv/bin/python benchmarks/robustness.py --out runs/robustness
