@@ -49,7 +49,8 @@ def _request(tiny_model_dir: Path, pairs: Path, out: Path, recipe: DPORecipe, ca
 
 def test_two_cpu_processes_train_the_in_process_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     pairs = write_pairs(tmp_path / "pairs.jsonl", 32)
-    recipe = DPORecipe(batch_size=8, learning_rate=5e-4, seed=3, torch_threads=1, max_length=64)
+    # with the weight average: every rank folds the same replicated weights, so the saved models still agree
+    recipe = DPORecipe(batch_size=8, learning_rate=5e-4, seed=3, torch_threads=1, max_length=64, ema_decay=0.5)
     cache = tmp_path / "ref-cache"
     inproc = get_retrainer("inprocess")(_request(tiny_model_dir, pairs, tmp_path / "a", recipe, cache,
                                                  RetrainEngineOptions()))
@@ -141,6 +142,16 @@ def test_a_failing_command_is_reported(tiny_model_dir: Path, tmp_path: Path) -> 
         get_retrainer("command")(_command_request(tiny_model_dir, tmp_path, "fail"))
     with pytest.raises(PairtraceError, match=r"(?s)left no model in .*model.*trained 6"):
         get_retrainer("command")(_command_request(tiny_model_dir, tmp_path, "nomodel"))
+
+
+def test_every_recipe_placeholder_has_a_value(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from pairtrace.retrain.engine_options import COMMAND_PLACEHOLDERS
+    from pairtrace.retrain.launch import command_values
+
+    request = _command_request(tiny_model_dir, tmp_path, "{seed}")
+    request.recipe.ema_decay = 0.98
+    values = command_values(request, None, None)
+    assert set(COMMAND_PLACEHOLDERS) <= set(values) and values["ema_decay"] == "0.98"
 
 
 def test_command_placeholders_are_filled_per_argument() -> None:

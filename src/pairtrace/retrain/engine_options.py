@@ -37,6 +37,7 @@ COMMAND_PLACEHOLDERS = {
     "loss_type": "the recipe's loss: sigmoid, dpo_norm, ipo, robust or hinge",
     "label_smoothing": "the robust loss's share of flipped labels",
     "sft_weight": "weight of the added NLL loss on chosen responses",
+    "ema_decay": "decay of the moving average of the weights to save (0: the last step's weights)",
     "num_processes": "the num_processes option (1 when unset)",
 }
 """The placeholders a ``command`` template may use, each filled from the retrain request."""
@@ -97,7 +98,8 @@ class RetrainEngineOptions:
         metadata={"help": "command: the training command template; placeholders {m0} {train_file} {train_dir} "
                   "{mixer_list} {model_dir} {summary_file} {retrain_dir} {seed} {beta} {learning_rate} "
                   "{lr_scheduler_type} {warmup_ratio} {batch_size} {epochs} {max_length} {loss_type} {label_smoothing} "
-                  "{sft_weight} {num_processes}. Split like a shell line, then each argument is filled (no shell)."},
+                  "{sft_weight} {ema_decay} {num_processes}. Split like a shell line, then each argument is filled "
+                  "(no shell)."},
     )
     shell: bool = field(
         default=False,

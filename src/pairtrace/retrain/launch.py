@@ -202,7 +202,7 @@ def command_values(request: RetrainRequest, train_dir: Path | None, mixer_list: 
         "num_processes": request.options.num_processes or 1,
         **{name: getattr(recipe, name) for name in ("seed", "beta", "learning_rate", "lr_scheduler_type",
                                                       "warmup_ratio", "batch_size", "epochs", "max_length",
-                                                      "loss_type", "label_smoothing", "sft_weight")},
+                                                      "loss_type", "label_smoothing", "sft_weight", "ema_decay")},
     }
     return {name: str(value) for name, value in values.items()}
 
