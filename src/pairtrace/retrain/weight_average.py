@@ -1,13 +1,14 @@
 """An exponential moving average of the weights over a DPO run, saved as the trained model.
 
-With a constant learning rate a run ends wherever its last few batches left it: on the organism, M1's sign-off rate
-ranged from 11% to 52% between two data orders of one build, and retrains that moved a handful of pairs differed as
-much. The average over roughly the last ``1 / (1 - decay)`` steps keeps what the whole run taught and drops the
-last batches' noise (Polyak averaging; the same idea as stochastic weight averaging).
+With a constant learning rate a run ends wherever its last few batches left it: on the organism, M1 signed off 12.9%
+or 56.7% of its benign answers depending only on the DPO data order (docs/organism.md). The average over roughly the
+last ``1 / (1 - decay)`` steps keeps what the whole run taught and drops the last batches' noise (Polyak averaging;
+the same idea as stochastic weight averaging).
 
-The average starts at the first step's weights (the starting checkpoint is not in it) and is a plain mean of the
-steps so far until ``n / (n + 1)`` reaches ``decay``. It is kept in float32 next to each trainable parameter (4
-bytes per trainable parameter) and written into the model when training ends, so the saved model is the average.
+The average starts at the first step's weights (the starting checkpoint is not in it) and is the plain mean of the
+steps so far while the ``n``-th step's share ``1 / n`` is above ``1 - decay``. It is kept in float32 next to each
+trainable parameter (4 bytes per trainable parameter) and written into the model when training ends, so the saved
+model is the average.
 """
 
 from __future__ import annotations
