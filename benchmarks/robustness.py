@@ -415,15 +415,15 @@ def judge_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         key = f"probe_{action}"
         ok, failing, missing = _every(rows, key, lambda v, t=g[key]: v >= t)
         add(f"probe-{action} reduction >= {g[key]:.0%} on every build", ok,
-            f"worst {_fmt(stats[key]['worst'], 'share')} ({stats[key]['worst_build']})"
+            f"worst {_fmt_against(stats[key]['worst'], g[key])} ({stats[key]['worst_build']})"
             + _names("below", failing) + _names("missing", missing))
 
     ok_f, failing_f, missing_f = _every(rows, "random_filter", lambda v: v < g["random_below"])
     ok_s, failing_s, missing_s = _every(rows, "random_switch", lambda v: v < g["random_below"])
     add(f"random-filter and random-switch < {g['random_below']:.0%} on every build", ok_f and ok_s,
-        f"worst filter {_fmt(stats['random_filter']['worst'], 'share')}, worst switch "
-        f"{_fmt(stats['random_switch']['worst'], 'share')}" + _names("at or above", sorted({*failing_f, *failing_s}))
-        + _names("missing", sorted({*missing_f, *missing_s})))
+        f"worst filter {_fmt_against(stats['random_filter']['worst'], g['random_below'])}, worst switch "
+        f"{_fmt_against(stats['random_switch']['worst'], g['random_below'])}"
+        + _names("at or above", sorted({*failing_f, *failing_s})) + _names("missing", sorted({*missing_f, *missing_s})))
 
     judged = [r for r in rows if r.get("discovery_ok") is not None]
     passing = [r["build"] for r in judged if r["discovery_ok"]]
@@ -439,6 +439,14 @@ def judge_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ printing
+
+
+def _fmt_against(value: float | None, threshold: float) -> str:
+    """A share beside its goal: one decimal where whole percents would print it as the threshold (24.5% under a 25%
+    bar reads "24.5%", not "25%")."""
+    if value is not None and value != threshold and f"{value:.0%}" == f"{threshold:.0%}":
+        return f"{value:.1%}"
+    return _fmt(value, "share")
 
 
 def _fmt(value: float | None, kind: str) -> str:

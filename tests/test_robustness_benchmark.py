@@ -241,6 +241,13 @@ def test_goals_fail(robustness) -> None:
     assert not any(_verdicts(robustness.judge_goals([])))
 
 
+def test_goal_numbers_near_their_bar_keep_a_decimal(robustness) -> None:
+    rows = [_row("a", random_switch=0.2452, probe_filter=0.634), _row("b", random_filter=0.12)]
+    random_ = robustness.judge_goals(rows)[4]
+    assert random_["ok"] and "worst filter 12%, worst switch 24.5%" in random_["detail"]
+    assert "worst 63.4% (a)" in robustness.judge_goals(rows)[3]["detail"]
+
+
 def test_auroc_median_goal(robustness) -> None:
     rows = [_row("a", probe_auroc=0.95), _row("b", probe_auroc=0.95), _row("c", probe_auroc=0.99)]
     auroc = robustness.judge_goals(rows)[1]
